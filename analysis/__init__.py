@@ -1,0 +1,1 @@
+"""Tables, statistics, figures, MLflow logging of results and the HTML report."""

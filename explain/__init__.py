@@ -1,0 +1,1 @@
+"""CAM engine, localisation metrics and Ray Data extraction to Parquet."""

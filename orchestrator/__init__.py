@@ -1,0 +1,1 @@
+"""CLI, typed config, the stage pipeline, Ray and MLflow set-up."""

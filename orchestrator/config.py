@@ -1,0 +1,457 @@
+"""The typed study config: frozen dataclasses loaded from one YAML file.
+
+Every key of the whole study is declared here, so later stages only add behaviour. Loading
+checks every key, type and value and fails with one message naming the key (as a dotted path)
+and what is allowed. Unknown keys are errors, with a spelling suggestion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from training.errors import ConfigError
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """Parameters of the synthetic SIIM-format generator (`camstudy synth`)."""
+
+    n: int = 400  # number of labelled DICOMs
+    size: int = 256  # DICOM width = height, pixels
+    seed: int = 0
+    positive_fraction: float = 0.5
+    contrast: float = 0.5  # lesion contrast: 0 = invisible, 1 = obvious
+    unlabelled: int = 3  # DICOMs written without a label row
+    orphans: int = 2  # label rows written without a DICOM
+
+    def __post_init__(self):
+        _check(self.n >= 10, "data.synthetic.n", self.n, "an integer >= 10")
+        _check(self.size >= 64, "data.synthetic.size", self.size, "an integer >= 64")
+        _check(0 < self.positive_fraction < 1, "data.synthetic.positive_fraction",
+               self.positive_fraction, "a fraction strictly between 0 and 1")
+        _check(0 <= self.contrast <= 1, "data.synthetic.contrast", self.contrast, "a value in [0, 1]")
+        _check(self.unlabelled >= 0 and self.orphans >= 0, "data.synthetic.unlabelled/orphans",
+               (self.unlabelled, self.orphans), "non-negative integers")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images and labels come from."""
+
+    # synthetic: generate the stage-1 layout under <storage>/<study>/source, then read it
+    # with the real stage-1 reader. siim-dicom / siim-png: read an existing download at root.
+    source: Literal["synthetic", "siim-dicom", "siim-png"] = "synthetic"
+    root: Optional[str] = None  # folder of the SIIM download (required unless synthetic)
+    labels: Optional[str] = None  # label CSV (stage-1 train-rle.csv or stage-2 file); default: found under root
+    strict: bool = False  # abort on unlabelled DICOMs or label rows without a DICOM
+    dedupe_pixels: bool = False  # drop pixel-identical duplicate images (keeps the first id)
+    synthetic: SyntheticData = field(default_factory=SyntheticData)
+
+    def __post_init__(self):
+        if self.source != "synthetic":
+            _check(self.root is not None, "data.root", self.root,
+                   f"the folder of your SIIM download (required when data.source is {self.source!r})")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Which images are used and how they are split (by image, stratified by label, seeded)."""
+
+    seed: int = 0
+    n_positive: Union[int, Literal["all"]] = "all"  # positive images to use
+    n_negative: Union[int, Literal["match", "all"]] = "match"  # "match" = as many as positives
+    n_val: int = 1000  # validation images, same positive share as the selection
+    n_test: int = 1000  # test images, same positive share as the selection
+    # exact: a request the data cannot satisfy is an error; max-available: shrink to what exists
+    balance: Literal["exact", "max-available"] = "exact"
+
+    def __post_init__(self):
+        for key in ("n_val", "n_test"):
+            _check(getattr(self, key) >= 2, f"split.{key}", getattr(self, key), "an integer >= 2")
+        for key in ("n_positive", "n_negative"):
+            value = getattr(self, key)
+            if isinstance(value, int):
+                _check(value >= 1, f"split.{key}", value, "a positive integer or a keyword")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Decode -> CLAHE -> resize -> per-image z-score (STUDY.md §2)."""
+
+    clahe: bool = True
+    clahe_clip_limit: float = 2.0
+    clahe_tiles: int = 8  # tiles per side (8 -> an 8x8 grid)
+    image_size: int = 224  # network input, pixels per side
+    interpolation: Literal["area", "linear", "cubic"] = "area"
+    zscore: bool = True
+    channels: Literal[1, 3] = 3  # grey replicated to 3 channels for ImageNet models
+
+    def __post_init__(self):
+        _check(self.clahe_clip_limit > 0, "preprocess.clahe_clip_limit", self.clahe_clip_limit, "a value > 0")
+        _check(self.clahe_tiles >= 1, "preprocess.clahe_tiles", self.clahe_tiles, "an integer >= 1")
+        _check(self.image_size >= 16, "preprocess.image_size", self.image_size, "an integer >= 16")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-split augmentation, applied as batched tensor ops."""
+
+    enabled: bool = True
+    noise_std: float = 0.05  # additive Gaussian noise, in z-score units
+    rotate_degrees: float = 10.0  # uniform in [-d, d]
+    hflip_probability: float = 0.5
+    brightness: float = 0.1  # additive shift, uniform in [-b, b] (z-score units)
+    contrast: float = 0.1  # multiplicative factor, uniform in [1-c, 1+c]
+
+    def __post_init__(self):
+        _check(0 <= self.hflip_probability <= 1, "augment.hflip_probability",
+               self.hflip_probability, "a probability in [0, 1]")
+        for key in ("noise_std", "rotate_degrees", "brightness", "contrast"):
+            _check(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key), "a value >= 0")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser and schedule for one model family (STUDY.md §3)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"]
+    lr: float
+    epochs: int
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _check(self.lr > 0, "recipes.*.lr", self.lr, "a learning rate > 0")
+        _check(self.epochs >= 1, "recipes.*.epochs", self.epochs, "an integer >= 1")
+
+
+def _paper_recipes() -> dict[str, Recipe]:
+    return {
+        "vgg": Recipe("adam", 1e-4, 50),
+        "resnet": Recipe("adam", 1e-4, 50),
+        "vit": Recipe("sgd", 1e-4, 300, momentum=0.9),
+    }
+
+
+@dataclass(frozen=True)
+class ExtraModel:
+    """A model beyond the nine built-ins, declared in the config (no code change needed)."""
+
+    timm_name: str
+    family: str  # a key of `recipes`
+    depth: int
+    target_layer: str  # dotted path, e.g. "layer4.-1" or "blocks.-1.norm1"
+    token_reshape: bool = False  # True for ViT-style token outputs
+    pretrained_tag: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which registry models are trained, and where their starting weights come from."""
+
+    names: tuple[str, ...] = ("vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101",
+                              "vit_small", "vit_base", "vit_large")
+    # imagenet: timm pretrained weights (HF cache / HF_HUB_OFFLINE honoured, or weights_files);
+    # random: random initialisation, an explicit choice and recorded as such
+    init: Literal["imagenet", "random"] = "imagenet"
+    weights_files: dict[str, str] = field(default_factory=dict)  # model -> local .safetensors/.pth
+    extra: dict[str, ExtraModel] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(len(self.names) >= 1, "models.names", self.names, "a non-empty list of model keys")
+        _check(len(set(self.names)) == len(self.names), "models.names", self.names, "a list without duplicates")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything about fitting that is not the per-family recipe."""
+
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int = 32
+    selection: Literal["val_auc", "val_loss", "last"] = "val_auc"  # which epoch's weights are kept
+    threshold: float = 0.5  # on the softmax probability of the positive class
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # CNNs on CUDA
+    max_failures: int = 2  # Ray Train worker retries, resuming from the last checkpoint
+
+    def __post_init__(self):
+        _check(len(self.seeds) >= 1, "training.seeds", self.seeds, "a non-empty list of integers")
+        _check(self.batch_size >= 1, "training.batch_size", self.batch_size, "an integer >= 1")
+        _check(0 < self.threshold < 1, "training.threshold", self.threshold, "a value in (0, 1)")
+
+
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "scorecam", "eigencam", "rollout")
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    """Which heatmaps are computed and on which images (STUDY.md §4)."""
+
+    methods: tuple[Literal[CAM_METHODS], ...] = ("gradcam",)  # type: ignore[valid-type]
+    images: Literal["positives", "true-positives"] = "positives"
+    score_at: Literal["network", "native"] = "network"  # native: heatmap upsampled to DICOM size
+    batch_size: int = 8
+    sanity_randomized: bool = True  # also run on a weight-randomised copy (Adebayo et al. 2018)
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "cam.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Localisation-metric parameters (STUDY.md §5)."""
+
+    ehr_thresholds: int = 100  # n: thresholds k/n, k = 0..n
+    inputiba_min_heat: float = 0.1
+    inputiba_quantiles: int = 10  # q = 0, 1/10, ..., 1
+    inputiba_cap: float = 0.99  # thresholds capped at cap * max(h)
+
+    def __post_init__(self):
+        _check(self.ehr_thresholds >= 1, "metrics.ehr_thresholds", self.ehr_thresholds, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class StatisticsConfig:
+    alpha: float = 0.05
+    paired_test: Literal["mixed-model", "wilcoxon-holm"] = "mixed-model"
+    bootstrap: int = 2000  # resamples for bootstrap CIs of per-model means
+
+    def __post_init__(self):
+        _check(0 < self.alpha < 1, "statistics.alpha", self.alpha, "a value in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: Optional[str] = None  # None -> sqlite:///<storage>/<study>/mlflow.db (absolute)
+    experiment: str = "camstudy"
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """How work is placed on the Ray cluster."""
+
+    gpus_per_run: Union[float, Literal["auto"]] = "auto"  # auto: 1 when the cluster has GPUs, else 0
+    workers_per_run: int = 1  # >1 = DDP inside one run
+    cpus_per_worker: float = 1.0
+    max_concurrent_runs: Union[int, Literal["auto"]] = "auto"  # auto: GPUs, or what the CPUs fit
+    prepare_actors: Union[int, Literal["auto"]] = "auto"  # Ray Data workers for preprocessing
+    torch_threads: Union[int, Literal["auto"]] = "auto"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The whole study. `storage`/`study` locate the study store."""
+
+    study: str = "demo"
+    storage: str = "studies"  # local folder (made absolute) or a URI such as s3://bucket/path
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    recipes: dict[str, Recipe] = field(default_factory=_paper_recipes)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self):
+        _check(self.study.replace("-", "").replace("_", "").isalnum(), "study", self.study,
+               "a name of letters, digits, '-' and '_' (it becomes a folder name)")
+        for name, extra in self.models.extra.items():
+            _check(extra.family in self.recipes, f"models.extra.{name}.family", extra.family,
+                   f"one of the recipe families {sorted(self.recipes)}")
+
+    @property
+    def study_dir(self) -> str:
+        """The study store root: <storage>/<study>."""
+        return f"{self.storage.rstrip('/')}/{self.study}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def hash(self, *sections: str) -> str:
+        """A short stable hash of the named top-level sections (all when none are named)."""
+        plain = self.to_dict()
+        chosen = {key: plain[key] for key in (sections or plain)}
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read a YAML config, apply dotted-key overrides, validate, and resolve local storage."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        config = build(StudyConfig, raw, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return resolve_storage(config, base=Path.cwd())
+
+
+def resolve_storage(config: StudyConfig, base: Path) -> StudyConfig:
+    """Make a local storage path absolute so Ray workers and MLflow agree on it."""
+    if "://" in config.storage:
+        return config
+    return dataclasses.replace(config, storage=str((base / config.storage).resolve()))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=value` from the command line; the value is parsed as YAML (numbers, lists...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. training.seeds=[0,1,2]")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def dump_config(config: StudyConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def build(cls: Any, value: Any, where: str) -> Any:
+    """Convert `value` into an instance of the annotated type `cls`, naming `where` on error."""
+    if dataclasses.is_dataclass(cls):
+        return _build_dataclass(cls, value, where)
+    origin = typing.get_origin(cls)
+    if origin is Literal:
+        return _build_literal(cls, value, where)
+    if origin in (Union, types.UnionType):
+        return _build_union(cls, value, where)
+    if origin is tuple:
+        item_type = typing.get_args(cls)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(build(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        _, item_type = typing.get_args(cls)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): build(item_type, v, f"{where}.{k}") for k, v in value.items()}
+    return _build_scalar(cls, value, where)
+
+
+def _build_dataclass(cls: Any, value: Any, where: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"{_join(where, key)}: unknown key{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for key in required:
+        if key not in value:
+            raise ConfigError(f"{_join(where, key)}: missing required key")
+    kwargs = {key: build(hints[key], item, _join(where, key)) for key, item in value.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        if where and "*" in str(error):
+            raise ConfigError(str(error).replace("*", where.rsplit(".", 1)[-1], 1)) from None
+        raise
+
+
+def _build_literal(cls: Any, value: Any, where: str) -> Any:
+    allowed = typing.get_args(cls)
+    if isinstance(value, bool) or value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not allowed; use one of {', '.join(repr(a) for a in allowed)}")
+    return value
+
+
+def _build_union(cls: Any, value: Any, where: str) -> Any:
+    options = typing.get_args(cls)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{where}: a value is required (got null)")
+    messages = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return build(option, value, where)
+        except ConfigError as error:
+            messages.append(str(error).split(": ", 1)[-1])
+    raise ConfigError(f"{where}: {value!r} is not valid; expected {' or '.join(messages)}")
+
+
+def _build_scalar(cls: Any, value: Any, where: str) -> Any:
+    if cls is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if cls is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if cls is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if cls is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config schema uses an unsupported type {cls!r} at {where}")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not valid; use {allowed}")
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+    node[last] = value
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
