@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from training.errors import ConfigError
+from training.recipes import PAPER_RECIPES, Recipe
 
 # --------------------------------------------------------------------------- schema
 
@@ -120,29 +121,6 @@ class AugmentConfig:
                self.hflip_probability, "a probability in [0, 1]")
         for key in ("noise_std", "rotate_degrees", "brightness", "contrast"):
             _check(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key), "a value >= 0")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimiser and schedule for one model family (STUDY.md §3)."""
-
-    optimizer: Literal["adam", "adamw", "sgd"]
-    lr: float
-    epochs: int
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
-
-    def __post_init__(self):
-        _check(self.lr > 0, "recipes.*.lr", self.lr, "a learning rate > 0")
-        _check(self.epochs >= 1, "recipes.*.epochs", self.epochs, "an integer >= 1")
-
-
-def _paper_recipes() -> dict[str, Recipe]:
-    return {
-        "vgg": Recipe("adam", 1e-4, 50),
-        "resnet": Recipe("adam", 1e-4, 50),
-        "vit": Recipe("sgd", 1e-4, 300, momentum=0.9),
-    }
 
 
 @dataclass(frozen=True)
@@ -261,7 +239,7 @@ class StudyConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
-    recipes: dict[str, Recipe] = field(default_factory=_paper_recipes)
+    recipes: dict[str, Recipe] = field(default_factory=lambda: dict(PAPER_RECIPES))
     training: TrainingConfig = field(default_factory=TrainingConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
