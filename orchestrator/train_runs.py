@@ -1,0 +1,227 @@
+"""The train stage: one Ray Train `TorchTrainer` run per (model, seed), a bounded number in flight.
+
+Why one `@ray.remote(num_cpus=0)` task per run rather than Tune: the task only waits on
+`TorchTrainer.fit()`, so it holds no CPU (a Tune trial holding a CPU while its Train worker needs
+one deadlocks a 2-CPU machine), and a rerun needs no `Tuner.restore`: every run resumes from the
+checkpoint our own loop writes to `train/<model>-seed<k>/`, and a finished run is skipped by its
+`done.json` before Ray is even asked. `FailureConfig(max_failures)` restarts a crashed worker,
+which resumes from that same checkpoint.
+
+Per-epoch metrics travel worker -> `ray.train.report` -> a `UserCallback` on the Train
+controller, which logs them to the run's MLflow child and forwards one progress line to the
+driver through a Ray queue; workers need no tracking access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.queue import Empty, Queue
+
+from orchestrator import tracking
+from orchestrator.store import StudyStore
+from training import registry
+from training.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    spec: registry.ModelSpec
+    seed: int
+    run_dir: Path
+    fingerprint: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.name}-seed{self.seed}"
+
+
+def plan_runs(config, store: StudyStore) -> list[RunPlan]:
+    """Every (model, seed) of the config, in registry order then seed order."""
+    return [RunPlan(spec, seed, store.run_dir(spec.name, seed), run_fingerprint(config, spec))
+            for spec in registry.specs_for(config.models) for seed in config.training.seeds]
+
+
+def run_fingerprint(config, spec) -> str:
+    """What a finished run depends on: data, preprocessing, its recipe, training settings — not
+    the list of seeds or the other models, so adding seeds or models keeps finished runs."""
+    plain = config.to_dict()
+    training = {k: v for k, v in plain["training"].items() if k not in ("seeds", "max_failures")}
+    models = {"init": plain["models"]["init"], "weights_file": plain["models"]["weights_files"].get(spec.name)}
+    payload = {"data": plain["data"], "split": plain["split"], "preprocess": plain["preprocess"],
+               "augment": plain["augment"], "recipe": plain["recipes"][spec.family],
+               "training": training, "models": models, "spec": repr(spec)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_finished(plan: RunPlan) -> bool:
+    done = plan.run_dir / "done.json"
+    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == plan.fingerprint
+
+
+def child_params(config, plan: RunPlan) -> dict[str, Any]:
+    """Identical param names on every child, so MLflow's compare view lines the runs up."""
+    recipe = registry.recipe_for(plan.spec, config.recipes)
+    return {
+        "model": plan.spec.name, "family": plan.spec.family, "depth": plan.spec.depth,
+        "params_millions": round(registry.parameter_count_millions(plan.spec), 2), "seed": plan.seed,
+        "optimizer": recipe.optimizer, "lr": recipe.lr, "epochs": recipe.epochs,
+        "batch_size": config.training.batch_size, "image_size": config.preprocess.image_size,
+        "pretrained": config.models.init, "cam_layer": plan.spec.target_layer,
+        "timm_name": plan.spec.timm_name, "selection": config.training.selection,
+        "threshold": config.training.threshold, "fingerprint": plan.fingerprint,
+    }
+
+
+class EpochLogger(ray.train.UserCallback):
+    """Runs on the Train controller: each worker report -> MLflow step + a driver progress line."""
+
+    def __init__(self, tracking_uri: str, mlflow_run_id: str, run_key: str, progress: Queue):
+        self.tracking_uri, self.mlflow_run_id = tracking_uri, mlflow_run_id
+        self.run_key, self.progress = run_key, progress
+
+    def after_report(self, run_context, metrics, checkpoint):
+        from mlflow.tracking import MlflowClient
+
+        report = metrics[0]  # rank 0 speaks for the run; DDP ranks report the same epoch
+        epoch = int(report["epoch"])
+        tracking.log_metrics(MlflowClient(self.tracking_uri), self.mlflow_run_id,
+                             {k: v for k, v in report.items() if k != "epoch"}, step=epoch)
+        self.progress.put((self.run_key, report))
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Body of every Ray Train worker: the plain-PyTorch loop, reporting through Ray."""
+    import torch
+
+    from training.loop import train_run
+
+    torch.set_num_threads(loop_config["torch_threads"])
+    config = loop_config["config"]
+    spec = registry.get_spec(config.models, loop_config["model"])
+    train_run(spec, registry.recipe_for(spec, config.recipes), config, loop_config["cache_dir"],
+              Path(loop_config["run_dir"]), loop_config["seed"],
+              report=lambda epoch, metrics: ray.train.report({"epoch": epoch, **metrics}),
+              fingerprint=loop_config["fingerprint"])
+
+
+@ray.remote(num_cpus=0)
+def _fit(config, plan: RunPlan, store_root: str, mlflow_run_id: str, progress: Queue,
+         placement: dict) -> str | None:
+    """Run one TorchTrainer to completion; return the error text, or None on success."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config, "model": plan.spec.name, "seed": plan.seed,
+                           "cache_dir": str(StudyStore(store_root).cache_dir), "run_dir": str(plan.run_dir),
+                           "fingerprint": plan.fingerprint, "torch_threads": placement["torch_threads"]},
+        scaling_config=ScalingConfig(num_workers=placement["workers"], use_gpu=placement["gpus"] > 0,
+                                     resources_per_worker=placement["resources"]),
+        run_config=RunConfig(name=plan.key, storage_path=str(Path(store_root, "ray")),
+                             failure_config=FailureConfig(max_failures=config.training.max_failures),
+                             callbacks=[EpochLogger(tracking.tracking_uri(config), mlflow_run_id, plan.key, progress)]),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        return _root_cause(error)
+    return None if result.error is None else _root_cause(result.error)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost message: a worker's TrainingError says model, seed and epoch."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+def placement(config) -> dict:
+    """Resources of one run and how many runs fit at once on this cluster."""
+    resources_cfg, cluster = config.resources, ray.cluster_resources()
+    gpus_here = cluster.get("GPU", 0)
+    gpus = resources_cfg.gpus_per_run
+    if gpus == "auto":
+        gpus = 1 if gpus_here else 0
+    workers, cpus = resources_cfg.workers_per_run, resources_cfg.cpus_per_worker
+    concurrency = resources_cfg.max_concurrent_runs
+    if concurrency == "auto":
+        if gpus and gpus_here:
+            concurrency = int(gpus_here // (gpus * workers))
+        elif gpus:  # GPU nodes not up yet (autoscaler): queue every run, Ray places them as nodes join
+            concurrency = len(config.models.names) * len(config.training.seeds)
+        else:
+            concurrency = int(cluster.get("CPU", 1) // (cpus * workers))
+    threads = resources_cfg.torch_threads
+    return {"workers": workers, "gpus": gpus, "concurrency": max(1, concurrency),
+            "torch_threads": max(1, int(cpus)) if threads == "auto" else threads,
+            "resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+def train_stage(config, store: StudyStore) -> list[RunPlan]:
+    """Train every (model, seed) not yet finished; return the plans. Raises if any run failed."""
+    plans = plan_runs(config, store)
+    todo = [plan for plan in plans if not is_finished(plan)]
+    for plan in plans:
+        if plan not in todo:
+            print(f"[train] {plan.key}: finished earlier, skipped")
+    if not todo:
+        return plans
+    tracker = tracking.StudyTracker(config)
+    layout = placement(config)
+    print(f"[train] {len(todo)} run(s), up to {layout['concurrency']} at once, "
+          f"{layout['workers']} worker(s) x {layout['resources']} each")
+    failures = _run_all(config, store, tracker, todo, layout)
+    if failures:
+        raise TrainingError("training failed for " + "; ".join(f"{k}: {e}" for k, e in failures.items())
+                            + ". Fix the cause and rerun: finished runs are kept, unfinished ones resume.")
+    return plans
+
+
+def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[str, str]:
+    progress, pending, in_flight, failures = Queue(), list(todo), {}, {}
+    started = time.time()
+    while pending or in_flight:
+        while pending and len(in_flight) < layout["concurrency"]:
+            plan = pending.pop(0)
+            run_id = tracker.child_run(plan.key, child_params(config, plan))
+            tracker.client.log_artifact(run_id, str(store.config_path))  # the resolved config, as run
+            in_flight[_fit.remote(config, plan, str(store.root), run_id, progress, layout)] = (plan, run_id)
+        finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
+        _print_progress(progress, started)
+        for ref in finished:
+            plan, run_id = in_flight.pop(ref)
+            error = ray.get(ref)
+            _close_child(tracker.client, run_id, plan, error)
+            if error:
+                failures[plan.key] = error
+            print(f"[train] {plan.key}: {'FAILED: ' + error if error else 'done'}")
+    _print_progress(progress, started)
+    return failures
+
+
+def _print_progress(progress: Queue, started: float) -> None:
+    while True:
+        try:
+            key, report = progress.get_nowait()
+        except Empty:
+            return
+        numbers = " ".join(f"{k}={v:.4g}" for k, v in report.items()
+                           if k != "epoch" and isinstance(v, (int, float)))
+        print(f"[train {time.time() - started:6.0f}s] {key} epoch {report['epoch']}: {numbers}", flush=True)
+
+
+def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
+    """Final test metrics (with CI bounds) on success, FAILED with the error otherwise."""
+    if error is None:
+        metrics = json.loads((plan.run_dir / "test_metrics.json").read_text())
+        tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
+        client.log_artifact(run_id, str(plan.run_dir / "predictions.parquet"))
+    tracking.end_run(client, run_id, error)
