@@ -224,8 +224,18 @@ class ResourcesConfig:
     workers_per_run: int = 1  # >1 = DDP inside one run
     cpus_per_worker: float = 1.0
     max_concurrent_runs: Union[int, Literal["auto"]] = "auto"  # auto: GPUs, or what the CPUs fit
-    prepare_actors: Union[int, Literal["auto"]] = "auto"  # Ray Data workers for preprocessing
+    # Ray Data tasks in flight for preprocessing; auto: as many as the CPUs; 0: no Ray, a plain
+    # in-process loop (the reference path, for debugging)
+    prepare_actors: Union[int, Literal["auto"]] = "auto"
     torch_threads: Union[int, Literal["auto"]] = "auto"
+    # extra custom Ray resources per model, e.g. {vit_large: {large_gpu: 1}} to place ViT-L on
+    # the cluster.yaml node type that advertises `large_gpu`
+    model_resources: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.prepare_actors, int):
+            _check(self.prepare_actors >= 0, "resources.prepare_actors", self.prepare_actors,
+                   "an integer >= 0 (0 = no Ray, an in-process loop) or 'auto'")
 
 
 @dataclass(frozen=True)
@@ -370,15 +380,23 @@ def _build_union(cls: Any, value: Any, where: str) -> Any:
         if type(None) in options:
             return None
         raise ConfigError(f"{where}: a value is required (got null)")
-    messages = []
     for option in options:
         if option is type(None):
             continue
         try:
             return build(option, value, where)
-        except ConfigError as error:
-            messages.append(str(error).split(": ", 1)[-1])
-    raise ConfigError(f"{where}: {value!r} is not valid; expected {' or '.join(messages)}")
+        except ConfigError:
+            pass
+    allowed = " or ".join(_describe(option) for option in options if option is not type(None))
+    raise ConfigError(f"{where}: {value!r} is not valid; use {allowed}")
+
+
+def _describe(option: Any) -> str:
+    """What one member of a Union accepts, for error messages."""
+    if typing.get_origin(option) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(option))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(option, getattr(option, "__name__", repr(option)))
 
 
 def _build_scalar(cls: Any, value: Any, where: str) -> Any:

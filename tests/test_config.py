@@ -1,0 +1,108 @@
+"""The typed config: the shipped YAML files load, and every bad value names its dotted key."""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import StudyConfig, dump_config, load_config, parse_override
+from training.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+PAPER = ROOT / "configs" / "paper.yaml"
+
+
+@pytest.mark.parametrize("path", [DEMO, PAPER], ids=["demo", "paper"])
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert isinstance(config, StudyConfig)
+    assert load_config(path) == config  # loading is deterministic
+
+
+def test_paper_preset_is_the_published_protocol():
+    config = load_config(PAPER)
+    assert (config.split.n_positive, config.split.n_negative) == ("all", "match")
+    assert (config.split.n_val, config.split.n_test, config.split.balance) == (1000, 1000, "exact")
+    assert (config.preprocess.image_size, config.preprocess.clahe_clip_limit,
+            config.preprocess.clahe_tiles, config.preprocess.interpolation) == (224, 2.0, 8, "area")
+    assert config.data.source == "siim-dicom" and config.models.init == "imagenet"
+
+
+def test_unknown_key_suggests_the_right_spelling():
+    with pytest.raises(ConfigError, match=r"split\.n_vall: unknown key \(did you mean 'n_val'\?\)"):
+        load_config(DEMO, {"split.n_vall": 100})
+
+
+def test_unknown_section_lists_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"preprocesss: unknown key \(did you mean 'preprocess'\?\).*allowed keys"):
+        load_config(DEMO, {"preprocesss.image_size": 32})
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ({"preprocess.image_size": "big"}, "preprocess.image_size", "an integer"),  # wrong type
+    ({"preprocess.image_size": 8}, "preprocess.image_size", "an integer >= 16"),  # out of range
+    ({"augment.hflip_probability": 1.5}, "augment.hflip_probability", "a probability in [0, 1]"),
+    ({"preprocess.interpolation": "nearest"}, "preprocess.interpolation", "'area', 'linear', 'cubic'"),
+    ({"split.balance": "greedy"}, "split.balance", "'exact', 'max-available'"),
+    ({"split.n_positive": "some"}, "split.n_positive", "an integer or one of 'all'"),  # Union
+    ({"split.n_negative": 1.5}, "split.n_negative", "one of 'match', 'all'"),
+    ({"cam.methods": ["gradcamm"]}, "cam.methods[0]", "'gradcam', 'gradcam++'"),
+    ({"data.strict": "yes"}, "data.strict", "true or false"),
+    ({"resources.prepare_actors": -1}, "resources.prepare_actors", "'auto'"),
+    ({"data.synthetic.n": 2}, "data.synthetic.n", "an integer >= 10"),
+])
+def test_a_bad_value_is_one_error_naming_the_key_and_what_is_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as caught:
+        load_config(DEMO, override)
+    message = str(caught.value)
+    assert f": {key}: " in message and allowed in message
+    assert message.count("\n") == 0 and message.startswith(str(DEMO))
+
+
+def test_real_data_needs_a_root():
+    with pytest.raises(ConfigError, match=r"data\.root: .*required when data\.source is 'siim-dicom'"):
+        load_config(DEMO, {"data.source": "siim-dicom"})
+
+
+def test_missing_file_says_what_to_pass(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("training.seeds=[0,1,2]") == ("training.seeds", [0, 1, 2])
+    assert parse_override("split.n_positive=all") == ("split.n_positive", "all")
+    assert parse_override("preprocess.clahe= false") == ("preprocess.clahe", False)
+    assert parse_override("data.root=/a=b") == ("data.root", "/a=b")  # only the first '=' splits
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("training.seeds")
+
+
+def test_overrides_reach_the_config():
+    config = load_config(DEMO, dict(map(parse_override, ["training.seeds=[0,1]", "preprocess.image_size=32"])))
+    assert config.training.seeds == (0, 1) and config.preprocess.image_size == 32
+
+
+def test_hash_is_stable_and_sensitive_only_to_its_sections():
+    base = load_config(DEMO)
+    assert base.hash("data", "split") == load_config(DEMO).hash("data", "split")
+    other_training = load_config(DEMO, {"training.batch_size": 7})
+    assert other_training.hash("data", "split", "preprocess") == base.hash("data", "split", "preprocess")
+    assert other_training.hash() != base.hash()
+    other_split = load_config(DEMO, {"split.seed": 1})
+    assert other_split.hash("data", "split", "preprocess") != base.hash("data", "split", "preprocess")
+
+
+def test_storage_is_made_absolute_and_uris_are_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(DEMO, {"storage": "runs/here"})
+    assert Path(config.storage).is_absolute() and config.storage == str(tmp_path / "runs" / "here")
+    assert config.study_dir == f"{tmp_path}/runs/here/demo"
+    assert load_config(DEMO, {"storage": "s3://bucket/x"}).storage == "s3://bucket/x"
+
+
+def test_dumped_config_loads_back_to_the_same_config(tmp_path):
+    config = load_config(PAPER)
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(config))
+    assert load_config(dumped) == config
