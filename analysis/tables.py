@@ -1,0 +1,231 @@
+"""The study's tables (STUDY.md §7), each beside the paper's published value where there is one.
+
+Tables are numeric DataFrames (written as CSV); `merge_intervals` turns `x`, `x_lo`, `x_hi`,
+`x_sd` columns into one readable column for the HTML report. Localisation tables use trained
+heatmaps only; the weight-randomised copies go to `sanity_table`. With several seeds, per-image
+scores are averaged over seeds before a CI is taken, so the CI is over images, not runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis import paper_values, stats
+from analysis.inputs import PRIMARY_CAM_METHOD
+
+CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "auc"]
+EHR_VARIANTS = ["ehr_auc", "ehr_auc_inputiba"]
+RUN_SUMMARY = {"diff_gradcam_mean": "diff_gradcam", "ehr_auc_mean": "ehr_auc", "ehr_auc_norm_mean": "ehr_auc_norm",
+               "pointing_game": "pointing_hit", "energy_in_mask_mean": "energy_in_mask", "iou_otsu_mean": "iou_otsu"}
+
+
+def primary_method(cams: pd.DataFrame) -> Optional[str]:
+    """Grad-CAM when it was computed, else the first method present (None without CAMs)."""
+    methods = cams["cam_method"].dropna().unique().tolist() if "cam_method" in cams else []
+    if PRIMARY_CAM_METHOD in methods:
+        return PRIMARY_CAM_METHOD
+    return sorted(methods)[0] if methods else None
+
+
+def trained_rows(cams: pd.DataFrame, method: Optional[str]) -> pd.DataFrame:
+    return cams[(~cams["randomized"]) & (cams["cam_method"] == method)]
+
+
+def _by_model(models: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
+    """Rows keyed by model, with family and depth, in the models' plot order."""
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return models.iloc[0:0].copy()
+    return models.merge(table, on="model", how="inner")
+
+
+def _image_level(rows: pd.DataFrame, metric: str) -> pd.Series:
+    """Per-image score of one model, averaged over seeds."""
+    return rows.groupby("image_id")[metric].mean()
+
+
+# ----------------------------------------------------------------------------- Table 1
+
+
+def table1(test_metrics: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy, precision, recall, AUC per model: one seed with its 95% CI (x_lo, x_hi); several
+    seeds as mean and SD across seeds (x_sd). paper_x: Table 1 of the paper."""
+    rows = [_table1_row(model, part) for model, part in test_metrics.groupby("model", observed=True)]
+    table = _by_model(models, rows)
+    paper = paper_values.TABLE1.rename(columns={m: f"paper_{m}" for m in CLASSIFICATION_METRICS})
+    return table.merge(paper, on="model", how="left") if not table.empty else table
+
+
+def _table1_row(model: str, part: pd.DataFrame) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": model, "seeds": len(part)}
+    for metric in CLASSIFICATION_METRICS:
+        values = part[metric] if metric in part else pd.Series(dtype=float)
+        row[metric] = values.mean()
+        single = len(part) == 1
+        row[f"{metric}_lo"] = part[f"{metric}_lo"].iloc[0] if single and f"{metric}_lo" in part else math.nan
+        row[f"{metric}_hi"] = part[f"{metric}_hi"].iloc[0] if single and f"{metric}_hi" in part else math.nan
+        row[f"{metric}_sd"] = values.std(ddof=1) if len(part) > 1 else math.nan
+    return row
+
+
+# ----------------------------------------------------------------------------- Table 2
+
+
+def table2(trained: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """Diff_GradCAM mean/std/min/max per model over every scored (image, seed), the SD of the
+    per-run means when there are several seeds, and the paper's Table 2."""
+    rows = []
+    for model, part in trained.groupby("model", observed=True):
+        values = part["diff_gradcam"]
+        run_means = part.groupby("seed")["diff_gradcam"].mean()
+        rows.append({"model": model, "n": len(values), "seeds": len(run_means), "mean": values.mean(),
+                     "std": values.std(ddof=1), "min": values.min(), "max": values.max(),
+                     "seed_sd": run_means.std(ddof=1) if len(run_means) > 1 else math.nan})
+    table = _by_model(models, rows)
+    paper = paper_values.TABLE2.rename(columns={c: f"paper_{c}" for c in ("mean", "std", "min", "max")})
+    return table.merge(paper, on="model", how="left") if not table.empty else table
+
+
+# ----------------------------------------------------------------------------- EHR
+
+
+def ehr_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Both EHR variants per model: mean with 95% CI, chance, oracle, normalised (with CI), the
+    ratio to chance, and the paper's EHR AUC (§4.3 text; paper_ehr_exact False = given roughly)."""
+    rows = [_ehr_row(model, part, alpha) for model, part in trained.groupby("model", observed=True)]
+    table = _by_model(models, rows)
+    return table.merge(paper_values.ehr_table(), on="model", how="left") if not table.empty else table
+
+
+def _ehr_row(model: str, part: pd.DataFrame, alpha: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": model, "n": part["image_id"].nunique(),
+                           "mask_fraction": part.drop_duplicates("image_id")["mask_fraction"].mean()
+                           if "mask_fraction" in part else math.nan}
+    for variant in (v for v in EHR_VARIANTS if v in part):
+        row[variant], row[f"{variant}_lo"], row[f"{variant}_hi"] = stats.mean_ci(_image_level(part, variant), alpha)
+        for suffix in ("chance", "oracle"):
+            column = f"{variant}_{suffix}"
+            row[column] = part[column].mean() if column in part else math.nan
+        norm = f"{variant}_norm"
+        row[norm], row[f"{norm}_lo"], row[f"{norm}_hi"] = (stats.mean_ci(_image_level(part, norm), alpha)
+                                                          if norm in part else (math.nan,) * 3)
+        chance = row[f"{variant}_chance"]
+        row[f"{variant}_over_chance"] = row[variant] / chance if chance else math.nan
+    return row
+
+
+# ----------------------------------------------------------------------------- other localisation metrics
+
+
+def metric_summary(trained: pd.DataFrame, models: pd.DataFrame, metrics: dict[str, str],
+                   alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Per model: n images and, for each `metrics` entry (column -> name), the mean with a 95% CI
+    over images (seed-averaged). Boolean columns (pointing_hit) become rates."""
+    rows = []
+    for model, part in trained.groupby("model", observed=True):
+        row: dict[str, Any] = {"model": model, "n": part["image_id"].nunique()}
+        for column, name in metrics.items():
+            if column in part:
+                values = _image_level(part.assign(**{column: part[column].astype(float)}), column)
+                row[name], row[f"{name}_lo"], row[f"{name}_hi"] = stats.mean_ci(values, alpha)
+        rows.append(row)
+    return _by_model(models, rows)
+
+
+def localisation_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Energy inside the mask, pointing-game hit rate and Otsu IoU (mean, 95% CI over images),
+    and the number of all-zero heatmaps."""
+    table = metric_summary(trained, models, {"energy_in_mask": "energy_in_mask", "pointing_hit": "pointing_game",
+                                             "iou_otsu": "iou_otsu"}, alpha)
+    if "cam_all_zero" in trained and not table.empty:
+        zeros = trained.groupby("model", observed=True)["cam_all_zero"].sum().astype(int).rename("cam_all_zero")
+        table = table.merge(zeros, left_on="model", right_index=True, how="left")
+    return table
+
+
+def methods_table(cams: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """Mean of the main metrics per model and CAM method (trained heatmaps)."""
+    trained = cams[~cams["randomized"]]
+    metrics = [m for m in ("diff_gradcam", "ehr_auc", "ehr_auc_norm", "pointing_hit") if m in trained]
+    summary = trained.astype({"pointing_hit": float}) if "pointing_hit" in trained else trained
+    summary = summary.groupby(["model", "cam_method"], observed=True)[metrics].mean().reset_index()
+    return models.merge(summary, on="model", how="inner")
+
+
+def sanity_table(cams: pd.DataFrame, method: Optional[str], models: pd.DataFrame,
+                 alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Trained vs weight-randomised heatmaps (Adebayo et al. 2018), per model and metric:
+    means, difference, paired Wilcoxon p with Holm over models."""
+    rows = cams[cams["cam_method"] == method]
+    frames = [stats.sanity_comparisons(rows, metric, alpha=alpha).assign(metric=metric)
+              for metric in ("diff_gradcam", "ehr_auc_norm") if metric in rows]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame(columns=["model", "metric", "trained", "randomized", "difference", "p", "p_adj", "reject"])
+    table = pd.concat(frames, ignore_index=True)
+    return models.merge(table, on="model", how="inner")[["model", "family", "depth", "metric", "trained", "randomized",
+                                                         "difference", "n", "p", "p_adj", "reject"]]
+
+
+def run_summary(trained: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: run_key, model, seed and the summary metrics logged to its MLflow child run."""
+    rows = []
+    for (model, seed), part in trained.groupby(["model", "seed"], observed=True):
+        row = {"run_key": f"{model}-seed{seed}", "model": model, "seed": seed, "n_images": len(part)}
+        row.update({name: float(part[column].astype(float).mean())
+                    for name, column in RUN_SUMMARY.items() if column in part})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- paper comparisons
+
+
+def tukey_vs_paper(comparison: dict[str, Any]) -> pd.DataFrame:
+    """The paper's Tukey claims (§4.3) beside this study's result for the same pair: the paper's
+    method (one-way Tukey) and the trusted paired/run-level result."""
+    paper_method = comparison["paper"]["tukey"]
+    ours = {stats.pair_key(a, b): bool(r)
+            for a, b, r in paper_method[["group1", "group2", "reject"]].itertuples(index=False)}
+    trusted = {stats.pair_key(*p.split(" vs ")) for p in comparison["significant_pairs"]}
+    claims = paper_values.TUKEY_CLAIMS
+    keys = [stats.pair_key(a, b) for a, b in zip(claims["model_a"], claims["model_b"])]
+    table = claims.assign(ours_paper_method=[ours.get(k) for k in keys],
+                          ours_trusted=[k in trusted if k in ours else None for k in keys])
+    table = table[table["ours_paper_method"].notna()]
+    agree = table["paper_significant"] == table["ours_trusted"]
+    return table.assign(agrees=agree)[["model_a", "model_b", "paper_significant", "ours_paper_method",
+                                       "ours_trusted", "agrees", "source"]]
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def merge_intervals(frame: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """One column per quantity: "v [lo, hi]" where x_lo/x_hi exist, "v ± sd" where x_sd exists."""
+    out = frame.copy()
+    bases = [c for c in frame.columns if f"{c}_lo" in frame.columns or f"{c}_sd" in frame.columns]
+    for base in bases:
+        out[base] = [_interval_text(frame.loc[i], base, digits) for i in frame.index]
+        out = out.drop(columns=[c for c in (f"{base}_lo", f"{base}_hi", f"{base}_sd") if c in out])
+    return out
+
+
+def _interval_text(row: pd.Series, base: str, digits: int) -> str:
+    value = row[base]
+    if not _finite(value):
+        return "—"
+    text = f"{value:.{digits}f}"
+    if _finite(row.get(f"{base}_lo")) and _finite(row.get(f"{base}_hi")):
+        return f"{text} [{row[f'{base}_lo']:.{digits}f}, {row[f'{base}_hi']:.{digits}f}]"
+    if _finite(row.get(f"{base}_sd")):
+        return f"{text} ± {row[f'{base}_sd']:.{digits}f}"
+    return text
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(float(value))

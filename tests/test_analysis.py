@@ -1,0 +1,256 @@
+"""The analyze stage on synthetic study stores written in the stage contract's exact format."""
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis import report, stats
+from analysis.inputs import load_study, model_table
+from training.classification import classification_report
+
+SIZE = 16  # cache and heatmap side, pixels
+N_POSITIVE = 60
+SHIFTED, SHIFT = "resnet50", 0.2
+MODELS = ["vit_small", "resnet18", "vgg16", "resnet50"]  # deliberately not in plot order
+
+
+def config_for(models, seeds):
+    return {"study": "synthetic", "models": {"names": list(models), "init": "random", "extra": {}},
+            "training": {"seeds": list(seeds), "threshold": 0.5}, "statistics": {"alpha": 0.05},
+            "cam": {"methods": ["gradcam"], "images": "positives"}, "preprocess": {"image_size": SIZE}}
+
+
+class SyntheticStudy:
+    """Writes a study store: manifest, cache, and per run predictions, metrics and CAM rows."""
+
+    def __init__(self, root: Path, rng_seed: int = 0, run_sd: float = 0.0):
+        self.root, self.rng, self.run_sd = root, np.random.default_rng(rng_seed), run_sd  # run_sd: seed-to-seed SD
+        self.ids = [f"img{i:03d}" for i in range(2 * N_POSITIVE)]
+        self.labels = np.r_[np.ones(N_POSITIVE, int), np.zeros(N_POSITIVE, int)]
+        self.fraction = self.rng.uniform(0.01, 0.05, N_POSITIVE)
+        self.image_effect = self.rng.normal(0.15, 0.2, N_POSITIVE)
+        self.masks = self._masks()
+        self._write_data()
+
+    def _masks(self) -> np.ndarray:
+        masks = np.zeros((2 * N_POSITIVE, SIZE, SIZE), np.uint8)
+        for i in range(N_POSITIVE):
+            r, c = self.rng.integers(2, SIZE - 6, 2)
+            masks[i, r:r + 4, c:c + 3] = 1
+        return masks
+
+    def _write_data(self) -> None:
+        data = self.root / "data"
+        (data / "cache").mkdir(parents=True)
+        manifest = pd.DataFrame({"image_id": self.ids, "split": "test", "label": self.labels,
+                                 "mask_rle": "-1", "mask_fraction": np.r_[self.fraction, np.zeros(N_POSITIVE)]})
+        manifest.to_parquet(data / "manifest.parquet")
+        (data / "report.json").write_text(json.dumps({"images": len(self.ids), "unlabelled": 0}))
+        np.save(data / "cache" / "images.npy", self.rng.normal(0, 1, (len(self.ids), SIZE, SIZE)).astype(np.float16))
+        np.save(data / "cache" / "masks.npy", self.masks)
+        index = manifest.assign(row=np.arange(len(self.ids)))
+        index[["row", "image_id", "split", "label", "mask_fraction"]].to_parquet(data / "cache" / "index.parquet")
+
+    def run(self, model: str, seed: int, done: bool = True, cams: bool = True) -> None:
+        key = f"{model}-seed{seed}"
+        train = self.root / "train" / key
+        train.mkdir(parents=True)
+        probability = np.clip(self.labels * 0.35 + self.rng.uniform(0, 0.65, len(self.ids)), 0, 1)
+        pd.DataFrame({"image_id": self.ids, "label": self.labels, "probability": probability}).to_parquet(
+            train / "predictions.parquet")
+        metrics = classification_report(self.labels, probability)
+        (train / "test_metrics.json").write_text(json.dumps(metrics))
+        if done:
+            (train / "done.json").write_text("{}")
+        if cams:
+            self._cams(model, seed, probability[:N_POSITIVE])
+
+    def _cams(self, model: str, seed: int, probability: np.ndarray) -> None:
+        run_effect = self.rng.normal(0, self.run_sd) if self.run_sd else 0.0
+        shift = SHIFT if model == SHIFTED else 0.0
+        trained = self.image_effect + shift + run_effect + self.rng.normal(0, 0.05, N_POSITIVE)
+        randomized = self.rng.normal(0.0, 0.05, N_POSITIVE)
+        tables = [self._cam_table(model, seed, probability, diff, flag)
+                  for diff, flag in ((trained, False), (randomized, True))]
+        out = self.root / "cams" / f"{model}-seed{seed}"
+        out.mkdir(parents=True)
+        pq.write_table(pa.concat_tables(tables), out / "part-00000.parquet")
+        (out / "_done.json").write_text("{}")
+
+    def _cam_table(self, model, seed, probability, diff, randomized) -> pa.Table:
+        f = self.fraction
+        ehr = f * (1 + 4 * np.clip(diff, 0, None))
+        oracle = np.full(N_POSITIVE, 0.99)
+        noise = self.rng.uniform(0, 0.3, (N_POSITIVE, SIZE, SIZE))
+        heat = np.clip(self.masks[:N_POSITIVE] * diff[:, None, None] + noise, 0, 1)
+        columns = {"image_id": self.ids[:N_POSITIVE], "model": [model] * N_POSITIVE, "seed": [seed] * N_POSITIVE,
+                   "label": np.ones(N_POSITIVE, int), "probability": probability, "correct": probability >= 0.5,
+                   "mask_fraction": f, "diff_gradcam": diff,
+                   "ehr_auc": ehr, "ehr_auc_chance": f, "ehr_auc_oracle": oracle,
+                   "ehr_auc_norm": (ehr - f) / (oracle - f), "ehr_auc_inputiba": ehr * 0.8,
+                   "ehr_auc_inputiba_chance": f * 0.8, "ehr_auc_inputiba_oracle": oracle * 0.9,
+                   "ehr_auc_inputiba_norm": (ehr - f) * 0.8 / (oracle * 0.9 - f * 0.8),
+                   "energy_in_mask": np.clip(f + diff / 4, 0, 1), "pointing_hit": diff > 0.2,
+                   "iou_otsu": np.clip(diff / 2, 0, 1),
+                   "cam_all_zero": np.zeros(N_POSITIVE, bool), "cam_method": ["gradcam"] * N_POSITIVE,
+                   "cam_layer": ["layer4.-1"] * N_POSITIVE, "randomized": [randomized] * N_POSITIVE}
+        table = pa.table(columns)
+        return table.append_column("heatmap", pa.FixedShapeTensorArray.from_numpy_ndarray(heat.astype(np.float16)))
+
+
+def shifted_pairs(models) -> set[str]:
+    order = model_table(models)["model"].tolist()
+    return {f"{a} vs {b}" for i, a in enumerate(order) for b in order[i + 1:] if SHIFTED in (a, b)}
+
+
+def mlflow_tracker(tmp: Path, run_keys):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.create_experiment("camstudy-test", artifact_location=(tmp / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="synthetic").info.run_id
+    children = {key: client.create_run(experiment, run_name=key, tags={"mlflow.parentRunId": parent}).info.run_id
+                for key in run_keys}
+    return SimpleNamespace(client=client, parent_run=lambda: parent), children
+
+
+@pytest.fixture(scope="module")
+def single_seed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single") / "study"
+    study = SyntheticStudy(root)
+    for model in MODELS:
+        study.run(model, 0)
+    tracker, children = mlflow_tracker(root.parent, [f"{m}-seed0" for m in MODELS])
+    path = report.analyze(root, config_for(MODELS, [0]), tracker=tracker)
+    return SimpleNamespace(root=root, report=path, tracker=tracker, children=children)
+
+
+def statistics(root: Path) -> dict:
+    return json.loads((root / "analysis" / "statistics.json").read_text())
+
+
+def test_single_seed_detects_exactly_the_shifted_model(single_seed):
+    comparison = statistics(single_seed.root)["comparisons"]["diff_gradcam"]
+    assert set(comparison["significant_pairs"]) == shifted_pairs(MODELS)
+    block = pd.DataFrame(comparison["block_tukey"])
+    shifted = block[(block["group1"] == SHIFTED) | (block["group2"] == SHIFTED)]
+    assert shifted["meandiff"].abs().to_numpy() == pytest.approx(SHIFT, abs=0.05)
+    assert comparison["paper"]["anova"]["p"] < 1e-6
+    estimates = pd.DataFrame(comparison["mixed_model"]["estimates"])
+    assert estimates["model"].tolist() == ["vgg16", "resnet18", "resnet50", "vit_small"]  # family, then depth
+
+
+def test_report_is_self_contained_and_holds_every_table(single_seed):
+    text = single_seed.report.read_text()
+    assert single_seed.report == single_seed.root / "analysis" / "report.html"
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", text)
+    assert text.count("data:image/png;base64,") >= 5
+    for csv in (single_seed.root / "analysis" / "tables").glob("*.csv"):
+        if csv.stem != "run_summary":
+            assert f"id='table-{csv.stem}'" in text, csv.stem
+    for heading in ("1. Setup", "2. Data", "Table 1", "Table 2", "chance level", "the paper's analysis",
+                    "paired analysis", "9. Conclusions"):
+        assert heading in text
+    assert "Missing or incomplete inputs" not in text
+
+
+def test_tables_sit_beside_the_paper_values(single_seed):
+    tables = single_seed.root / "analysis" / "tables"
+    table1 = pd.read_csv(tables / "table1.csv").set_index("model")
+    assert table1.loc["resnet50", "paper_accuracy"] == pytest.approx(0.882)
+    row = table1.loc["resnet50"]
+    assert row["accuracy_lo"] < row["accuracy"] < row["accuracy_hi"]
+    table2 = pd.read_csv(tables / "table2.csv").set_index("model")
+    assert table2.loc["vgg16", "paper_mean"] == pytest.approx(0.186)
+    ehr = pd.read_csv(tables / "ehr.csv").set_index("model")
+    assert ehr.loc["resnet18", "paper_ehr_exact"] == False  # noqa: E712 - a rough §4.3 value
+    assert ehr.loc["vgg16", "paper_ehr_auc"] == pytest.approx(0.0243)
+    sanity = pd.read_csv(tables / "sanity.csv")
+    assert set(sanity["model"]) == set(MODELS) and sanity["reject"].all()
+
+
+def test_mlflow_logging_on_parent_and_children(single_seed):
+    client, parent = single_seed.tracker.client, single_seed.tracker.parent_run()
+    logged = {a.path for a in client.list_artifacts(parent, "analysis")}
+    assert {"analysis/report.html", "analysis/statistics.json", "analysis/tables", "analysis/figures"} <= logged
+    tables = {Path(a.path).name for a in client.list_artifacts(parent, "analysis/tables")}
+    assert {"table1.json", "table2.json", "ehr.json", "diff_gradcam_block_tukey.json"} <= tables
+    assert "diff_gradcam_mixed_model_p" in client.get_run(parent).data.metrics
+    for key, run_id in single_seed.children.items():
+        metrics = client.get_run(run_id).data.metrics
+        assert set(report.tables.RUN_SUMMARY) <= set(metrics), key
+    shifted = client.get_run(single_seed.children[f"{SHIFTED}-seed0"]).data.metrics["diff_gradcam_mean"]
+    other = client.get_run(single_seed.children["vgg16-seed0"]).data.metrics["diff_gradcam_mean"]
+    assert shifted - other == pytest.approx(SHIFT, abs=0.05)
+
+
+def test_a_rerun_replaces_the_logged_tables(single_seed, tmp_path):
+    client, parent = single_seed.tracker.client, single_seed.tracker.parent_run()
+    table1 = pd.read_csv(single_seed.root / "analysis" / "tables" / "table1.csv")
+    outputs = report.AnalysisOutputs(directory=single_seed.root / "analysis", tables={"table1": table1})
+    report.log_to_mlflow(client, parent, {}, outputs)  # MLflow's log_table alone would append the rows
+    logged = Path(client.download_artifacts(parent, "analysis/tables/table1.json", str(tmp_path)))
+    assert len(json.loads(logged.read_text())["data"]) == len(MODELS)
+
+
+def test_three_seeds_make_the_run_the_unit(tmp_path):
+    models = MODELS[1:]  # three models keep this test short
+    study = SyntheticStudy(tmp_path / "study", rng_seed=1, run_sd=0.01)
+    for model in models:
+        for seed in range(3):
+            study.run(model, seed)
+    report.analyze(study.root, config_for(models, [0, 1, 2]))
+    comparison = statistics(study.root)["comparisons"]["diff_gradcam"]
+    assert comparison["seeds_per_model"] == 3
+    assert comparison["trusted_basis"].startswith("run-level")
+    assert set(comparison["significant_pairs"]) == shifted_pairs(models)
+    crossed = comparison["crossed"]
+    assert crossed["variance"]["run"] < 0.01 < crossed["variance"]["image"]
+    assert len(comparison["run_level"]["runs"]) == 9
+    table1 = pd.read_csv(study.root / "analysis" / "tables" / "table1.csv")
+    assert table1["seeds"].eq(3).all() and table1["accuracy_sd"].notna().all()
+
+
+def test_missing_inputs_give_a_report_section_not_a_crash(tmp_path):
+    models = MODELS + ["vit_base"]
+    study = SyntheticStudy(tmp_path / "study", rng_seed=2)
+    study.run("vgg16", 0, done=False)  # a failed run: no done.json
+    study.run("vit_base", 0, cams=False)  # finished, never explained
+    for model in ("resnet18", "resnet50", "vit_small"):
+        study.run(model, 0)
+    config = config_for(models + ["resnet101"], [0])  # resnet101 never started
+    path = report.analyze(study.root, config)
+    text = path.read_text()
+    assert "Missing or incomplete inputs" in text
+    for fragment in ("vgg16-seed0: training did not finish", "vit_base-seed0: no CAM Parquet",
+                     "resnet101-seed0: no training run"):
+        assert fragment in text
+    comparison = statistics(study.root)["comparisons"]["diff_gradcam"]
+    assert set(comparison["significant_pairs"]) == shifted_pairs(["resnet18", "resnet50", "vit_small"])
+    table1 = pd.read_csv(study.root / "analysis" / "tables" / "table1.csv")
+    assert set(table1["model"]) == {"resnet18", "resnet50", "vit_small", "vit_base"}
+
+
+def test_a_store_without_any_cams_still_reports(tmp_path):
+    study = SyntheticStudy(tmp_path / "study", rng_seed=3)
+    study.run("resnet18", 0, cams=False)
+    path = report.analyze(study.root, config_for(["resnet18"], [0]))
+    text = path.read_text()
+    assert "Missing or incomplete inputs" in text and "Table 1" in text
+    assert statistics(study.root)["comparisons"] == {}
+
+
+def test_load_study_ignores_unfinished_runs(tmp_path):
+    study = SyntheticStudy(tmp_path / "study", rng_seed=4)
+    study.run("resnet18", 0)
+    study.run("resnet50", 0, done=False)
+    inputs = load_study(study.root, config_for(["resnet18", "resnet50"], [0]))
+    assert set(inputs.cams["model"]) == {"resnet18"} and set(inputs.predictions["model"]) == {"resnet18"}
+    assert "heatmap" not in inputs.cams.columns
+    assert stats.levels(inputs.cams["model"]) == ["resnet18"]
