@@ -40,7 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     synth.set_defaults(handler=_synth)
 
     prepare = _stage(commands, "prepare", "build the manifest, split and preprocessing cache")
+    prepare.add_argument("--force", action="store_true", help="rebuild even when up to date")
     prepare.set_defaults(handler=_prepare)
+    train = _stage(commands, "train", "train every model x seed with Ray Train (resumes unfinished runs)")
+    train.add_argument("--force", action="store_true", help="retrain finished runs from scratch")
+    train.set_defaults(handler=_train)
+    explain = _stage(commands, "explain", "Grad-CAM extraction and scoring with Ray Data into Parquet")
+    explain.add_argument("--force", action="store_true", help="redo finished extractions")
+    explain.set_defaults(handler=_explain)
+    analyze = _stage(commands, "analyze", "tables, statistics, figures, MLflow and report.html")
+    analyze.set_defaults(handler=_analyze)
+    run = _stage(commands, "run", "the whole study: prepare -> train -> explain -> analyze")
+    run.add_argument("--force", choices=("prepare", "train", "explain", "analyze"),
+                     help="redo this stage and every stage after it")
+    run.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (overrides training.seeds)")
+    run.set_defaults(handler=_run)
+    fetch = _stage(commands, "fetch-weights", "download the pretrained weights a config needs (needs internet)")
+    fetch.set_defaults(handler=_fetch_weights)
     return parser
 
 
@@ -55,7 +71,19 @@ def _stage(commands, name: str, help_text: str) -> argparse.ArgumentParser:
 def _load(args):
     from orchestrator.config import load_config, parse_override
 
-    return load_config(args.config, dict(parse_override(text) for text in args.overrides))
+    overrides = dict(parse_override(text) for text in args.overrides)
+    if getattr(args, "seeds", None):
+        overrides["training.seeds"] = _seeds(args.seeds)
+    return load_config(args.config, overrides)
+
+
+def _seeds(text: str) -> list[int]:
+    from training.errors import ConfigError
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers such as 0,1,2") from None
 
 
 def _synth(args) -> int:
@@ -70,5 +98,41 @@ def _synth(args) -> int:
 def _prepare(args) -> int:
     from orchestrator.stages import prepare_stage
 
-    prepare_stage(_load(args))
+    prepare_stage(_load(args), force=args.force)
+    return 0
+
+
+def _train(args) -> int:
+    from orchestrator.pipeline import run_train
+
+    run_train(_load(args), force=args.force)
+    return 0
+
+
+def _explain(args) -> int:
+    from orchestrator.pipeline import run_explain
+
+    run_explain(_load(args), force=args.force)
+    return 0
+
+
+def _analyze(args) -> int:
+    from orchestrator.pipeline import run_analyze
+
+    run_analyze(_load(args))
+    return 0
+
+
+def _run(args) -> int:
+    from orchestrator.pipeline import run_study
+
+    run_study(_load(args), force=args.force)
+    return 0
+
+
+def _fetch_weights(args) -> int:
+    from training.weights import fetch_weights
+
+    for line in fetch_weights(_load(args)):
+        print(line)
     return 0

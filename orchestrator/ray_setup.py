@@ -20,10 +20,13 @@ def init_ray(config: StudyConfig | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    # Worker and controller logs stay in Ray's session log folder (and the dashboard): Ray
+    # Train's controller repeats internal notices many times a second on small machines, and
+    # the stages print their own progress and surface every run's error on the driver.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
     local_data_context(progress=sys.stderr.isatty())
 

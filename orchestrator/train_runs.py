@@ -14,7 +14,6 @@ driver through a Ray queue; workers need no tracking access.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -22,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.train
 from ray.util.queue import Empty, Queue
 
 from orchestrator import tracking
 from orchestrator.store import StudyStore
 from training import registry
-from training.errors import TrainingError
+from training.errors import ConfigError, TrainingError
+from training.loop import DONE, PREDICTIONS, TEST_METRICS, run_fingerprint
 
 
 @dataclass(frozen=True)
@@ -44,25 +45,24 @@ class RunPlan:
 
 def plan_runs(config, store: StudyStore) -> list[RunPlan]:
     """Every (model, seed) of the config, in registry order then seed order."""
-    return [RunPlan(spec, seed, store.run_dir(spec.name, seed), run_fingerprint(config, spec))
-            for spec in registry.specs_for(config.models) for seed in config.training.seeds]
-
-
-def run_fingerprint(config, spec) -> str:
-    """What a finished run depends on: data, preprocessing, its recipe, training settings — not
-    the list of seeds or the other models, so adding seeds or models keeps finished runs."""
-    plain = config.to_dict()
-    training = {k: v for k, v in plain["training"].items() if k not in ("seeds", "max_failures")}
-    models = {"init": plain["models"]["init"], "weights_file": plain["models"]["weights_files"].get(spec.name)}
-    payload = {"data": plain["data"], "split": plain["split"], "preprocess": plain["preprocess"],
-               "augment": plain["augment"], "recipe": plain["recipes"][spec.family],
-               "training": training, "models": models, "spec": repr(spec)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    plans = []
+    for spec in registry.specs_for(config.models):
+        recipe = registry.recipe_for(spec, config.recipes)
+        for seed in config.training.seeds:
+            plans.append(RunPlan(spec, seed, store.run_dir(spec.name, seed),
+                                 run_fingerprint(spec, recipe, config, seed)))
+    return plans
 
 
 def is_finished(plan: RunPlan) -> bool:
-    done = plan.run_dir / "done.json"
-    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == plan.fingerprint
+    """done.json with this plan's fingerprint; one made with other settings is an error."""
+    done = plan.run_dir / DONE
+    if not done.is_file():
+        return False
+    if json.loads(done.read_text()).get("fingerprint") != plan.fingerprint:
+        raise ConfigError(f"{plan.run_dir}: this run was trained with other settings than the config now "
+                          "asks for; rerun with `--force train` to retrain (or restore the old config)")
+    return True
 
 
 def child_params(config, plan: RunPlan) -> dict[str, Any]:
@@ -222,7 +222,7 @@ def _print_progress(progress: Queue, started: float) -> None:
 def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
     """Final test metrics (with CI bounds) on success, FAILED with the error otherwise."""
     if error is None:
-        metrics = json.loads((plan.run_dir / "test_metrics.json").read_text())
+        metrics = json.loads((plan.run_dir / TEST_METRICS).read_text())
         tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
-        client.log_artifact(run_id, str(plan.run_dir / "predictions.parquet"))
+        client.log_artifact(run_id, str(plan.run_dir / PREDICTIONS))
     tracking.end_run(client, run_id, error)

@@ -1,0 +1,191 @@
+"""The model registry: one `ModelSpec` per architecture of the study (STUDY.md §3).
+
+A spec names the timm architecture, the pretrained tag its ImageNet weights come from, its
+recipe family, its depth and the Grad-CAM target layer as a dotted path into the timm model
+(negative integers index sequences from the end). A tenth model is one config entry
+(`models.extra`), not a code change; every test about "all models" loops over `names()`.
+
+Target layers, checked against timm 1.0.31 (tests/test_registry.py re-checks them):
+- vgg16 `features.28`, vgg19 `features.34`: the last Conv2d of `features` (14x14 at 224 px).
+  `features[-1]` is a MaxPool2d (7x7) and `features[-2]` the in-place ReLU after the conv; the
+  pooled map then goes through timm's `pre_logits` ConvMlp (fc6/fc7 as a 7x7 and a 1x1 conv),
+  so the last conv is the last layer with a spatial map of its own. Its output tensor is
+  overwritten by that in-place ReLU: a hook that stores it must clone it.
+- resnets `layer4.-1`: the final residual block (7x7 at 224 px).
+- vits `blocks.-1.norm1`: tokens (B, prefix + gh*gw, D); drop the `num_prefix_tokens` (CLS)
+  tokens and reshape to `patch_embed.grid_size`. `norm2` and the final `norm` give zero patch
+  gradients with a CLS-token head.
+
+Pretrained tags: `tv_in1k` (the original torchvision ImageNet-1k weights) for VGG and ResNet, the
+weights most 2020-2023 medical fine-tuning papers start from; `augreg_in21k_ft_in1k` for the
+ViTs (ImageNet-21k pretraining, then fine-tuned on ImageNet-1k; "How to train your ViT", which
+the paper cites). ViT-L has no ImageNet-1k-only classification weights in timm, so the three
+ViTs share this tag. The paper says only "pretrained on ImageNet-1K".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import timm
+import torch
+from torch import nn
+
+from training.errors import ConfigError
+from training.recipes import Recipe
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One architecture of the study."""
+
+    name: str  # the study's key, e.g. "resnet50"
+    timm_name: str  # timm architecture, e.g. "resnet50"
+    pretrained_tag: Optional[str]  # timm weight tag, e.g. "tv_in1k"; None = timm's default tag
+    family: str  # key of the config's `recipes`
+    depth: int  # weight layers (CNNs) or transformer blocks (ViTs), as the paper counts them
+    target_layer: str  # dotted path for Grad-CAM, e.g. "layer4.-1"
+    token_reshape: bool = False  # the target layer outputs tokens, not a (B, C, h, w) map
+
+    @property
+    def pretrained_name(self) -> str:
+        """`timm_name.tag`, the name timm's pretrained mechanism resolves."""
+        return f"{self.timm_name}.{self.pretrained_tag}" if self.pretrained_tag else self.timm_name
+
+
+_VIT_TAG = "augreg_in21k_ft_in1k"
+_BUILTIN: tuple[ModelSpec, ...] = (
+    ModelSpec("vgg16", "vgg16", "tv_in1k", "vgg", 16, "features.28"),
+    ModelSpec("vgg19", "vgg19", "tv_in1k", "vgg", 19, "features.34"),
+    ModelSpec("resnet18", "resnet18", "tv_in1k", "resnet", 18, "layer4.-1"),
+    ModelSpec("resnet34", "resnet34", "tv_in1k", "resnet", 34, "layer4.-1"),
+    ModelSpec("resnet50", "resnet50", "tv_in1k", "resnet", 50, "layer4.-1"),
+    ModelSpec("resnet101", "resnet101", "tv_in1k", "resnet", 101, "layer4.-1"),
+    ModelSpec("vit_small", "vit_small_patch16_224", _VIT_TAG, "vit", 12, "blocks.-1.norm1", True),
+    ModelSpec("vit_base", "vit_base_patch16_224", _VIT_TAG, "vit", 12, "blocks.-1.norm1", True),
+    ModelSpec("vit_large", "vit_large_patch16_224", _VIT_TAG, "vit", 24, "blocks.-1.norm1", True),
+)
+REGISTRY: Mapping[str, ModelSpec] = {spec.name: spec for spec in _BUILTIN}
+
+
+def names() -> list[str]:
+    """The built-in model keys, in the paper's order."""
+    return list(REGISTRY)
+
+
+def get(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def specs_for(models_config: Any) -> list[ModelSpec]:
+    """The specs a `ModelsConfig` asks for: its `names`, then any `extra` entries not named there."""
+    extras = {key: _extra_spec(key, extra) for key, extra in models_config.extra.items()}
+    for key in extras:
+        if key in REGISTRY:
+            raise ConfigError(f"models.extra.{key}: {key!r} is a built-in model; give the extra model another key")
+    known = {**REGISTRY, **extras}
+    unknown = [name for name in models_config.names if name not in known]
+    if unknown:
+        raise ConfigError(f"models.names: unknown model(s) {unknown}; known models: {', '.join(known)} "
+                          f"(declare a new one under models.extra)")
+    chosen = list(models_config.names) + [key for key in extras if key not in models_config.names]
+    return [known[name] for name in chosen]
+
+
+def get_spec(models_config: Any, name: str) -> ModelSpec:
+    """A model of this config by key: a `models.extra` entry or a built-in."""
+    if name in models_config.extra:
+        return next(spec for spec in specs_for(models_config) if spec.name == name)
+    return get(name)
+
+
+def _extra_spec(key: str, extra: Any) -> ModelSpec:
+    if not timm.is_model(extra.timm_name):
+        raise ConfigError(f"models.extra.{key}.timm_name: {extra.timm_name!r} is not a timm architecture "
+                          f"(see timm.list_models())")
+    return ModelSpec(key, extra.timm_name, extra.pretrained_tag, extra.family, extra.depth,
+                     extra.target_layer, extra.token_reshape)
+
+
+def recipe_for(spec: ModelSpec, recipes: Mapping[str, Recipe]) -> Recipe:
+    if spec.family not in recipes:
+        raise ConfigError(f"recipes: no recipe for family {spec.family!r} (model {spec.name}); "
+                          f"families present: {sorted(recipes)}")
+    return recipes[spec.family]
+
+
+def build_model(spec: ModelSpec, *, init: str, image_size: int, weights_file: Optional[str] = None,
+                num_classes: int = 2, in_chans: int = 3) -> nn.Module:
+    """A timm model with a fresh `num_classes`-way head.
+
+    init "imagenet": the backbone from `weights_file` when given, else timm's pretrained weights
+    for `spec.pretrained_name` (Hugging Face cache); a WeightsError says how to provide them.
+    init "random": timm's random initialisation, the only way to get one. The model carries
+    `model.camstudy_weights`, a `weights.WeightsReport` saying where its weights came from.
+    """
+    from training import weights  # weights.fetch_weights uses this module
+
+    kwargs = create_kwargs(spec, image_size=image_size, num_classes=num_classes, in_chans=in_chans)
+    if init == "random":
+        if weights_file is not None:
+            raise ConfigError(f"models.weights_files.{spec.name}: a weights file was given but models.init is "
+                              f"'random'; set models.init to 'imagenet' or remove the file entry")
+        model, report = timm.create_model(spec.timm_name, pretrained=False, **kwargs), weights.RANDOM
+    elif init == "imagenet" and weights_file is not None:
+        model, report = weights.from_file(spec.timm_name, weights_file, model_key=spec.name, **kwargs)
+    elif init == "imagenet":
+        model, report = weights.from_pretrained(spec.pretrained_name, model_key=spec.name, **kwargs)
+    else:
+        raise ConfigError(f"models.init: {init!r} is not valid; use 'imagenet' or 'random'")
+    model.camstudy_weights = report
+    return model
+
+
+def create_kwargs(spec: ModelSpec, *, image_size: int, num_classes: int = 2, in_chans: int = 3) -> dict:
+    """timm `create_model` keywords; models with a fixed input size (ViTs) get `img_size`, which
+    sizes their position embeddings (pretrained ones are resampled by timm's checkpoint filter)."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
+    if timm.get_pretrained_cfg(spec.timm_name, allow_unregistered=True).fixed_input_size:
+        kwargs["img_size"] = image_size
+    return kwargs
+
+
+def resolve_layer(model: nn.Module, dotted: str) -> nn.Module:
+    """The submodule at a dotted path such as "layer4.-1" or "blocks.-1.norm1"."""
+    module = model
+    for depth, part in enumerate(dotted.split(".")):
+        module = _child(module, part)
+        if module is None:
+            parent = ".".join(dotted.split(".")[:depth]) or "the model"
+            raise ConfigError(f"target layer {dotted!r} not found in {_describe(model)}: {parent} has no "
+                              f"child {part!r}")
+    return module
+
+
+def _child(module: nn.Module, part: str) -> Optional[nn.Module]:
+    if part in module._modules:
+        return module._modules[part]
+    if part.lstrip("-").isdigit() and isinstance(module, (nn.Sequential, nn.ModuleList)):
+        index = int(part)
+        return module[index] if -len(module) <= index < len(module) else None
+    return None
+
+
+def _describe(model: nn.Module) -> str:
+    architecture = getattr(model, "pretrained_cfg", {}).get("architecture")
+    return f"{architecture} ({type(model).__name__})" if architecture else type(model).__name__
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def parameter_count_millions(spec: ModelSpec, image_size: int = 224, num_classes: int = 2) -> float:
+    """Parameters of the 2-way model, in millions, counted on the meta device (no memory, ~0.1 s)."""
+    with torch.device("meta"):
+        model = timm.create_model(spec.timm_name, pretrained=False,
+                                  **create_kwargs(spec, image_size=image_size, num_classes=num_classes))
+    return parameter_count(model) / 1e6
