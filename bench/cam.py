@@ -36,7 +36,7 @@ from training import registry
 def main() -> None:
     args = _arguments()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"load average {_load()} at start")
     print(f"\n{'model':<10} {'forward':>9} {'ours':>9} {'library':>9} {'ours/fwd':>9} "
           f"{'ours/lib':>9} {'CPUs used':>10}   (images/s, batch {args.batch}, {args.size} px)")
@@ -58,8 +58,9 @@ def _bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, float],
 
     spec = registry.get(name)
     torch.manual_seed(0)
-    model = registry.build_model(spec, init="random", image_size=args.size).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    device = torch.device(args.device)
+    model = registry.build_model(spec, init="random", image_size=args.size).to(device).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     layer = registry.resolve_layer(model, spec.target_layer)
     reshape = (lambda t: cam.tokens_to_map(model, t)) if spec.token_reshape else None
 
@@ -72,8 +73,17 @@ def _bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, float],
             explainer(input_tensor=x, targets=[ClassifierOutputTarget(1)] * len(x))
 
     calls = {"forward": forward, "ours": lambda: cam.compute(model, spec, x, 1), "library": library}
+    if device.type == "cuda":  # time finished GPU work, not kernel launches
+        calls = {k: _synchronised(call) for k, call in calls.items()}
     seconds, cpus = _interleaved(calls, args.repeats)
     return {k: args.batch / s for k, s in seconds.items()}, cpus
+
+
+def _synchronised(call: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        call()
+        torch.cuda.synchronize()
+    return run
 
 
 def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], float]:
@@ -118,6 +128,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per model (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     return parser.parse_args()
 
 

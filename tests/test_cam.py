@@ -316,3 +316,16 @@ def test_rollout_rows_are_attention_weighted(vit_small):
     raw = cam._rollout(model, x)
     assert raw.shape == (2, 2, 2)
     assert (raw > 0).all() and (raw.sum(dim=(1, 2)) < 1).all()  # rollout rows are distributions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run bench/gpu_checks.sh on one)")
+@pytest.mark.parametrize("name", ["resnet18", "vgg16", "vit_small"])
+def test_cuda_cam_stays_on_the_gpu_and_equals_the_cpu_cam(name, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convs would differ by ~1e-3
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    spec, model = build(name)
+    x = images(spec, batch=4)
+    on_cpu = cam.compute(model, spec, x, 1)
+    on_gpu = cam.compute(model.cuda(), spec, x.cuda(), 1)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=0)
