@@ -102,7 +102,7 @@ def _rows_table(rows, spec, seed, method, heat: np.ndarray, scores: dict) -> pa.
     return table.append_column("heatmap", heatmaps)
 
 
-def extract_run(config, store, plan, actors: int, gpus_per_actor: float) -> Path:
+def extract_run(config, store, plan, actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0) -> Path:
     """Score one trained run into `cams/<model>-seed<k>/`; skip it when already complete."""
     import ray
 
@@ -121,7 +121,7 @@ def extract_run(config, store, plan, actors: int, gpus_per_actor: float) -> Path
             fn_constructor_kwargs={"config": config, "model_name": plan.spec.name, "seed": plan.seed,
                                    "run_dir": str(plan.run_dir), "cache_dir": str(store.cache_dir)},
             compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else 1)
+            num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else cpus_per_actor)
         dataset.write_parquet(str(tmp))
         (tmp / "_done.json").write_text(json.dumps({"fingerprint": plan.fingerprint, "rows": len(work)}))
     print(f"[explain] {plan.key}: {len(work)} heatmaps in {time.time() - started:.0f}s -> {out}")

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--contrast", type=float, default=0.5, help="lesion contrast in [0, 1] (default 0.5)")
     synth.add_argument("--positive-fraction", type=float, default=0.5)
+    synth.add_argument("--lesion-scale", type=float, default=1.0,
+                       help="multiply lesion areas (1 = the real SIIM distribution)")
     synth.set_defaults(handler=_synth)
 
     prepare = _stage(commands, "prepare", "build the manifest, split and preprocessing cache")
@@ -90,7 +92,7 @@ def _synth(args) -> int:
     from training.synth import generate
 
     summary = generate(args.out, n=args.n, size=args.size, seed=args.seed, contrast=args.contrast,
-                       positive_fraction=args.positive_fraction)
+                       positive_fraction=args.positive_fraction, lesion_scale=args.lesion_scale)
     print(summary)
     return 0
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
 
 from orchestrator import tracking
 from orchestrator.ray_setup import init_ray
@@ -43,13 +46,22 @@ def run_explain(config, force: bool = False) -> None:
     if force:
         _remove_runs(plans, lambda plan: store.cams_dir(plan.spec.name, plan.seed))
     layout = placement(config)
-    # one actor per GPU; on CPUs one actor with headroom left for Ray Data's read/write tasks
-    actors = layout["concurrency"] if layout["gpus"] else 1
+    finished = [plan for plan in plans if is_finished(plan)]
     for plan in plans:
-        if not is_finished(plan):
+        if plan not in finished:
             print(f"[explain] {plan.key}: no finished training run, skipped (see the train stage)")
-            continue
-        extract_run(config, store, plan, actors=actors, gpus_per_actor=layout["gpus"])
+    # GPU cluster: one pipeline at a time, one actor per GPU. CPU machine: pipelines side by side
+    # (their fixed start-up costs overlap), each with one actor on a fraction of a CPU, leaving
+    # headroom for Ray Data's read and write tasks.
+    if layout["gpus"]:
+        for plan in finished:
+            extract_run(config, store, plan, actors=layout["concurrency"], gpus_per_actor=layout["gpus"])
+        return
+    side_by_side = max(1, layout["concurrency"])
+    cpus = max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / side_by_side)
+    with ThreadPoolExecutor(side_by_side) as pool:
+        list(pool.map(lambda plan: extract_run(config, store, plan, actors=1, gpus_per_actor=0,
+                                               cpus_per_actor=cpus), finished))
 
 
 def run_analyze(config) -> str:

@@ -187,7 +187,10 @@ def train_stage(config, store: StudyStore) -> list[RunPlan]:
 
 
 def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[str, str]:
-    progress, pending, in_flight, failures = Queue(), list(todo), {}, {}
+    # biggest models first (longest-processing-time order): the last run to start is a short
+    # one, so the concurrency slots stay busy until the end instead of one long straggler
+    pending = sorted(todo, key=lambda plan: -registry.parameter_count_millions(plan.spec))
+    progress, in_flight, failures = Queue(), {}, {}
     started = time.time()
     while pending or in_flight:
         while pending and len(in_flight) < layout["concurrency"]:

@@ -69,3 +69,28 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path):
     assert not list(study.rglob(".*.tmp-*")), "a temporary output was left behind"
     assert (study / "analysis" / "report.html").is_file()
     assert "compare runs: mlflow ui --backend-store-uri sqlite:///" in second.stdout
+    _check_mlflow(study)
+
+
+PARAMS = {"model", "family", "depth", "params_millions", "seed", "optimizer", "lr", "epochs", "batch_size",
+          "image_size", "pretrained", "cam_layer"}
+
+
+def _check_mlflow(study: Path) -> None:
+    """One parent for the study, one FINISHED child per (model, seed) with the documented params."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("camstudy")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if run.data.tags.get("camstudy.role") == "parent"]
+    children = [run for run in runs if run.data.tags.get("camstudy.role") == "child"]
+    assert len(parents) == 1
+    assert sorted(run.info.run_name for run in children) == ["resnet18-seed0", "resnet34-seed0", "vit_small-seed0"]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert PARAMS <= set(child.data.params), PARAMS - set(child.data.params)
+        assert child.info.status == "FINISHED"
+        assert {"test_auc", "test_auc_lo", "test_auc_hi", "val_auc"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "val_auc")
+        assert [point.step for point in history] == list(range(1, len(history) + 1))

@@ -238,3 +238,16 @@ def test_reads_back_with_load_siim(dataset):
                  for text in rows.loc[rows["ImageId"] == image.image_id, " EncodedPixels"]]
         union = np.logical_or.reduce(parts)
         assert np.array_equal(rle.decode(image.mask_rle, image.height, image.width), union)
+
+
+def test_lesion_scale_enlarges_lesions_and_defaults_to_the_real_distribution():
+    def median_fraction(scale):
+        return np.median([render(LESION_SIZE, 3, i, positive=True, lesion_scale=scale).mask.mean()
+                          for i in range(12)])
+
+    real, enlarged = median_fraction(1.0), median_fraction(8.0)
+    assert 4 < enlarged / real < 12
+    assert np.array_equal(render(64, 3, 1, positive=True).pixels,
+                          render(64, 3, 1, positive=True, lesion_scale=1.0).pixels)
+    with pytest.raises(CamstudyError, match="lesion_scale"):
+        generate("/nonexistent-camstudy-test", n=10, size=64, lesion_scale=0)

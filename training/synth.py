@@ -139,13 +139,19 @@ class _Crescent:
 
 def generate(out: str | Path, n: int = 400, size: int = 256, seed: int = 0,
              positive_fraction: float = 0.5, contrast: float = 0.5, unlabelled: int = 3,
-             orphans: int = 2) -> SynthSummary:
+             orphans: int = 2, lesion_scale: float = 1.0) -> SynthSummary:
     """Write a synthetic dataset in the SIIM stage-1 layout under `out` and summarise it.
 
     `n` labelled images, `unlabelled` extra DICOMs without a label row, `orphans` label rows
-    without a DICOM. A folder that already holds the same dataset is left as it is.
+    without a DICOM. `lesion_scale` multiplies every lesion's area (1 = the real distribution;
+    larger makes lesions visible to networks at small image sizes, e.g. the 64-px demo).
+    A folder that already holds the same dataset is left as it is.
     """
     params = _validated_params(n, size, seed, positive_fraction, contrast, unlabelled, orphans)
+    if not 0 < lesion_scale <= 20:
+        raise CamstudyError(f"lesion_scale must be in (0, 20], got {lesion_scale!r}")
+    if lesion_scale != 1.0:  # recorded only when used, so existing datasets stay valid
+        params["lesion_scale"] = float(lesion_scale)
     out = Path(out)
     recorded = _recorded(out)
     if _is_complete(out, recorded, params):
@@ -154,7 +160,7 @@ def generate(out: str | Path, n: int = 400, size: int = 256, seed: int = 0,
     # written first and marked incomplete: a crash leaves a folder that the next run redoes
     write_text_atomic(out / PARAMS_FILE, json.dumps({"params": params, "complete": False}, indent=2))
     cases = _plan(n, seed, positive_fraction, unlabelled, orphans)
-    labels = {case.sop_uid: _write_case(out, case, size, seed, contrast) for case in cases}
+    labels = {case.sop_uid: _write_case(out, case, size, seed, contrast, lesion_scale) for case in cases}
     write_text_atomic(out / LABEL_FILE, _label_csv(cases, labels, seed))
     summary = _summarise(out, cases, labels)
     record = {"params": params, "complete": True, "summary": _summary_counts(summary)}
@@ -162,7 +168,8 @@ def generate(out: str | Path, n: int = 400, size: int = 256, seed: int = 0,
     return summary
 
 
-def render(size: int, seed: int, index: int, positive: bool, contrast: float = 0.5) -> Phantom:
+def render(size: int, seed: int, index: int, positive: bool, contrast: float = 0.5,
+           lesion_scale: float = 1.0) -> Phantom:
     """Draw image `index` of the dataset with `seed` at `size` x `size` pixels.
 
     Anatomy, pose, exposure and noise come from streams of their own, so the image is the same
@@ -174,7 +181,7 @@ def render(size: int, seed: int, index: int, positive: bool, contrast: float = 0
     anatomy = _sample_anatomy(anatomy_rng)
     u, v = _patient_frame(size, anatomy)
     lungs = [_lung_field(u, v, size, anatomy, side) for side in (-1, 1)]
-    regions = _sample_regions(lesion_rng, lungs, size) if positive else ()
+    regions = _sample_regions(lesion_rng, lungs, size, lesion_scale) if positive else ()
     attenuation = _anatomy_attenuation(u, v, size, anatomy, lungs, regions, contrast, anatomy_rng)
     pixels = _expose(attenuation, anatomy, noise_rng)
     return Phantom(pixels, tuple(mask for mask, _ in regions), lungs[0].inside | lungs[1].inside)
@@ -265,9 +272,9 @@ def _uids(image_number: int, stamp: int, counter: int) -> dict:
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _write_case(out: Path, case: _Case, size: int, seed: int, contrast: float) -> _Labels:
+def _write_case(out: Path, case: _Case, size: int, seed: int, contrast: float, lesion_scale: float) -> _Labels:
     """Write the case's DICOM (unless it is an orphan) and return its label rows."""
-    phantom = render(size, seed, case.index, case.positive, contrast)
+    phantom = render(size, seed, case.index, case.positive, contrast, lesion_scale)
     if case.role != "orphan":
         path = out / DICOM_DIR / case.study_uid / case.series_uid / f"{case.sop_uid}.dcm"
         write_jpeg_dicom(path, phantom.pixels, sop_uid=case.sop_uid, study_uid=case.study_uid,
@@ -481,23 +488,23 @@ def _expose(attenuation: np.ndarray, anatomy: dict, rng: np.random.Generator) ->
 # --- lesions ---------------------------------------------------------------------------------
 
 
-def _sample_regions(rng, lungs: list[_Lung], size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _sample_regions(rng, lungs: list[_Lung], size: int, scale: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """1-3 crescents as (mask, pleural-line) pairs; every mask has at least a few pixels."""
     count = 1 + int(rng.choice(3, p=_REGION_COUNT_P))
-    first = _sample_crescent(rng, size, lungs)
+    first = _sample_crescent(rng, size, lungs, scale=scale)
     crescents = [first]
     overlap = rng.random() < _OVERLAP_P
     for _ in range(count - 1):
-        crescents.append(_neighbour_crescent(rng, size, lungs, first, overlap))
-    return [_rasterise_or_retry(rng, size, lungs, crescent) for crescent in crescents]
+        crescents.append(_neighbour_crescent(rng, size, lungs, first, overlap, scale))
+    return [_rasterise_or_retry(rng, size, lungs, crescent, scale) for crescent in crescents]
 
 
-def _rasterise_or_retry(rng, size, lungs, crescent: _Crescent) -> tuple[np.ndarray, np.ndarray]:
+def _rasterise_or_retry(rng, size, lungs, crescent: _Crescent, scale: float) -> tuple[np.ndarray, np.ndarray]:
     for _ in range(20):
         mask, line = _rasterise(_lung_of(lungs, crescent.side), crescent, size)
         if mask.sum() >= _MIN_REGION_PIXELS:
             return mask, line
-        crescent = _sample_crescent(rng, size, lungs)  # clipped away by the dome or apex
+        crescent = _sample_crescent(rng, size, lungs, scale=scale)  # clipped away by the dome or apex
     raise CamstudyError(f"synth: size {size} px is too small to draw a lesion; use size >= 32")
 
 
@@ -506,13 +513,13 @@ def _lung_of(lungs: list[_Lung], side: int) -> _Lung:
 
 
 def _sample_crescent(rng, size: int, lungs: list[_Lung], side: int | None = None,
-                     centre: float | None = None) -> _Crescent:
+                     centre: float | None = None, scale: float = 1.0) -> _Crescent:
     if side is None:
         side = -1 if rng.random() < _RIGHT_LUNG_P else 1
     if centre is None:
         # mostly apical to upper-lateral rim, a third lower lateral / costophrenic
         centre = rng.normal(0.25, 0.45) if rng.random() < 0.65 else rng.uniform(0.8, 2.4)
-    fraction = _sample_fraction(rng, size)
+    fraction = min(_sample_fraction(rng, size) * scale, 0.3)
     disc_area = float((_lung_of(lungs, side).rho < 1).mean())  # image fraction, pose included
     half_arc, depth = _crescent_shape(fraction / disc_area, rng)
     return _Crescent(side, float(np.clip(centre, -0.6, 2.2)), half_arc, depth)
@@ -550,16 +557,16 @@ def _taper_integrals() -> tuple[float, float]:
 _TAPER_INTEGRALS = _taper_integrals()
 
 
-def _neighbour_crescent(rng, size, lungs, first: _Crescent, overlap: bool) -> _Crescent:
+def _neighbour_crescent(rng, size, lungs, first: _Crescent, overlap: bool, scale: float) -> _Crescent:
     """Another region: on the same arc partly overlapping `first`, or clear of it."""
     sign = rng.choice([-1, 1])
     if overlap:
-        candidate = _sample_crescent(rng, size, lungs, first.side, first.centre)
+        candidate = _sample_crescent(rng, size, lungs, first.side, first.centre, scale)
         gap = rng.uniform(0.2, 0.7) * (first.half_arc + candidate.half_arc)
         return _Crescent(first.side, first.centre + sign * gap, candidate.half_arc, candidate.depth)
     if rng.random() < 0.5:
-        return _sample_crescent(rng, size, lungs, -first.side)
-    candidate = _sample_crescent(rng, size, lungs, first.side, first.centre)
+        return _sample_crescent(rng, size, lungs, -first.side, scale=scale)
+    candidate = _sample_crescent(rng, size, lungs, first.side, first.centre, scale)
     gap = first.half_arc + candidate.half_arc + rng.uniform(0.15, 0.5)
     return _Crescent(first.side, first.centre + sign * gap, candidate.half_arc, candidate.depth)
 
