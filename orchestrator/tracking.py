@@ -64,11 +64,13 @@ class StudyTracker:
                                      tags={STUDY_TAG: self.study, ROLE_TAG: "parent"})
         return run.info.run_id
 
-    def child_run(self, run_key: str, params: dict[str, Any]) -> str:
-        """The child run for `run_key` (e.g. "resnet18-seed0"); a resumed run continues its own."""
+    def child_run(self, run_key: str, params: dict[str, Any], resume: bool = True) -> str:
+        """The child run for `run_key` (e.g. "resnet18-seed0"); a resumed run continues its own
+        (marked RUNNING again when `resume`)."""
         found = self._find(f"tags.`{RUN_KEY_TAG}` = '{run_key}'")
         if found:
-            self.client.update_run(found, status="RUNNING")
+            if resume:
+                self.client.update_run(found, status="RUNNING")
             return found
         parent = self.parent_run()
         run = self.client.create_run(self.experiment_id, run_name=run_key, tags={

@@ -170,12 +170,13 @@ def train_stage(config, store: StudyStore) -> list[RunPlan]:
     """Train every (model, seed) not yet finished; return the plans. Raises if any run failed."""
     plans = plan_runs(config, store)
     todo = [plan for plan in plans if not is_finished(plan)]
+    tracker = tracking.StudyTracker(config)
     for plan in plans:
         if plan not in todo:
             print(f"[train] {plan.key}: finished earlier, skipped")
+            _reconcile_child(config, store, tracker, plan)
     if not todo:
         return plans
-    tracker = tracking.StudyTracker(config)
     layout = placement(config)
     print(f"[train] {len(todo)} run(s), up to {layout['concurrency']} at once, "
           f"{layout['workers']} worker(s) x {layout['resources']} each")
@@ -220,6 +221,15 @@ def _print_progress(progress: Queue, started: float) -> None:
         numbers = " ".join(f"{k}={v:.4g}" for k, v in report.items()
                            if k != "epoch" and isinstance(v, (int, float)))
         print(f"[train {time.time() - started:6.0f}s] {key} epoch {report['epoch']}: {numbers}", flush=True)
+
+
+def _reconcile_child(config, store, tracker, plan: RunPlan) -> None:
+    """A run that finished while the driver died (done.json written, MLflow child never closed)
+    gets its final metrics and FINISHED status now; a closed child is left as it is."""
+    run_id = tracker.child_run(plan.key, child_params(config, plan), resume=False)
+    if tracker.client.get_run(run_id).info.status != "FINISHED":
+        tracker.client.log_artifact(run_id, str(store.config_path))
+        _close_child(tracker.client, run_id, plan, None)
 
 
 def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
