@@ -1,6 +1,6 @@
 """CAM extraction: the Ray Data pipeline vs a plain loop over the same images, in one run.
 
-    python bench/explain.py [--config configs/demo.yaml] [--model resnet18] [--seed 0]
+    python bench/extraction.py [--config configs/demo.yaml] [--model resnet18] [--seed 0]
 
 Needs a study whose train stage finished for that model (e.g. after `make demo`). Both paths
 use the same `CamScorer` (checkpoint loaded once, trained + randomised copy, every metric); the
