@@ -228,8 +228,18 @@ def _reconcile_child(config, store, tracker, plan: RunPlan) -> None:
     gets its final metrics and FINISHED status now; a closed child is left as it is."""
     run_id = tracker.child_run(plan.key, child_params(config, plan), resume=False)
     if tracker.client.get_run(run_id).info.status != "FINISHED":
+        _log_missing_epochs(tracker.client, run_id, plan)
         tracker.client.log_artifact(run_id, str(store.config_path))
         _close_child(tracker.client, run_id, plan, None)
+
+
+def _log_missing_epochs(client, run_id: str, plan: RunPlan) -> None:
+    """Epochs whose report had not reached MLflow when the driver died, from done.json's history."""
+    logged = {point.step for point in client.get_metric_history(run_id, "val_auc")}
+    for epoch in json.loads((plan.run_dir / DONE).read_text())["history"]:
+        if epoch["epoch"] not in logged:
+            tracking.log_metrics(client, run_id, {k: v for k, v in epoch.items() if k != "epoch"},
+                                 step=epoch["epoch"])
 
 
 def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
