@@ -27,8 +27,9 @@ def forced_stages(force: str | None) -> tuple[str, ...]:
     return STAGES[STAGES.index(force):] if force else ()
 
 
-def run_train(config, force: bool = False) -> list[RunPlan]:
-    store = prepare_stage(config)
+def run_train(config, force: bool = False, store: StudyStore | None = None) -> list[RunPlan]:
+    """Train (after making sure the data is prepared, unless the caller just did)."""
+    store = store or prepare_stage(config)
     init_ray(config)
     if force:
         _remove_runs(plan_runs(config, store), lambda plan: plan.run_dir)
@@ -77,12 +78,14 @@ def run_study(config, force: str | None = None) -> str:
     """All four stages; prints the wall time of each, the report path and the MLflow UI command."""
     forced, timings = forced_stages(force), {}
     started = time.time()
-    prepare_stage(config, force="prepare" in forced)
+    store = prepare_stage(config, force="prepare" in forced)
     timings["prepare"] = time.time() - started
-    for name, stage in (("train", run_train), ("explain", run_explain)):
-        began = time.time()
-        stage(config, force=name in forced)
-        timings[name] = time.time() - began
+    began = time.time()
+    run_train(config, force="train" in forced, store=store)
+    timings["train"] = time.time() - began
+    began = time.time()
+    run_explain(config, force="explain" in forced)
+    timings["explain"] = time.time() - began
     began = time.time()
     report = run_analyze(config)
     timings["analyze"] = time.time() - began
