@@ -38,6 +38,7 @@ MANIFEST_COLUMNS = ["image_id", "split", "label", "mask_rle", "mask_fraction", "
                     "width", "content_hash"]
 QUANTILES = (0.05, 0.25, 0.50, 0.75, 0.95)
 BATCH_SIZE = 16  # images per Ray Data block and batch: ~1.6 MB of 224-px float16 output
+BLOCKS_PER_TASK = 4  # Ray Data blocks per task slot: few, long tasks with a short tail
 Workers = Union[int, Literal["auto"]]
 
 # random streams of one seed (never reorder: a stream's number fixes its draws)
@@ -301,24 +302,53 @@ def _map_ray(rows: pd.DataFrame, fn: Callable, workers: Workers, label: str, fn_
     # a worker's DataError should reach the driver as itself, not wrapped in UserCodeException
     context.raise_original_map_exception = True
     parallel = int(ray.cluster_resources().get("CPU", 1)) if workers == "auto" else int(workers)
-    # one DataFrame would be one block, hence one task: cut at least 4 blocks per task so the
-    # tasks share the work evenly, and at most BATCH_SIZE rows per block
-    step = max(1, min(BATCH_SIZE, -(-len(rows) // (4 * parallel))))
+    step = _block_rows(len(rows), parallel)
     blocks = [rows.iloc[i:i + step] for i in range(0, len(rows), step)]
     compute = None if workers == "auto" else ray.data.TaskPoolStrategy(size=parallel)
-    dataset = ray.data.from_pandas(blocks).map_batches(
-        _single_threaded, batch_size=step, batch_format="pandas", compute=compute,
-        fn_args=(fn,), fn_kwargs=fn_kwargs)
     parts, progress = [], _Progress(label, len(rows), show=not context.enable_progress_bars)
     try:
-        for part in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            parts.append(part)
-            progress.advance(len(part["image_id"]))
+        with _without_budget_backpressure(context):  # a Dataset copies the context it is made in
+            dataset = ray.data.from_pandas(blocks).map_batches(
+                _single_threaded, batch_size=min(step, BATCH_SIZE), batch_format="pandas",
+                compute=compute, fn_args=(fn,), fn_kwargs=fn_kwargs)
+            for part in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                parts.append(part)
+                progress.advance(len(part["image_id"]))
         return parts
     except RayTaskError as error:
         if isinstance(error.cause, CamstudyError):
             raise error.cause from None  # its message names the file and the remedy
         raise
+
+
+@contextlib.contextmanager
+def _without_budget_backpressure(context: Any) -> Iterator[None]:
+    """Run Ray Data without its object-store budget policy (the other policies stay).
+
+    Measured on 2 CPUs (bench/prepare.py): that policy delays the second task by ~1 s and each
+    later task by ~0.2 s while it estimates output sizes, a third of the wall time of a
+    preprocessing pass. The budget guards the object store against outputs piling up; here
+    the driver takes every output as it arrives and at most one task per CPU is in flight.
+    """
+    from ray.data._internal.execution import backpressure_policy as policies
+
+    key = policies.ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY
+    before = context.get_config(key, policies.ENABLED_BACKPRESSURE_POLICIES)
+    context.set_config(key, [p for p in before if p is not policies.ResourceBudgetBackpressurePolicy])
+    try:
+        yield
+    finally:
+        context.set_config(key, before)
+
+
+def _block_rows(n_rows: int, parallel: int) -> int:
+    """Rows per Ray Data block, hence per task: BLOCKS_PER_TASK blocks for each task slot.
+
+    Every task start costs scheduling and argument transfer, so tasks are few and long; a task still works through its
+    block BATCH_SIZE rows at a time and streams each batch's output to the driver. A few blocks
+    per slot keep the tail short when one block runs slower than another.
+    """
+    return max(1, -(-n_rows // (BLOCKS_PER_TASK * parallel)))
 
 
 def _single_threaded(batch: pd.DataFrame, fn: Callable, **kwargs: Any) -> dict[str, np.ndarray]:
