@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from training.errors import ConfigError
+from training.full_kernel_conv import use_full_kernel_convs
 from training.recipes import Recipe
 
 
@@ -140,6 +141,7 @@ def build_model(spec: ModelSpec, *, init: str, image_size: int, weights_file: Op
         model, report = weights.from_pretrained(spec.pretrained_name, model_key=spec.name, **kwargs)
     else:
         raise ConfigError(f"models.init: {init!r} is not valid; use 'imagenet' or 'random'")
+    use_full_kernel_convs(model)  # VGG's convolutional classifier as matrix products on the CPU
     model.camstudy_weights = report
     return model
 
