@@ -225,7 +225,7 @@ class ResourcesConfig:
     """How work is placed on the Ray cluster."""
 
     gpus_per_run: Union[float, Literal["auto"]] = "auto"  # auto: 1 when the cluster has GPUs, else 0
-    workers_per_run: int = 1  # >1 = DDP inside one run
+    workers_per_run: int = 1  # >1 = DDP inside one run: training.batch_size is split across the workers
     cpus_per_worker: float = 1.0
     max_concurrent_runs: Union[int, Literal["auto"]] = "auto"  # auto: GPUs, or what the CPUs fit
     # Ray Data tasks in flight for preprocessing; auto: as many as the CPUs; 0: no Ray, a plain
@@ -237,10 +237,8 @@ class ResourcesConfig:
     model_resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self):
-        # Ray Train would start the workers, but the loop does not yet shard batches per rank or
-        # wrap the model in DDP, so more than one worker would train N copies on the same data
-        _check(self.workers_per_run == 1, "resources.workers_per_run", self.workers_per_run,
-               "1 (multi-worker DDP per run is not supported yet; runs already spread across GPUs)")
+        _check(self.workers_per_run >= 1, "resources.workers_per_run", self.workers_per_run,
+               "an integer >= 1 (1 = one process per run; k > 1 = DDP across k Ray Train workers)")
         if isinstance(self.prepare_actors, int):
             _check(self.prepare_actors >= 0, "resources.prepare_actors", self.prepare_actors,
                    "an integer >= 0 (0 = no Ray, an in-process loop) or 'auto'")
@@ -268,6 +266,12 @@ class StudyConfig:
     def __post_init__(self):
         _check(self.study.replace("-", "").replace("_", "").isalnum(), "study", self.study,
                "a name of letters, digits, '-' and '_' (it becomes a folder name)")
+        workers = self.resources.workers_per_run
+        # the global batch stays training.batch_size whatever the worker count (comparable runs),
+        # so it must split evenly into one equal share per worker
+        _check(self.training.batch_size % workers == 0, "training.batch_size", self.training.batch_size,
+               f"a multiple of resources.workers_per_run ({workers}): each worker trains on "
+               f"batch_size / workers_per_run images of every batch")
         for name, extra in self.models.extra.items():
             _check(extra.family in self.recipes, f"models.extra.{name}.family", extra.family,
                    f"one of the recipe families {sorted(self.recipes)}")

@@ -75,7 +75,8 @@ def child_params(config, plan: RunPlan) -> dict[str, Any]:
         "batch_size": config.training.batch_size, "image_size": config.preprocess.image_size,
         "pretrained": config.models.init, "cam_layer": plan.spec.target_layer,
         "timm_name": plan.spec.timm_name, "selection": config.training.selection,
-        "threshold": config.training.threshold, "fingerprint": plan.fingerprint,
+        "threshold": config.training.threshold, "workers_per_run": config.resources.workers_per_run,
+        "fingerprint": plan.fingerprint,
     }
 
 
@@ -99,6 +100,7 @@ class EpochLogger(ray.train.UserCallback):
 def _train_worker(loop_config: dict) -> None:
     """Body of every Ray Train worker: the plain-PyTorch loop, reporting through Ray."""
     import torch
+    from ray.train.torch import get_device
 
     from training.loop import train_run
 
@@ -108,7 +110,8 @@ def _train_worker(loop_config: dict) -> None:
     train_run(spec, registry.recipe_for(spec, config.recipes), config, loop_config["cache_dir"],
               Path(loop_config["run_dir"]), loop_config["seed"],
               report=lambda epoch, metrics: ray.train.report({"epoch": epoch, **metrics}),
-              fingerprint=loop_config["fingerprint"])
+              # Ray's pick of this worker's GPU (its index among the visible ones need not be LOCAL_RANK)
+              device=get_device(), fingerprint=loop_config["fingerprint"])
 
 
 @ray.remote(num_cpus=0)

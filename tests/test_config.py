@@ -106,3 +106,15 @@ def test_dumped_config_loads_back_to_the_same_config(tmp_path):
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(dump_config(config))
     assert load_config(dumped) == config
+
+
+def test_ddp_workers_are_accepted_when_they_split_the_batch_evenly():
+    config = load_config(DEMO, {"resources.workers_per_run": 2, "training.batch_size": 32})
+    assert config.resources.workers_per_run == 2
+    with pytest.raises(ConfigError) as caught:
+        load_config(DEMO, {"resources.workers_per_run": 3, "training.batch_size": 32})
+    message = str(caught.value)
+    assert ": training.batch_size: 32 is not valid" in message
+    assert "a multiple of resources.workers_per_run (3)" in message
+    with pytest.raises(ConfigError, match=r"resources\.workers_per_run: 0 is not valid; use an integer >= 1"):
+        load_config(DEMO, {"resources.workers_per_run": 0})

@@ -1,8 +1,4 @@
-"""The training loop on a tiny synthetic cache, and the batched augmentation it uses.
-
-The cache: 32x32 z-scored noise; positives carry a bright disc (the "lesion"), so a ResNet-18
-from scratch separates the classes within three short epochs.
-"""
+"""The training loop on the tiny synthetic cache (tests/conftest.py), and the batched augmentation it uses."""
 
 import dataclasses
 import json
@@ -14,38 +10,17 @@ import pytest
 import torch
 
 from orchestrator.config import AugmentConfig, ModelsConfig, PreprocessConfig, StudyConfig, TrainingConfig
+from tests.conftest import TINY_SIZE as SIZE, TINY_SPLITS as SPLITS
 from training import augment, loop, registry
-from training.cache import write_cache
 from training.errors import TrainingError
 from training.recipes import Recipe
 
-SIZE = 32
 RECIPE = Recipe("adam", 1e-3, 3)
-SPLITS = {"train": 96, "val": 32, "test": 32}
-
-
-def make_cache(path, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    split = np.concatenate([[name] * n for name, n in SPLITS.items()])
-    labels = np.arange(len(split)) % 2
-    images = rng.normal(0, 1, (len(split), SIZE, SIZE)).astype(np.float32)
-    masks = np.zeros(images.shape, np.uint8)
-    rows, cols = np.mgrid[:SIZE, :SIZE]
-    for i in np.flatnonzero(labels):
-        centre = rng.integers(SIZE // 4, 3 * SIZE // 4, 2)
-        disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= (SIZE / 6) ** 2
-        images[i][disc] += 3.0
-        masks[i][disc] = 1
-    index = pd.DataFrame({"image_id": [f"img{i:03d}" for i in range(len(split))], "split": split,
-                          "label": labels, "mask_fraction": masks.mean(axis=(1, 2))})
-    write_cache(path, index, images, masks)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache") / "cache"
-    make_cache(path)
-    return path
+def cache(tiny_cache):
+    return tiny_cache
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,15 @@ callback that calls `ray.train.report`. The run directory afterwards holds:
     done.json              written last: a rerun returns it without training
 
 Calling `train_run` again after a crash resumes after the last finished epoch; generator states
-are checkpointed too, so on CPU the resumed run equals an uninterrupted one. Model and optimizer
-creation, the epoch and the evaluation are separate functions so DDP can wrap them.
+are checkpointed too, so on CPU the resumed run equals an uninterrupted one.
+
+Inside a torch.distributed group of k > 1 processes (Ray Train's `TorchTrainer` with
+`resources.workers_per_run: k`) the run is data-parallel: the model is wrapped in
+DistributedDataParallel, every rank draws the same shuffled order and trains on its interleaved
+k-th of each global batch of `training.batch_size` images with its own augmentation draws, the
+reported train loss is the mean over all ranks, and every rank validates on the whole split (so
+all select the same epoch). Rank 0 alone writes files; the others wait at a barrier after each
+epoch and at the end. Run and cache folders must be shared by all ranks' machines.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +39,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from training import augment, registry
 from training.atomic import write_atomic, write_text_atomic
@@ -71,6 +81,45 @@ class Split:
     labels: torch.Tensor  # int64 (N,)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a DDP group: rank 0 of 1 when it trains alone."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's interleaved share of a global batch."""
+        return index[self.rank::self.world] if self.distributed else index
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """`value` from every rank, in rank order."""
+        if not self.distributed:
+            return [value]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+
+def current_ranks() -> Ranks:
+    """The torch.distributed group this process belongs to (Ray Train initialises it), if any."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
 @dataclass
 class RunState:
     """Everything a checkpoint restores."""
@@ -84,6 +133,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_score: float = -math.inf
+    ranks: Ranks = field(default_factory=Ranks)
 
 
 def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Path, run_dir: str | Path,
@@ -98,24 +148,54 @@ def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Pat
     fingerprint = fingerprint or run_fingerprint(spec, recipe, config, seed)
     if (run_dir / DONE).is_file():
         return _result(_read_json(run_dir / DONE, fingerprint, run_dir), resumed_from=recipe.epochs + 1, skipped=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = current_ranks()
+    _check_world(ranks, config)
+    device = _device(device, ranks)
     if device.type == "cuda":  # fixed input size: autotuned convolutions, +15-55% on an H100
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)  # model init (random head) and dropout
     data = {name: load_device_split(cache_dir, name, device) for name in ("train", "val", "test")}
-    state = _start(spec, recipe, config, run_dir, seed, device, fingerprint)
+    state = _start(spec, recipe, config, run_dir, seed, device, fingerprint, ranks)
     resumed_from = state.epoch + 1
     for epoch in range(resumed_from, recipe.epochs + 1):
         metrics = run_epoch(state, data, spec, config, epoch, seed, device)
-        _select(state, metrics, config.training.selection, run_dir)
+        _select(state, metrics, config.training.selection, run_dir, write=ranks.writes)
         save_checkpoint(run_dir / CHECKPOINT, state, fingerprint)
+        ranks.barrier()  # no rank starts the next epoch (or may be killed) before the checkpoint exists
         if report is not None:
-            report(epoch, metrics)
-    summary = _finish(state, data, spec, config, run_dir, seed, device, fingerprint)
+            report(epoch, metrics)  # every rank: Ray Train waits for a report from each worker
+    summary = _finish(state, data, spec, config, run_dir, seed, device, fingerprint) if ranks.writes else None
+    ranks.barrier()  # done.json is written
+    summary = summary or _read_json(run_dir / DONE, fingerprint, run_dir)
     return _result(summary, resumed_from=resumed_from)
 
 
 # --------------------------------------------------------------------------- building blocks
+
+
+def _check_world(ranks: Ranks, config: Any) -> None:
+    """The fingerprint counts workers from the config, so the config must match the group."""
+    if ranks.world != config.resources.workers_per_run:
+        raise TrainingError(f"resources.workers_per_run is {config.resources.workers_per_run} but this run has "
+                            f"{ranks.world} process(es) in its torch.distributed group; start it through "
+                            f"`camstudy train` (Ray Train starts one process per worker) or fix the config")
+
+
+def _device(requested: Optional[str | torch.device], ranks: Ranks) -> torch.device:
+    """The requested device, else CUDA when present; under DDP each rank needs its own GPU index."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and ranks.distributed:
+        if device.index is None:  # torchrun-style: LOCAL_RANK; Ray Train passes get_device() instead
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) use the current device
+    return device
+
+
+def wrap_ddp(model: nn.Module, ranks: Ranks, device: torch.device) -> nn.Module:
+    """DDP across the group (it broadcasts rank 0's weights now and averages gradients in backward)."""
+    if not ranks.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def make_model(spec: ModelSpec, config: Any, device: torch.device, *, pretrained: bool = True) -> nn.Module:
@@ -165,8 +245,9 @@ def train_epoch(state: RunState, split: Split, config: Any, channels_last: bool,
     """One pass over the shuffled training split: (mean loss, images seen); one device sync, at the end."""
     state.model.train()
     total, count = torch.zeros((), device=device), 0
+    # every rank draws the same global order from the same generator and takes its share of each batch
     for index in batch_indices(len(split.labels), config.training.batch_size, state.shuffle, drop_last=True):
-        index = index.to(device)
+        index = state.ranks.shard(index).to(device)
         images = augment.augment(split.images[index].float(), config.augment, state.augment)
         x = prepare_input(images, config.preprocess.channels, channels_last)
         with _autocast(config, device):
@@ -176,7 +257,24 @@ def train_epoch(state: RunState, split: Split, config: Any, channels_last: bool,
         state.optimizer.step()
         total += loss.detach() * len(index)
         count += len(index)
+    if state.ranks.distributed:
+        _broadcast_buffers(state.model)
+        return _global_mean(total, count)
     return (total / count).item(), count
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm running statistics to every rank: each rank's last forward updated its own
+    from its own images (DDP syncs buffers only before a forward), and all must validate one model."""
+    for buffer in _unwrap(model).buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _global_mean(total: torch.Tensor, count: int) -> tuple[float, int]:
+    """(mean loss, images) over every rank, so the reported loss does not depend on the rank."""
+    summed = torch.stack([total, total.new_tensor(float(count))])
+    dist.all_reduce(summed)
+    return (summed[0] / summed[1]).item(), int(summed[1].item())
 
 
 def evaluate(model: nn.Module, split: Split, config: Any, channels_last: bool,
@@ -204,7 +302,8 @@ def run_epoch(state: RunState, data: dict[str, Split], spec: ModelSpec, config: 
     train_loss, trained = train_epoch(state, data["train"], config, channels_last, device)
     seconds = time.perf_counter() - start
     _check_finite(train_loss, "training", spec, seed, epoch)
-    val_loss, probabilities = evaluate(state.model, data["val"], config, channels_last, device)
+    # the bare module: a DDP forward would sync buffers, and every rank validates the whole split
+    val_loss, probabilities = evaluate(_unwrap(state.model), data["val"], config, channels_last, device)
     _check_finite(val_loss, "validation", spec, seed, epoch)
     labels = data["val"].labels.cpu().numpy()
     metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": auc(labels, probabilities),
@@ -222,8 +321,8 @@ def _check_finite(loss: float, phase: str, spec: ModelSpec, seed: int, epoch: in
                             f"diverged. Lower recipes.{spec.family}.lr or check the cache for bad images")
 
 
-def _select(state: RunState, metrics: dict, selection: str, run_dir: Path) -> None:
-    """Keep the epoch chosen by `training.selection`; its weights go to best-eNNNN.pt."""
+def _select(state: RunState, metrics: dict, selection: str, run_dir: Path, write: bool = True) -> None:
+    """Keep the epoch chosen by `training.selection`; its weights go to best-eNNNN.pt when `write`."""
     score = {"val_auc": metrics["val_auc"], "val_loss": -metrics["val_loss"], "last": metrics["epoch"]}[selection]
     if math.isnan(score):  # finite losses leave only one cause: a validation split of one class
         raise TrainingError(f"training.selection {selection}: the validation AUC is undefined (the validation "
@@ -231,7 +330,7 @@ def _select(state: RunState, metrics: dict, selection: str, run_dir: Path) -> No
     if score > state.best_score:
         state.best_epoch, state.best_score = metrics["epoch"], score
     metrics["best_epoch"] = state.best_epoch
-    if state.best_epoch == metrics["epoch"] and selection != "last":
+    if write and state.best_epoch == metrics["epoch"] and selection != "last":
         write_atomic(_best_path(run_dir, state.epoch), lambda tmp: torch.save(_state_dict(state.model), tmp))
 
 
@@ -239,13 +338,14 @@ def _select(state: RunState, metrics: dict, selection: str, run_dir: Path) -> No
 
 
 def save_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
+    """Called on every rank (the RNG states are gathered); rank 0 writes."""
+    rng = _rng_states(state)
+    if not state.ranks.writes:
+        return
     checkpoint = {
         "fingerprint": fingerprint, "epoch": state.epoch, "history": state.history, "weights": state.weights,
-        "best_epoch": state.best_epoch, "best_score": state.best_score,
-        "model": _state_dict(state.model), "optimizer": state.optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "shuffle": state.shuffle.get_state(),
-                "augment": state.augment.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "best_epoch": state.best_epoch, "best_score": state.best_score, "world_size": state.ranks.world,
+        "model": _state_dict(state.model), "optimizer": state.optimizer.state_dict(), "rng": rng,
     }
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
     for stale in path.parent.glob("best-e*.pt"):  # best files of earlier or crashed epochs
@@ -255,6 +355,11 @@ def save_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
 
 def load_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    written_by = checkpoint.get("world_size", 1)
+    if written_by != state.ranks.world:  # before the fingerprint, which differs too: say what differs
+        raise TrainingError(f"{path}: the checkpoint was written by a run with {written_by} worker(s), this run has "
+                            f"{state.ranks.world}; set resources.workers_per_run: {written_by} to resume it, or "
+                            f"delete {path.parent} (or rerun the stage with --force) to start over")
     if checkpoint["fingerprint"] != fingerprint:
         raise TrainingError(f"{path}: the checkpoint was written with other settings (model, recipe, seed, "
                             f"data or training config); delete {path.parent} or rerun the stage with --force")
@@ -262,26 +367,51 @@ def load_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.epoch, state.history, state.weights = checkpoint["epoch"], checkpoint["history"], checkpoint["weights"]
     state.best_epoch, state.best_score = checkpoint["best_epoch"], checkpoint["best_score"]
-    rng = checkpoint["rng"]
+    _set_rng_states(state, checkpoint["rng"])
+
+
+def _rng_states(state: RunState) -> dict:
+    """Generator states. The torch and shuffle ones are the same on every rank; under DDP the
+    augmentation and CUDA ones are lists in rank order (each rank draws its own, on its own GPU)."""
+    shared = {"torch": torch.get_rng_state(), "shuffle": state.shuffle.get_state()}
+    if not state.ranks.distributed:
+        return {**shared, "augment": state.augment.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    own = (state.augment.get_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    gathered = state.ranks.gather(own)  # a collective: every rank calls save_checkpoint
+    return {**shared, "augment": [augment for augment, _ in gathered], "cuda": [cuda for _, cuda in gathered]}
+
+
+def _set_rng_states(state: RunState, rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     state.shuffle.set_state(rng["shuffle"])
-    state.augment.set_state(rng["augment"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if not state.ranks.distributed:
+        state.augment.set_state(rng["augment"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return
+    state.augment.set_state(rng["augment"][state.ranks.rank])
+    cuda = rng["cuda"][state.ranks.rank]
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # the current device: this rank's GPU
 
 
 def _start(spec: ModelSpec, recipe: Recipe, config: Any, run_dir: Path, seed: int, device: torch.device,
-           fingerprint: str) -> RunState:
-    """A fresh run state, or the one the run directory's checkpoint holds."""
+           fingerprint: str, ranks: Ranks = Ranks()) -> RunState:
+    """A fresh run state, or the one the run directory's checkpoint holds; DDP-wrapped in a group."""
     resume = (run_dir / CHECKPOINT).is_file()
     model = make_model(spec, config, device, pretrained=not resume)
     shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
+    if ranks.distributed:  # ranks agree on the batch order but draw different augmentations
+        augment_seed = np.random.SeedSequence([seed, ranks.rank]).generate_state(1)[0]
     state = RunState(model, make_optimizer(model, recipe),
                      torch.Generator().manual_seed(int(shuffle_seed)),
                      torch.Generator(device=device).manual_seed(int(augment_seed)),
-                     weights=model.camstudy_weights.source)
-    if resume:
+                     weights=model.camstudy_weights.source, ranks=ranks)
+    if resume:  # every rank loads before wrapping, so DDP's broadcast of rank 0's weights changes nothing
         load_checkpoint(run_dir / CHECKPOINT, state, fingerprint)
+    # the optimizer holds the same Parameter objects, so wrapping after creating it is fine
+    state.model = wrap_ddp(model, ranks, device)
     return state
 
 
@@ -298,7 +428,8 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
     if state.best_epoch != state.epoch:
         best = torch.load(_best_path(run_dir, state.best_epoch), map_location="cpu", weights_only=True)
         _unwrap(state.model).load_state_dict(best)
-    _, probabilities = evaluate(state.model, data["test"], config, _channels_last(spec, config, device), device)
+    _, probabilities = evaluate(_unwrap(state.model), data["test"], config, _channels_last(spec, config, device),
+                                device)
     labels = data["test"].labels.cpu().numpy()
     _write_predictions(run_dir / PREDICTIONS, data["test"].image_ids, labels, probabilities)
     metrics = {"model": spec.name, "seed": seed, "best_epoch": state.best_epoch,
@@ -371,6 +502,8 @@ def run_fingerprint(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> 
                          if key not in ("root", "labels")},  # paths may differ between machines
                 "split": dataclasses.asdict(config.split), "batch_size": training.batch_size,
                 "selection": training.selection, "threshold": training.threshold, "amp": training.amp}
+    if config.resources.workers_per_run > 1:  # only then: single-worker fingerprints stay as they were
+        relevant["workers_per_run"] = config.resources.workers_per_run
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
