@@ -27,8 +27,6 @@ NaN values are never dropped here; the caller counts them.
 
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -407,41 +405,14 @@ def _config(cfg: Any) -> dict[str, Any]:
     return {k: v if cfg is None else getattr(cfg, k, v) for k, v in _DEFAULTS.items()}
 
 
-def score_batch(h: Any, m: Any, cfg: Any = None, threads: int | None = None) -> dict[str, np.ndarray]:
+def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
     """Every column of COLUMNS for a batch: float64 arrays (B,), `cam_all_zero` bool (B,).
 
     cfg: a MetricsConfig (ehr_thresholds, inputiba_min_heat, inputiba_quantiles, inputiba_cap)
     or None for the STUDY.md defaults. f = |M| / |image| (the EHR chance level's scale) is the
     caller's `mask_fraction` column; at the scoring resolution it is `mask_fraction(m)`.
-    threads: images are independent, so the batch is cut into that many parts scored side by
-    side (NumPy's sorts and reductions release the GIL); default torch's intra-op thread count,
-    which a Ray worker sets to its CPU share. The result does not depend on it.
     """
-    h, m = _heat(h), _mask(m)
-    parts = min(len(h), threads or _torch_threads())
-    if parts <= 1:
-        return _score_rows(h, m, _config(cfg))
-    pool = _pool(parts)
-    chunks = np.array_split(np.arange(len(h)), parts)
-    scored = list(pool.map(lambda rows: _score_rows(h[rows], m[rows], _config(cfg)), chunks))
-    return {key: np.concatenate([part[key] for part in scored]) for key in scored[0]}
-
-
-def _torch_threads() -> int:
-    try:
-        import torch
-    except ImportError:  # the metrics need NumPy alone
-        return 1
-    return torch.get_num_threads()
-
-
-@functools.lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="camstudy-metrics")
-
-
-def _score_rows(h: np.ndarray, m: np.ndarray, c: dict[str, Any]) -> dict[str, np.ndarray]:
-    r = _rank(h, m)
+    c, r = _config(cfg), _rank(h, m)
     n, f = c["ehr_thresholds"], r.mask_fraction
     i_iba, kept = _inputiba_query(r, c["inputiba_min_heat"], c["inputiba_quantiles"], c["inputiba_cap"])
     total, s_ehr, s_iba, top, fg = r.suffixes(

@@ -261,14 +261,6 @@ def test_score_batch_matches_functions_and_config():
         s["ehr_auc_norm"], M.normalised(s["ehr_auc"], s["ehr_auc_chance"], s["ehr_auc_oracle"]))
 
 
-@pytest.mark.parametrize("threads", [2, 3, 7])
-def test_score_batch_in_parallel_parts_equals_one_pass(threads):
-    h, m = random_batch(np.random.default_rng(8), b=7)
-    one, parts = M.score_batch(h, m, threads=1), M.score_batch(h, m, threads=threads)
-    for key in M.COLUMNS:
-        np.testing.assert_array_equal(parts[key], one[key], err_msg=key)
-
-
 def test_torch_low_precision_and_negative_zero():
     rng = np.random.default_rng(7)
     h, m = random_batch(rng, b=3)
