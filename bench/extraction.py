@@ -1,13 +1,14 @@
 """CAM extraction: the Ray Data pipeline vs a plain loop over the same images, in one run.
 
-    python bench/extraction.py [--config configs/demo.yaml] [--model resnet18] [--seed 0]
+    python bench/extraction.py [--config configs/demo.yaml] [--models resnet18,vgg16] [--set k=v ...]
 
-Needs a study whose train stage finished for that model (e.g. after `make demo`). Both paths
-use the same `CamScorer` (checkpoint loaded once, trained + randomised copy, every metric); the
-plain loop calls it batch by batch in this process, the Ray path is `extract_run` (Ray Data
-map_batches with an actor, Parquet written). Ray start-up is excluded (paid once per study);
-the pipeline's own start-up (actor, model load, Parquet write) is included, as a study pays it
-per run.
+Needs a study whose train stage finished (e.g. after `make demo`); every finished run is used
+unless --models picks some. Both paths use the same `CamScorer` (a run's checkpoint loaded
+once, trained + randomised copy, every metric): the plain loop calls it run by run and batch by
+batch in this process with all CPUs for torch; the Ray path is the explain stage's
+`extract_runs` (one Ray Data pipeline over all the runs, an actor per CPU, Parquet written per
+run) into a scratch folder. Ray start-up is excluded (paid once per study); the pipeline's own
+start-up (actor processes, imports, model builds, Parquet writes) is included.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
+import ray
+import torch
 
-from explain.extract import CamScorer, extract_run, scored_images
-from orchestrator.config import load_config
+from explain.extract import CamScorer, extract_runs, run_work
+from orchestrator.config import load_config, parse_override
 from orchestrator.ray_setup import init_ray
 from orchestrator.store import StudyStore
 from orchestrator.train_runs import is_finished, plan_runs
@@ -37,36 +39,44 @@ class _ScratchCams(StudyStore):
         return self.scratch / f"{model}-seed{seed}"
 
 
-def plain_loop(config, store, plan) -> tuple[float, int]:
-    rows = scored_images(config, store.cache_dir, plan.run_dir)
-    work = pd.concat([rows.assign(randomized=flag) for flag in (False, True)], ignore_index=True)
-    start = time.perf_counter()
-    scorer = CamScorer(config, plan.spec.name, plan.seed, str(plan.run_dir), str(store.cache_dir))
-    for begin in range(0, len(work), config.cam.batch_size):
-        scorer(work.iloc[begin:begin + config.cam.batch_size])
-    return time.perf_counter() - start, len(work)
+def plain_loop(config, store, plans) -> tuple[float, int]:
+    """Seconds and heatmaps for scoring every plan's rows in this process."""
+    start, images = time.perf_counter(), 0
+    runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir)) for plan in plans}
+    scorer = CamScorer(config, runs, str(store.cache_dir))
+    for plan in plans:
+        work = run_work(config, store.cache_dir, plan)
+        for begin in range(0, len(work), config.cam.batch_size):
+            images += len(scorer(work.iloc[begin:begin + config.cam.batch_size]))
+    return time.perf_counter() - start, images
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", help="comma-separated subset of the study's models (default: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config(args.config, dict(parse_override(text) for text in args.set))
     store = StudyStore(config.study_dir)
-    plan = next((p for p in plan_runs(config, store) if p.spec.name == args.model and p.seed == args.seed), None)
-    if plan is None or not is_finished(plan):
-        raise SystemExit(f"{args.model}-seed{args.seed}: no finished training run in {store.root}; run `make demo` first")
-    loop_seconds, images = plain_loop(config, store, plan)
+    wanted = set(args.models.split(",")) if args.models else None
+    plans = [plan for plan in plan_runs(config, store) if is_finished(plan)
+             and (wanted is None or plan.spec.name in wanted)]
+    if not plans:
+        raise SystemExit(f"no finished training run in {store.root}; run `make demo` first")
     init_ray(config)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    torch.set_num_threads(cpus)
+    loop_seconds, images = plain_loop(config, store, plans)
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        extract_run(config, _ScratchCams(store.root, Path(scratch)), plan, actors=1, gpus_per_actor=0)
+        extract_runs(config, _ScratchCams(store.root, Path(scratch)), plans, actors=min(cpus, len(plans)),
+                     gpus_per_actor=0)
         ray_seconds = time.perf_counter() - start
-    print(f"{plan.key}: {images} heatmaps (scored test positives x trained/randomised)")
-    print(f"  plain loop      {images / loop_seconds:7.1f} images/s ({loop_seconds:.1f} s)")
-    print(f"  Ray Data        {images / ray_seconds:7.1f} images/s ({ray_seconds:.1f} s, Parquet written)")
+    print(f"\n{len(plans)} run(s), {images} heatmaps (scored test positives x trained/randomised), {cpus} CPUs")
+    print(f"  plain loop      {images / loop_seconds:7.1f} images/s ({loop_seconds:.1f} s, {cpus} torch threads)")
+    print(f"  Ray Data        {images / ray_seconds:7.1f} images/s ({ray_seconds:.1f} s, {min(cpus, len(plans))} "
+          "actors, Parquet written)")
     print(f"ratio Ray Data / plain loop: {loop_seconds / ray_seconds:.2f}x")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -39,30 +38,24 @@ def run_train(config, force: bool = False, store: StudyStore | None = None) -> l
 
 
 def run_explain(config, force: bool = False) -> None:
-    from explain.extract import extract_run
+    from explain.extract import extract_runs
 
     store = StudyStore(config.study_dir)
     init_ray(config)
     plans = plan_runs(config, store)
     if force:
         _remove_runs(plans, lambda plan: store.cams_dir(plan.spec.name, plan.seed))
-    layout = placement(config)
     finished = [plan for plan in plans if is_finished(plan)]
     for plan in plans:
         if plan not in finished:
             print(f"[explain] {plan.key}: no finished training run, skipped (see the train stage)")
-    # GPU cluster: one pipeline at a time, one actor per GPU. CPU machine: pipelines side by side
-    # (their fixed start-up costs overlap), each with one actor on a fraction of a CPU, leaving
-    # headroom for Ray Data's read and write tasks.
+    # one actor per GPU on a GPU cluster (as many as runs could train at once), else one per CPU
+    layout = placement(config)
     if layout["gpus"]:
-        for plan in finished:
-            extract_run(config, store, plan, actors=layout["concurrency"], gpus_per_actor=layout["gpus"])
-        return
-    side_by_side = max(1, layout["concurrency"])
-    cpus = max(0.25, (ray.cluster_resources().get("CPU", 1) - 1) / side_by_side)
-    with ThreadPoolExecutor(side_by_side) as pool:
-        list(pool.map(lambda plan: extract_run(config, store, plan, actors=1, gpus_per_actor=0,
-                                               cpus_per_actor=cpus), finished))
+        extract_runs(config, store, finished, actors=layout["concurrency"], gpus_per_actor=layout["gpus"])
+    else:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        extract_runs(config, store, finished, actors=max(1, cpus), gpus_per_actor=0)
 
 
 def run_analyze(config) -> str:

@@ -29,6 +29,7 @@ from training.atomic import write_atomic
 from training.data import read_image
 from training.errors import CamstudyError, ConfigError, DataError
 from training.preprocess import preprocess_image, resize_mask
+from training.ray_data import without_budget_backpressure
 
 if TYPE_CHECKING:  # typing only: `training` does not depend on `orchestrator` at run time
     from orchestrator.config import PreprocessConfig, SplitConfig
@@ -307,7 +308,7 @@ def _map_ray(rows: pd.DataFrame, fn: Callable, workers: Workers, label: str, fn_
     compute = None if workers == "auto" else ray.data.TaskPoolStrategy(size=parallel)
     parts, progress = [], _Progress(label, len(rows), show=not context.enable_progress_bars)
     try:
-        with _without_budget_backpressure(context):  # a Dataset copies the context it is made in
+        with without_budget_backpressure(context):  # a Dataset copies the context it is made in
             dataset = ray.data.from_pandas(blocks).map_batches(
                 _single_threaded, batch_size=min(step, BATCH_SIZE), batch_format="pandas",
                 compute=compute, fn_args=(fn,), fn_kwargs=fn_kwargs)
@@ -319,26 +320,6 @@ def _map_ray(rows: pd.DataFrame, fn: Callable, workers: Workers, label: str, fn_
         if isinstance(error.cause, CamstudyError):
             raise error.cause from None  # its message names the file and the remedy
         raise
-
-
-@contextlib.contextmanager
-def _without_budget_backpressure(context: Any) -> Iterator[None]:
-    """Run Ray Data without its object-store budget policy (the other policies stay).
-
-    Measured on 2 CPUs (bench/prepare.py): that policy delays the second task by ~1 s and each
-    later task by ~0.2 s while it estimates output sizes, a third of the wall time of a
-    preprocessing pass. The budget guards the object store against outputs piling up; here
-    the driver takes every output as it arrives and at most one task per CPU is in flight.
-    """
-    from ray.data._internal.execution import backpressure_policy as policies
-
-    key = policies.ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY
-    before = context.get_config(key, policies.ENABLED_BACKPRESSURE_POLICIES)
-    context.set_config(key, [p for p in before if p is not policies.ResourceBudgetBackpressurePolicy])
-    try:
-        yield
-    finally:
-        context.set_config(key, before)
 
 
 def _block_rows(n_rows: int, parallel: int) -> int:
