@@ -27,6 +27,7 @@ from ray.util.queue import Empty, Queue
 
 from orchestrator import tracking
 from orchestrator.store import StudyStore
+from orchestrator.train_worker import EpochReporter, train_worker
 from training import registry
 from training.errors import ConfigError, TrainingError
 from training.loop import DONE, PREDICTIONS, TEST_METRICS, run_fingerprint
@@ -81,35 +82,6 @@ def child_params(config, plan: RunPlan) -> dict[str, Any]:
     }
 
 
-class EpochReporter(ray.train.UserCallback):
-    """Runs on the Train controller: forwards rank 0's report of each epoch to the driver, which
-    logs it to the run's MLflow child and prints a progress line. Neither the workers nor the
-    controller touch tracking (or import MLflow: 3 CPU-seconds per run on a small machine)."""
-
-    def __init__(self, run_key: str, progress: Queue):
-        self.run_key, self.progress = run_key, progress
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.progress.put((self.run_key, metrics[0]))  # rank 0 speaks for the run; DDP ranks agree
-
-
-def _train_worker(loop_config: dict) -> None:
-    """Body of every Ray Train worker: the plain-PyTorch loop, reporting through Ray."""
-    import torch
-    from ray.train.torch import get_device
-
-    from training.loop import train_run
-
-    torch.set_num_threads(loop_config["torch_threads"])
-    config = loop_config["config"]
-    spec = registry.get_spec(config.models, loop_config["model"])
-    train_run(spec, registry.recipe_for(spec, config.recipes), config, loop_config["cache_dir"],
-              Path(loop_config["run_dir"]), loop_config["seed"],
-              report=lambda epoch, metrics: ray.train.report({"epoch": epoch, **metrics}),
-              # Ray's pick of this worker's GPU (its index among the visible ones need not be LOCAL_RANK)
-              device=get_device(), fingerprint=loop_config["fingerprint"])
-
-
 @ray.remote(num_cpus=0)
 def _fit(config, plan: RunPlan, store_root: str, progress: Queue,
          placement: dict) -> str | None:
@@ -118,7 +90,7 @@ def _fit(config, plan: RunPlan, store_root: str, progress: Queue,
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        _train_worker,
+        train_worker,
         train_loop_config={"config": config, "model": plan.spec.name, "seed": plan.seed,
                            "cache_dir": str(StudyStore(store_root).cache_dir), "run_dir": str(plan.run_dir),
                            "fingerprint": plan.fingerprint, "torch_threads": placement["torch_threads"]},
