@@ -11,8 +11,7 @@ One pipeline rather than one per run: its fixed cost (actor processes, imports, 
 paid once per stage (on 2 CPUs that cost was ~20 s per run, against ~2 s of CAM work).
 
 Blocks hold one run's rows (BLOCK_ROWS at most), so an actor builds a run's models once per
-block; a batch that straddles two runs (it cannot, with one run per block) would be scored run
-by run.
+block; the actor still groups each batch by run, so scoring never depends on how rows are cut.
 
 Columns: image_id, model, seed, label, probability, correct, mask_fraction, randomized,
 cam_method, cam_layer, heatmap (float16 FixedShapeTensorArray, readable by plain pyarrow via
