@@ -190,8 +190,7 @@ def _log_progress(progress: Queue, started: float, client, run_ids: dict[str, st
             key, report = progress.get_nowait()
         except Empty:
             return
-        tracking.log_metrics(client, run_ids[key], {k: v for k, v in report.items() if k != "epoch"},
-                             step=int(report["epoch"]))
+        _log_epoch(client, run_ids[key], report)
         numbers = " ".join(f"{k}={v:.4g}" for k, v in report.items()
                            if k != "epoch" and isinstance(v, (int, float)))
         print(f"[train {time.time() - started:6.0f}s] {key} epoch {report['epoch']}: {numbers}", flush=True)
@@ -212,8 +211,13 @@ def _log_missing_epochs(client, run_id: str, plan: RunPlan) -> None:
     logged = {point.step for point in client.get_metric_history(run_id, "val_auc")}
     for epoch in json.loads((plan.run_dir / DONE).read_text())["history"]:
         if epoch["epoch"] not in logged:
-            tracking.log_metrics(client, run_id, {k: v for k, v in epoch.items() if k != "epoch"},
-                                 step=epoch["epoch"])
+            _log_epoch(client, run_id, epoch)
+
+
+def _log_epoch(client, run_id: str, epoch: dict) -> None:
+    """One epoch's metrics (a report, or a done.json history entry) as MLflow step `epoch`."""
+    tracking.log_metrics(client, run_id, {k: v for k, v in epoch.items() if k != "epoch"},
+                         step=int(epoch["epoch"]))
 
 
 def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
