@@ -63,9 +63,9 @@ def _record(seen: dict) -> None:
         seen["shares"].append(share.tolist())
         return share
 
-    def recording_save(path, state, fingerprint):
+    def recording_save(path, state, fingerprint, **options):
         seen["weights"].append(_weights_hash(state.model))
-        save(path, state, fingerprint)
+        save(path, state, fingerprint, **options)
 
     loop.Ranks.shard, loop.save_checkpoint = recording_shard, recording_save
 

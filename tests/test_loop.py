@@ -107,32 +107,86 @@ def test_a_killed_run_resumes_and_matches_the_uninterrupted_one(finished, cache,
     assert resumed.test_metrics["auc"] == pytest.approx(uninterrupted.test_metrics["auc"], rel=1e-5)
 
 
+
+def _kill_after_last_epoch(epoch, metrics):
+    if epoch == RECIPE.epochs:
+        raise Killed
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_last_checkpoint_only_tests_on_resume(finished, cache, config, tmp_path):
+    run_dir = tmp_path / "resnet18-seed0"
+    with pytest.raises(Killed):
+        loop.train_run(registry.get("resnet18"), RECIPE, config, cache, run_dir, seed=0, report=_kill_after_last_epoch)
+    assert "optimizer" not in torch.load(run_dir / loop.CHECKPOINT, weights_only=True)  # nothing follows it
+    resumed = loop.train_run(registry.get("resnet18"), RECIPE, config, cache, run_dir, seed=0,
+                             report=lambda *_: pytest.fail("every epoch was checkpointed"))
+    uninterrupted = finished[0]
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    tolerance = 0.05 if torch.cuda.is_available() else 1e-6  # cuDNN's backward is not bitwise reproducible
+    assert resumed.test_metrics["auc"] == pytest.approx(uninterrupted.test_metrics["auc"], abs=tolerance)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["done.json", "model.pt", "predictions.parquet",
+                                                         "test_metrics.json"]
+
 def test_a_diverging_run_names_model_seed_and_epoch(cache, config, tmp_path):
     with pytest.raises(TrainingError, match=r"resnet18 seed 3: the (training|validation) loss is nan in epoch 1"):
         loop.train_run(registry.get("resnet18"), Recipe("sgd", 1e30, 2), config, cache, tmp_path / "run", seed=3)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("selection, scores, best", [
-    ("val_auc", [(0.7, 0.5), (0.9, 0.6), (0.8, 0.4)], 2),
-    ("val_loss", [(0.7, 0.5), (0.9, 0.6), (0.8, 0.4)], 3),
-    ("last", [(0.7, 0.5), (0.9, 0.6), (0.8, 0.4)], 3),
+@pytest.mark.parametrize("selection, scores, best, linked", [
+    # linked: the best file that exists after each epoch (None: none); the last epoch needs none
+    ("val_auc", [(0.7, 0.5), (0.9, 0.6), (0.8, 0.4)], 2, [1, 2, 2]),
+    ("val_loss", [(0.7, 0.5), (0.9, 0.6), (0.8, 0.4)], 3, [1, 1, None]),
+    ("last", [(0.7, 0.5), (0.9, 0.6), (0.8, 0.4)], 3, [None, None, None]),
 ])
-def test_selection_keeps_the_chosen_epoch(tmp_path, selection, scores, best):
+def test_selection_keeps_the_chosen_epochs_checkpoint_as_a_link(tmp_path, selection, scores, best, linked):
     model = torch.nn.Linear(2, 2)
     state = loop.RunState(model, loop.make_optimizer(model, RECIPE), torch.Generator(), torch.Generator(), "random")
+    weights = {}
     for epoch, (val_auc, val_loss) in enumerate(scores, start=1):
         state.epoch = epoch
-        loop._select(state, {"epoch": epoch, "val_auc": val_auc, "val_loss": val_loss}, selection, tmp_path)
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # each epoch's weights are recognisable
+        weights[epoch] = model.weight.clone()
+        loop._select(state, {"epoch": epoch, "val_auc": val_auc, "val_loss": val_loss}, selection)
+        final = epoch == RECIPE.epochs
+        loop.save_checkpoint(tmp_path / loop.CHECKPOINT, state, "fp", optimizer=not final)
+        loop._keep_best(tmp_path, state, RECIPE, selection)
+        files = sorted(f.name for f in tmp_path.glob("best-e*.pt"))
+        assert files == ([] if linked[epoch - 1] is None else [f"best-e{linked[epoch - 1]:04d}.pt"])
+        if linked[epoch - 1] == epoch:  # the checkpoint itself, not a second write
+            assert (tmp_path / files[0]).stat().st_ino == (tmp_path / loop.CHECKPOINT).stat().st_ino
+        checkpoint = torch.load(tmp_path / loop.CHECKPOINT, weights_only=True)
+        assert ("optimizer" in checkpoint) == (not final)
     assert state.best_epoch == best
-    assert (tmp_path / f"best-e{best:04d}.pt").is_file() == (selection != "last")
+    if best != RECIPE.epochs:  # the kept link still holds the best epoch's weights
+        assert torch.equal(loop._read_best(tmp_path, best)["weight"], weights[best])
+
+
+def test_a_crash_between_checkpoint_and_link_is_repaired_on_resume(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    state = loop.RunState(model, loop.make_optimizer(model, RECIPE), torch.Generator(), torch.Generator(), "random")
+    state.epoch = 1
+    loop._select(state, {"epoch": 1, "val_auc": 0.7, "val_loss": 0.5}, "val_auc")
+    loop.save_checkpoint(tmp_path / loop.CHECKPOINT, state, "fp")  # then the process dies: no link
+    resumed = loop.RunState(model, loop.make_optimizer(model, RECIPE), torch.Generator(), torch.Generator(), "random")
+    loop.load_checkpoint(tmp_path / loop.CHECKPOINT, resumed, "fp")
+    loop._keep_best(tmp_path, resumed, RECIPE, "val_auc")  # what _start does after loading
+    assert (tmp_path / "best-e0001.pt").is_file()
+
+
+def test_best_files_of_older_runs_hold_a_bare_state_dict(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    torch.save(model.state_dict(), tmp_path / "best-e0002.pt")
+    assert torch.equal(loop._read_best(tmp_path, 2)["weight"], model.weight)
 
 
 def test_an_undefined_validation_auc_is_an_error(tmp_path):
     model = torch.nn.Linear(2, 2)
     state = loop.RunState(model, loop.make_optimizer(model, RECIPE), torch.Generator(), torch.Generator(), "random")
     with pytest.raises(TrainingError, match="one class"):
-        loop._select(state, {"epoch": 1, "val_auc": math.nan, "val_loss": 0.5}, "val_auc", tmp_path)
+        loop._select(state, {"epoch": 1, "val_auc": math.nan, "val_loss": 0.5}, "val_auc")
 
 
 def test_batches_cover_every_image_once_and_drop_only_a_short_tail():

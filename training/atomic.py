@@ -26,6 +26,19 @@ def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> None:
             tmp.unlink()
 
 
+def link_atomic(source: str | Path, path: str | Path) -> None:
+    """Make `path` a hard link to `source` (no bytes written), atomically replacing any old `path`;
+    a copy where the filesystem has no hard links. The link keeps the content even after
+    `source` is replaced by a rename."""
+    def link(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:  # e.g. some network or FUSE filesystems
+            shutil.copyfile(source, tmp)
+
+    write_atomic(path, link)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder that replaces `path` only when the block finishes without error."""

@@ -5,8 +5,10 @@ training device (0.54 GB at paper scale), with batched on-device augmentation, a
 epoch writes a checkpoint and calls `report(epoch, metrics)`; a Ray Train worker passes a
 callback that calls `ray.train.report`. The run directory afterwards holds:
 
-    checkpoint.pt          model + optimizer + RNG states + history, after every epoch (removed at the end)
-    best-eNNNN.pt          the weights of the selected epoch so far (removed at the end)
+    checkpoint.pt          model + optimizer + RNG states + history, after every epoch (the last
+                           epoch's has no optimizer state: nothing follows it); removed at the end
+    best-eNNNN.pt          the checkpoint of the selected epoch so far, a hard link (no second
+                           write), kept only while later epochs may replace checkpoint.pt
     model.pt               the selected weights, for the explain stage (`load_trained`)
     predictions.parquet    test split: image_id, label, probability (of the positive class)
     test_metrics.json      classification report with 95% CIs (Wilson, DeLong)
@@ -45,7 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training import augment, registry
-from training.atomic import write_atomic, write_text_atomic
+from training.atomic import link_atomic, write_atomic, write_text_atomic
 from training.cache import load_split
 from training.classification import auc, classification_report
 from training.errors import TrainingError
@@ -159,8 +161,9 @@ def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Pat
     resumed_from = state.epoch + 1
     for epoch in range(resumed_from, recipe.epochs + 1):
         metrics = run_epoch(state, data, spec, config, epoch, seed, device)
-        _select(state, metrics, config.training.selection, run_dir, write=ranks.writes)
-        save_checkpoint(run_dir / CHECKPOINT, state, fingerprint)
+        _select(state, metrics, config.training.selection)
+        save_checkpoint(run_dir / CHECKPOINT, state, fingerprint, optimizer=epoch < recipe.epochs)
+        _keep_best(run_dir, state, recipe, config.training.selection)
         ranks.barrier()  # no rank starts the next epoch (or may be killed) before the checkpoint exists
         if report is not None:
             report(epoch, metrics)  # every rank: Ray Train waits for a report from each worker
@@ -321,8 +324,8 @@ def _check_finite(loss: float, phase: str, spec: ModelSpec, seed: int, epoch: in
                             f"diverged. Lower recipes.{spec.family}.lr or check the cache for bad images")
 
 
-def _select(state: RunState, metrics: dict, selection: str, run_dir: Path, write: bool = True) -> None:
-    """Keep the epoch chosen by `training.selection`; its weights go to best-eNNNN.pt when `write`."""
+def _select(state: RunState, metrics: dict, selection: str) -> None:
+    """Track the epoch chosen by `training.selection` (`_keep_best` keeps its weights)."""
     score = {"val_auc": metrics["val_auc"], "val_loss": -metrics["val_loss"], "last": metrics["epoch"]}[selection]
     if math.isnan(score):  # finite losses leave only one cause: a validation split of one class
         raise TrainingError(f"training.selection {selection}: the validation AUC is undefined (the validation "
@@ -330,27 +333,39 @@ def _select(state: RunState, metrics: dict, selection: str, run_dir: Path, write
     if score > state.best_score:
         state.best_epoch, state.best_score = metrics["epoch"], score
     metrics["best_epoch"] = state.best_epoch
-    if write and state.best_epoch == metrics["epoch"] and selection != "last":
-        write_atomic(_best_path(run_dir, state.epoch), lambda tmp: torch.save(_state_dict(state.model), tmp))
+
+
+def _keep_best(run_dir: Path, state: RunState, recipe: Recipe, selection: str) -> None:
+    """After the epoch's checkpoint: link it as best-eNNNN.pt if its epoch is the selected one and
+    a later epoch could still overwrite checkpoint.pt; drop best files no longer needed. Also
+    called on resume, which repairs a crash between the checkpoint and its link."""
+    if not state.ranks.writes:
+        return
+    needed = state.epoch < recipe.epochs and selection != "last"
+    best = _best_path(run_dir, state.best_epoch)
+    if needed and state.best_epoch == state.epoch:
+        link_atomic(run_dir / CHECKPOINT, best)
+    for stale in run_dir.glob("best-e*.pt"):  # earlier bests, crashed epochs, or no longer needed
+        if stale != best or (state.best_epoch == state.epoch and not needed):
+            stale.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
-    """Called on every rank (the RNG states are gathered); rank 0 writes."""
+def save_checkpoint(path: Path, state: RunState, fingerprint: str, optimizer: bool = True) -> None:
+    """Called on every rank (the RNG states are gathered); rank 0 writes. `optimizer=False` leaves
+    the optimizer state out (the last epoch's checkpoint: a resume only tests and writes)."""
     rng = _rng_states(state)
     if not state.ranks.writes:
         return
     checkpoint = {
         "fingerprint": fingerprint, "epoch": state.epoch, "history": state.history, "weights": state.weights,
         "best_epoch": state.best_epoch, "best_score": state.best_score, "world_size": state.ranks.world,
-        "model": _state_dict(state.model), "optimizer": state.optimizer.state_dict(), "rng": rng,
+        "model": _state_dict(state.model), "rng": rng,
+        **({"optimizer": state.optimizer.state_dict()} if optimizer else {}),
     }
     write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
-    for stale in path.parent.glob("best-e*.pt"):  # best files of earlier or crashed epochs
-        if stale != _best_path(path.parent, state.best_epoch):
-            stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
@@ -364,7 +379,8 @@ def load_checkpoint(path: Path, state: RunState, fingerprint: str) -> None:
         raise TrainingError(f"{path}: the checkpoint was written with other settings (model, recipe, seed, "
                             f"data or training config); delete {path.parent} or rerun the stage with --force")
     _unwrap(state.model).load_state_dict(checkpoint["model"])
-    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    if "optimizer" in checkpoint:  # absent after the last epoch, when no step follows
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.epoch, state.history, state.weights = checkpoint["epoch"], checkpoint["history"], checkpoint["weights"]
     state.best_epoch, state.best_score = checkpoint["best_epoch"], checkpoint["best_score"]
     _set_rng_states(state, checkpoint["rng"])
@@ -410,6 +426,7 @@ def _start(spec: ModelSpec, recipe: Recipe, config: Any, run_dir: Path, seed: in
                      weights=model.camstudy_weights.source, ranks=ranks)
     if resume:  # every rank loads before wrapping, so DDP's broadcast of rank 0's weights changes nothing
         load_checkpoint(run_dir / CHECKPOINT, state, fingerprint)
+        _keep_best(run_dir, state, recipe, config.training.selection)
     # the optimizer holds the same Parameter objects, so wrapping after creating it is fine
     state.model = wrap_ddp(model, ranks, device)
     return state
@@ -426,8 +443,7 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
             device: torch.device, fingerprint: str) -> dict:
     """Test the selected weights, write the run's outputs, done.json last, then drop checkpoints."""
     if state.best_epoch != state.epoch:
-        best = torch.load(_best_path(run_dir, state.best_epoch), map_location="cpu", weights_only=True)
-        _unwrap(state.model).load_state_dict(best)
+        _unwrap(state.model).load_state_dict(_read_best(run_dir, state.best_epoch))
     _, probabilities = evaluate(_unwrap(state.model), data["test"], config, _channels_last(spec, config, device),
                                 device)
     labels = data["test"].labels.cpu().numpy()
@@ -445,6 +461,12 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
     for leftover in [run_dir / CHECKPOINT, *run_dir.glob("best-e*.pt")]:
         leftover.unlink(missing_ok=True)
     return summary
+
+
+def _read_best(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
+    """The selected epoch's weights from its best file (mmap: the optimizer state is never read)."""
+    best = torch.load(_best_path(run_dir, epoch), map_location="cpu", weights_only=True, mmap=True)
+    return best["model"] if "fingerprint" in best else best  # older runs wrote a bare state_dict
 
 
 def _write_predictions(path: Path, image_ids: list[str], labels: np.ndarray, probabilities: np.ndarray) -> None:
