@@ -1,4 +1,10 @@
-"""The train stage: one Ray Train `TorchTrainer` run per (model, seed), a bounded number in flight.
+"""The train stage: one Ray Train run per (model, seed), a bounded number in flight.
+
+A run of k > 1 workers (`resources.workers_per_run`) is a `TorchTrainer`, whose backend sets up
+the torch.distributed group for DDP. A single-worker run needs no group and uses the plain
+`DataParallelTrainer` (Ray Train V2's base class of `TorchTrainer`; same controller, workers,
+failure handling and `ray.train.torch.get_device`): `TorchConfig` would make the Train
+controller import torch, ~3 CPU-seconds of every run's start on a small machine.
 
 Why one `@ray.remote(num_cpus=0)` task per run rather than Tune: the task only waits on
 `TorchTrainer.fit()`, so it holds no CPU (a Tune trial holding a CPU while its Train worker needs
@@ -85,11 +91,10 @@ def child_params(config, plan: RunPlan) -> dict[str, Any]:
 @ray.remote(num_cpus=0)
 def _fit(config, plan: RunPlan, store_root: str, progress: Queue,
          placement: dict) -> str | None:
-    """Run one TorchTrainer to completion; return the error text, or None on success."""
+    """Run one Ray Train run to completion; return the error text, or None on success."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    trainer = _trainer_class(placement["workers"])(
         train_worker,
         train_loop_config={"config": config, "model": plan.spec.name, "seed": plan.seed,
                            "cache_dir": str(StudyStore(store_root).cache_dir), "run_dir": str(plan.run_dir),
@@ -106,6 +111,15 @@ def _fit(config, plan: RunPlan, store_root: str, progress: Queue,
     except ray.train.TrainingFailedError as error:
         return _root_cause(error)
     return None if result.error is None else _root_cause(result.error)
+
+
+def _trainer_class(workers: int) -> type:
+    """TorchTrainer for a DDP group, the torch-free base class for one worker (module docstring)."""
+    if workers > 1:
+        from ray.train.torch import TorchTrainer
+        return TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    return DataParallelTrainer
 
 
 def _root_cause(error: BaseException) -> str:
