@@ -2,15 +2,18 @@
 
 Every function takes numpy arrays or torch tensors and returns one float64 per image.
 
-Implementation: each image's pixels are sorted once by heat, the mask bit carried in the sort
-key (heat bits << 1 | mask bit; for non-negative IEEE floats the bit pattern orders like the
-value, and every float32 in [0, 1] has bits < 2**30, so the key fits in uint32). Every threshold
-set {h >= t} is then a suffix of that order, found by `searchsorted` on the keys; its pixel
-count, mask count, heat sum and in-mask heat sum come from one segment-sum pass per image over
-all the thresholds that the metrics need. Counts are exact, so `ehr_auc` equals the naive loop
-over thresholds, including pixels that lie exactly on a threshold. float32 maps (and anything
-that converts to float32 exactly) are compared as float32 against float64 thresholds exactly
-as numpy does; float64 maps keep float64.
+Implementation: each image's heat is sorted once, as its IEEE bit pattern (non-negative floats
+order like their bits, and unsigned integers sort faster than floats), and so, apart, is the heat
+of its pixels in M (usually a few percent of them). Every set {h >= t} is a suffix of both
+orders, found by `searchsorted`, so its pixel count and mask count are exact: `ehr_auc` equals
+the naive loop over thresholds, including pixels that lie exactly on a threshold. Heat sums are
+needed only over the image, M and InputIBA's sets; one float64 `reduceat` over the batch's
+sorted heat (and one over its heat in M) gives them. The thresholds that depend on the heat
+(InputIBA's quantiles, read off the sorted order, and Otsu's, from the counts at its bin edges)
+take a second search. float32 maps (and anything that converts to float32 exactly) are compared
+as float32 against float64 thresholds exactly as numpy does; float64 maps keep float64.
+(Binning pixels and counting them with `bincount` instead was measured slower: with AVX-512 the
+sort costs about as much as one of the several scatter passes that needs.)
 
 Conventions (0/0 is NaN; otherwise a metric follows its formula):
 - empty M: `diff_gradcam` NaN (no mean inside); `ehr_auc`, its chance and oracle 0 (r = 0 at
@@ -94,80 +97,104 @@ def _inputs(h: Any, m: Any) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- the sorted pass
 
-def _threshold_keys(t: Any, dtype: np.dtype, strict: bool = False) -> np.ndarray:
-    """Smallest sort key of a `dtype` value >= t (> t if strict), for float64 t >= 0."""
+def _codes(t: Any, dtype: np.dtype, strict: Any = False) -> np.ndarray:
+    """Bits of the smallest `dtype` value >= t (> t where strict), for float64 t >= 0: h >= t iff
+    bits(h) >= that. strict: a bool, or one per threshold (broadcast against t)."""
     t = np.asarray(t, np.float64)
     c = np.abs(t.astype(dtype))  # abs: -0.0 -> +0.0
-    short = (c <= t) if strict else (c < t)
+    short = np.where(strict, c <= t, c < t)
     c = np.where(short, np.nextafter(c, dtype.type(np.inf)), c)
-    return c.view(_uint(dtype)) << 1
+    return np.ascontiguousarray(c).view(_uint(dtype))
 
 
-class _Suffix(NamedTuple):
-    """Sums over the pixels from a sorted position to the end, i.e. over {h >= t}: (B, K) each."""
+class _Sums(NamedTuple):
+    """Pixel counts of {h >= t} and of its part in M, per image and threshold: (B, K) each."""
 
     count: np.ndarray
     n_mask: np.ndarray
-    heat: np.ndarray
-    heat_mask: np.ndarray
 
 
-def _suffix_sums(x: np.ndarray, pad: int = 1) -> np.ndarray:
-    """out[j] = sum of x[j:] in float64, followed by `pad` zeros (empty suffixes)."""
-    return np.append(np.cumsum(x[::-1], dtype=np.float64)[::-1], np.zeros(pad))
+class _Sorted:
+    """Each image's heat in ascending order, and apart the heat of its pixels in M, sorted.
 
-
-class _Ranked:
-    """One image per row, pixels in ascending heat order (keys: heat bits << 1 | mask bit)."""
+    Heat is held as its bit pattern: non-negative IEEE floats order like their bits, and unsigned
+    integers sort faster than floats.
+    """
 
     def __init__(self, h: np.ndarray, m: np.ndarray):
-        self.dtype = h.dtype
-        keys = h.view(_uint(h.dtype)) << 1
-        keys |= m
-        keys.sort(axis=1)
-        self.keys, self.pixels = keys, keys.shape[1]
-        self.mask_count = np.count_nonzero(m, axis=1)
+        self.dtype, self.pixels = h.dtype, h.shape[1]
+        bits = h.view(_uint(h.dtype))
+        self.heat = np.sort(bits, axis=1)
+        inside = np.flatnonzero(m)  # by image, then pixel
+        self.mask_end = np.searchsorted(inside, np.arange(1, len(h) + 1) * self.pixels)
+        self.mask_count = np.diff(self.mask_end, prepend=0)
+        self.mask_start = self.mask_end - self.mask_count
+        self.inside = bits.ravel()[inside]  # one segment per image, sorted below
+        for a, b in zip(self.mask_start, self.mask_end):
+            self.inside[a:b].sort()
 
     @property
     def mask_fraction(self) -> np.ndarray:
         return self.mask_count / self.pixels
 
-    def first_at_least(self, t: np.ndarray, strict: bool = False) -> np.ndarray:
-        """t (B, K) or (K,) float64 -> (B, K) index of the first pixel with h >= t (h > t)."""
-        tk = np.broadcast_to(_threshold_keys(t, self.dtype, strict), (len(self.keys), np.shape(t)[-1]))
-        return np.stack([np.searchsorted(k, q) for k, q in zip(self.keys, tk)])
-
     def values(self, i: np.ndarray) -> np.ndarray:
         """Heat (float64) at sorted positions i (B, K), all < pixels."""
-        return (np.take_along_axis(self.keys, i, axis=1) >> 1).view(self.dtype).astype(np.float64)
+        return np.take_along_axis(self.heat, i, axis=1).view(self.dtype).astype(np.float64)
 
-    def suffix(self, i: np.ndarray) -> _Suffix:
-        """Sums over each row's pixels from sorted position i (B, K) on, in one pass per row."""
-        sums = np.zeros((3,) + i.shape)  # mask count, heat, heat in mask
-        for b, row in enumerate(i):
-            u, inverse = np.unique(row, return_inverse=True)
-            starts = u[u < self.pixels]
-            if len(starts) == 0:
-                continue
-            keys = self.keys[b]
-            bit, value = keys & 1, keys >> 1
-            segments = [np.add.reduceat(bit, starts, dtype=keys.dtype),
-                        np.add.reduceat(value.view(self.dtype), starts, dtype=np.float64)]
-            value *= bit  # heat bits outside M -> 0, i.e. +0.0
-            segments.append(np.add.reduceat(value.view(self.dtype), starts, dtype=np.float64))
-            for j, seg in enumerate(segments):
-                sums[j, b] = _suffix_sums(seg, pad=len(u) - len(starts))[inverse]
-        return _Suffix(self.pixels - i, *sums)
+    @property
+    def lowest(self) -> np.ndarray:
+        return self.values(np.zeros((len(self.heat), 1), np.intp))[:, 0]
 
-    def suffixes(self, *queries: np.ndarray) -> list[_Suffix]:
-        """`suffix` of several (B, K_j) position sets, in one pass."""
-        sizes = np.cumsum([q.shape[1] for q in queries])[:-1]
-        s = self.suffix(np.concatenate(queries, axis=1))
-        return [_Suffix(*parts) for parts in zip(*(np.split(x, sizes, axis=1) for x in s))]
+    @property
+    def highest(self) -> np.ndarray:
+        return self.values(np.full((len(self.heat), 1), self.pixels - 1))[:, 0]
+
+    def first_at_least(self, t: Any, strict: Any = False) -> np.ndarray:
+        """For thresholds t (B, K) or (K,) float64: each image's sorted position (B, K) of its
+        first pixel with h >= t (> t where strict)."""
+        c = np.broadcast_to(_codes(t, self.dtype, strict), (len(self.heat), np.shape(t)[-1]))
+        return np.stack([np.searchsorted(x, q) for x, q in zip(self.heat, c)])
+
+    def first_in_mask_at_least(self, t: Any, strict: Any = False) -> np.ndarray:
+        """`first_at_least` among each image's pixels in M."""
+        c = np.broadcast_to(_codes(t, self.dtype, strict), (len(self.heat), np.shape(t)[-1]))
+        return np.stack([np.searchsorted(self.inside[a:b], q)
+                         for a, b, q in zip(self.mask_start, self.mask_end, c)])
+
+    def counts(self, i: np.ndarray, i_mask: np.ndarray) -> _Sums:
+        """Counts from sorted positions (`first_at_least`, `first_in_mask_at_least`) on."""
+        return _Sums(self.pixels - i, self.mask_count[:, None] - i_mask)
+
+    def at_least(self, t: Any, strict: Any = False) -> _Sums:
+        """Counts of {h >= t} ({h > t} where strict) and of its part in M."""
+        return self.counts(self.first_at_least(t, strict), self.first_in_mask_at_least(t, strict))
+
+    def heat_from(self, i: np.ndarray, i_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Heat sums (float64) from sorted positions i (B, K) on, over all pixels, and from
+        i_mask on over those in M. Each row's positions start at 0 and do not decrease."""
+        heat = self.heat.ravel().view(self.dtype)
+        return (_suffix_sums(heat, i + self.pixels * np.arange(len(i))[:, None]),
+                _suffix_sums(self.inside.view(self.dtype), i_mask + self.mask_start[:, None]))
 
 
-def _rank(h: Any, m: Any) -> _Ranked:
-    return _Ranked(*_inputs(h, m))
+def _suffix_sums(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums (float64) of x from flat positions `starts` (B, K) to the end of their row, where row b
+    of x runs from starts[b, 0] to starts[b + 1, 0] (the last to the end of x)."""
+    flat = starts.ravel()
+    inner = flat < len(x)  # the others start at the end of x: empty
+    s = flat[inner]
+    pieces = np.zeros(flat.shape)
+    if len(s):
+        # one reduceat: the pieces between consecutive starts, the last of each row ending where
+        # the next row starts; reduceat gives x[s_k] for an empty piece
+        p = np.add.reduceat(x, s, dtype=np.float64)
+        p[:-1][s[1:] == s[:-1]] = 0.0
+        pieces[inner] = p
+    return np.cumsum(pieces.reshape(starts.shape)[:, ::-1], axis=1)[:, ::-1]  # from the top down
+
+
+def _sorted(h: Any, m: Any) -> _Sorted:
+    return _Sorted(*_inputs(h, m))
 
 
 def _divide(a: Any, b: Any) -> np.ndarray:
@@ -176,38 +203,39 @@ def _divide(a: Any, b: Any) -> np.ndarray:
     return np.divide(a, b, out=np.full(a.shape, np.nan), where=b != 0)
 
 
-# ---------------------------------------------------------------- queries and metrics
+# ---------------------------------------------------------------- metrics
 
-def _totals_query(r: _Ranked) -> np.ndarray:
-    return np.zeros((len(r.keys), 1), np.intp)
+def _totals(r: _Sorted) -> tuple[np.ndarray, np.ndarray]:
+    """Heat sums (B,) over the image and over M."""
+    start = np.zeros((len(r.heat), 1), np.intp)
+    return tuple(x[:, 0] for x in r.heat_from(start, start))
 
 
-def _diff_gradcam(total: _Suffix) -> np.ndarray:
-    inside, heat, n_in, pixels = total.heat_mask[:, 0], total.heat[:, 0], total.n_mask[:, 0], total.count[:, 0]
-    return _divide(inside, n_in) - _divide(heat - inside, pixels - n_in)
+def _diff_gradcam(r: _Sorted, heat: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    n_in = r.mask_count
+    return _divide(inside, n_in) - _divide(heat - inside, r.pixels - n_in)
 
 
 def diff_gradcam(h: Any, m: Any) -> np.ndarray:
     """mean(h inside M) - mean(h outside M) (the paper's metric); NaN when M is empty or full."""
-    r = _rank(h, m)
-    return _diff_gradcam(r.suffix(_totals_query(r)))
+    r = _sorted(h, m)
+    return _diff_gradcam(r, *_totals(r))
 
 
-def _energy_in_mask(total: _Suffix) -> np.ndarray:
-    return _divide(total.heat_mask[:, 0], total.heat[:, 0])
+def _energy_in_mask(heat: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    return _divide(inside, heat)
 
 
 def energy_in_mask(h: Any, m: Any) -> np.ndarray:
     """Sum of h over M / sum of h; NaN for an all-zero h."""
-    r = _rank(h, m)
-    return _energy_in_mask(r.suffix(_totals_query(r)))
+    return _energy_in_mask(*_totals(_sorted(h, m)))
 
 
-def _ehr_query(r: _Ranked, n: int) -> np.ndarray:
-    return r.first_at_least(np.arange(n + 1) / n)  # t_k = k/n in float64
+def _ehr_thresholds(n: int) -> np.ndarray:
+    return np.arange(n + 1) / n  # t_k = k/n in float64
 
 
-def _ehr_curves(s: _Suffix, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ehr_curves(s: _Sums, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """r(t_k) = |{h>=t_k} ∩ M| / |{h>=t_k}| (0 if empty), and its chance curve f·[{h>=t_k} ≠ ∅]."""
     ratio = np.where(s.count > 0, s.n_mask / np.maximum(s.count, 1), 0.0)
     return ratio, np.where(s.count > 0, f[:, None], 0.0)
@@ -225,8 +253,8 @@ def _ehr_oracle(f: np.ndarray, n: int) -> np.ndarray:
 
 
 def _ehr(h: Any, m: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    r = _rank(h, m)
-    return tuple(_ehr_auc(c, n) for c in _ehr_curves(r.suffix(_ehr_query(r, n)), r.mask_fraction))
+    r = _sorted(h, m)
+    return tuple(_ehr_auc(c, n) for c in _ehr_curves(r.at_least(_ehr_thresholds(n)), r.mask_fraction))
 
 
 def ehr_auc(h: Any, m: Any, n: int = 100) -> np.ndarray:
@@ -251,7 +279,7 @@ def ehr_auc_oracle(m: Any, n: int = 100) -> np.ndarray:
     return _ehr_oracle(mask_fraction(m), n)
 
 
-def _quantiles(r: _Ranked, start: np.ndarray, q: np.ndarray) -> np.ndarray:
+def _quantiles(r: _Sorted, start: np.ndarray, q: np.ndarray) -> np.ndarray:
     """np.quantile(method='linear') of each row's sorted tail heat[b, start[b]:], in float64."""
     n = r.pixels - start[:, None]  # (B, 1), >= 1
     virtual = (n - 1) * q[None, :]
@@ -264,22 +292,23 @@ def _quantiles(r: _Ranked, start: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
 
 
-def _inputiba_query(r: _Ranked, min_heat: float, quantiles: int,
-                    cap: float) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of {h >= t_q} (B, Q + 1) and which rows have heat >= min_heat (B,)."""
-    start = r.first_at_least(np.array([min_heat]))[:, 0]
-    kept = start < r.pixels
-    start = np.where(kept, start, 0)  # rows without kept heat: any valid tail; zeroed later
+def _inputiba_thresholds(r: _Sorted, n_kept: np.ndarray, min_heat: float, quantiles: int,
+                         cap: float) -> np.ndarray:
+    """InputIBA's thresholds (B, Q + 1), non-decreasing; n_kept (B,): |{h >= min_heat}|."""
+    start = np.where(n_kept > 0, r.pixels - n_kept, 0)  # no kept heat: any valid tail; zeroed later
     q = np.linspace(0.0, 1.0, quantiles + 1)  # InputIBA: np.linspace(0, 1.0, 11)
-    t = np.minimum(_quantiles(r, start, q), cap * r.values(np.full((len(start), 1), r.pixels - 1)))
+    t = np.minimum(_quantiles(r, start, q), cap * r.highest[:, None])
     # InputIBA zeroes heat < min_heat before thresholding: its sets are {h >= max(t, min_heat)}
-    return r.first_at_least(np.maximum(t, min_heat)), kept
+    return np.maximum(t, min_heat)
 
 
-def _inputiba_curves(s: _Suffix, f: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _inputiba_curves(s: _Sums, heat: np.ndarray, heat_mask: np.ndarray, f: np.ndarray,
+                     kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """s, heat, heat_mask (B, Q + 1): counts and heat sums of InputIBA's sets and of their parts
+    in M; kept (B,): rows with heat >= min_heat."""
     count = np.maximum(s.count, 1)  # >= 1 on kept rows: t <= cap * max(h) <= max(h)
-    ratio = s.heat_mask / count
-    chance = f[:, None] * s.heat / count
+    ratio = heat_mask / count
+    chance = f[:, None] * heat / count
     return ratio * kept[:, None], chance * kept[:, None]
 
 
@@ -293,9 +322,14 @@ def _inputiba_oracle(nonempty: np.ndarray, quantiles: int) -> np.ndarray:
 
 def _inputiba(h: Any, m: Any, min_heat: float, quantiles: int,
               cap: float) -> tuple[np.ndarray, np.ndarray]:
-    r = _rank(h, m)
-    i, kept = _inputiba_query(r, min_heat, quantiles, cap)
-    return tuple(_inputiba_auc(c) for c in _inputiba_curves(r.suffix(i), r.mask_fraction, kept))
+    r = _sorted(h, m)
+    n_kept = r.pixels - r.first_at_least(np.array([min_heat]))[:, 0]
+    t = _inputiba_thresholds(r, n_kept, min_heat, quantiles, cap)
+    i = r.first_at_least(t), r.first_in_mask_at_least(t)
+    zero = np.zeros((len(n_kept), 1), np.intp)  # heat_from starts each row at 0
+    heat, heat_mask = (x[:, 1:] for x in r.heat_from(*(np.hstack([zero, x]) for x in i)))
+    curves = _inputiba_curves(r.counts(*i), heat, heat_mask, r.mask_fraction, n_kept > 0)
+    return tuple(_inputiba_auc(c) for c in curves)
 
 
 def ehr_auc_inputiba(h: Any, m: Any, min_heat: float = 0.1, quantiles: int = 10,
@@ -339,34 +373,36 @@ def normalised(score: Any, chance: Any, oracle: Any) -> np.ndarray:
     return _divide(np.asarray(score, np.float64) - chance, np.asarray(oracle, np.float64) - chance)
 
 
-def _top_query(r: _Ranked) -> np.ndarray:
-    return r.first_at_least(r.values(np.full((len(r.keys), 1), r.pixels - 1)))  # first max pixel
-
-
-def _pointing_hit(top: _Suffix) -> np.ndarray:
+def _pointing_hit(top: _Sums, highest: np.ndarray) -> np.ndarray:
+    """top: counts of {h >= max(h)}, the maximal pixels."""
     hit = top.n_mask[:, 0] / top.count[:, 0]
-    return np.where(top.heat[:, 0] > 0, hit, np.nan)
+    return np.where(highest > 0, hit, np.nan)
 
 
 def pointing_hit(h: Any, m: Any) -> np.ndarray:
     """Pointing game: is the argmax of h in M? Ties: the fraction of the maximal pixels that lie
     in M, i.e. the expected hit when ties are broken uniformly at random (0 or 1 for a unique
     maximum). NaN for an all-zero h."""
-    r = _rank(h, m)
-    return _pointing_hit(r.suffix(_top_query(r)))
+    r = _sorted(h, m)
+    return _pointing_hit(r.at_least(r.highest[:, None]), r.highest)
 
 
-def _otsu_thresholds(r: _Ranked) -> np.ndarray:
+def _otsu_edges(r: _Sorted) -> np.ndarray:
+    """np.histogram's 256 bin edges over each image's [min, max] (float64, as np.linspace)."""
+    lo, hi = r.lowest[:, None], r.highest[:, None]
+    edges = np.arange(_OTSU_BINS + 1.0)[None, :] * ((hi - lo) / _OTSU_BINS) + lo
+    edges[:, -1:] = hi
+    return edges
+
+
+def _otsu_thresholds(edges: np.ndarray, at_edges: np.ndarray) -> np.ndarray:
     """skimage.filters.threshold_otsu's algorithm: 256 bins over [min, max] (float64 edges, as
     np.histogram), threshold at the centre of the bin maximising the between-class variance.
-    A constant image returns its value, so nothing lies above the threshold."""
-    ends = r.values(np.array([[0, r.pixels - 1]] * len(r.keys)))
-    lo, hi = ends[:, :1], ends[:, 1:]
-    edges = np.arange(_OTSU_BINS + 1.0)[None, :] * ((hi - lo) / _OTSU_BINS) + lo  # np.linspace
-    edges[:, -1:] = hi
-    i = r.first_at_least(edges)
-    hist = np.diff(i, axis=1).astype(np.float64)
-    hist[:, -1] += r.pixels - i[:, -1]  # np.histogram's last bin is closed
+    A constant image returns its value, so nothing lies above the threshold.
+    at_edges: |{h >= edge}| for every edge."""
+    count = at_edges.astype(np.float64)
+    hist = count[:, :-1] - count[:, 1:]
+    hist[:, -1] += count[:, -1]  # np.histogram's last bin is closed
     centres = (edges[:, :-1] + edges[:, 1:]) / 2
     w1, w2 = np.cumsum(hist, axis=1), np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
     with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 only on constant rows, replaced
@@ -374,29 +410,32 @@ def _otsu_thresholds(r: _Ranked) -> np.ndarray:
         mean2 = (np.cumsum((hist * centres)[:, ::-1], axis=1) / w2[:, ::-1])[:, ::-1]
     between = w1[:, :-1] * w2[:, 1:] * (mean1[:, :-1] - mean2[:, 1:]) ** 2
     # bins 0 and 255 hold min and max, so w1, w2 > 0 and `between` is finite on other rows
-    best = np.take_along_axis(centres, np.argmax(between, axis=1)[:, None], axis=1)
-    return np.where(hi > lo, best, lo)[:, 0]
+    best = np.take_along_axis(centres, np.argmax(between, axis=1)[:, None], axis=1)[:, 0]
+    lo, hi = edges[:, 0], edges[:, -1]
+    return np.where(hi > lo, best, lo)
+
+
+def _otsu(r: _Sorted) -> np.ndarray:
+    edges = _otsu_edges(r)
+    return _otsu_thresholds(edges, r.pixels - r.first_at_least(edges))
 
 
 def otsu_threshold(h: Any) -> np.ndarray:
     """Per-image Otsu threshold of h (B, H, W) (see `_otsu_thresholds`)."""
     h = _heat(h)
-    return _otsu_thresholds(_rank(h, np.zeros(h.shape, bool)))
+    return _otsu(_sorted(h, np.zeros(h.shape, bool)))
 
 
-def _otsu_query(r: _Ranked) -> np.ndarray:
-    return r.first_at_least(_otsu_thresholds(r)[:, None], strict=True)  # foreground: h > t
-
-
-def _iou_otsu(fg: _Suffix, mask_count: np.ndarray) -> np.ndarray:
+def _iou_otsu(fg: _Sums, mask_count: np.ndarray) -> np.ndarray:
+    """fg: counts of {h > Otsu threshold}."""
     both = fg.n_mask[:, 0]
     return _divide(both, fg.count[:, 0] + mask_count - both)
 
 
 def iou_otsu(h: Any, m: Any) -> np.ndarray:
     """IoU of {h > Otsu threshold of h} with M; NaN when both are empty."""
-    r = _rank(h, m)
-    return _iou_otsu(r.suffix(_otsu_query(r)), r.mask_count)
+    r = _sorted(h, m)
+    return _iou_otsu(r.at_least(_otsu(r)[:, None], strict=True), r.mask_count)
 
 
 # ---------------------------------------------------------------- all columns at once
@@ -412,24 +451,40 @@ def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
     or None for the STUDY.md defaults. f = |M| / |image| (the EHR chance level's scale) is the
     caller's `mask_fraction` column; at the scoring resolution it is `mask_fraction(m)`.
     """
-    c, r = _config(cfg), _rank(h, m)
-    n, f = c["ehr_thresholds"], r.mask_fraction
-    i_iba, kept = _inputiba_query(r, c["inputiba_min_heat"], c["inputiba_quantiles"], c["inputiba_cap"])
-    total, s_ehr, s_iba, top, fg = r.suffixes(
-        _totals_query(r), _ehr_query(r, n), i_iba, _top_query(r), _otsu_query(r))
+    c, r = _config(cfg), _sorted(h, m)
+    n, f, min_heat = c["ehr_thresholds"], r.mask_fraction, c["inputiba_min_heat"]
+    quantiles = c["inputiba_quantiles"]
+    highest, edges = r.highest, _otsu_edges(r)
+    # first search: the thresholds known from min(h) and max(h); the Otsu edges need no mask counts
+    known = np.hstack([np.broadcast_to(_ehr_thresholds(n), (len(f), n + 1)), highest[:, None],
+                       np.full((len(f), 1), min_heat)])
+    i = r.first_at_least(np.hstack([known, edges]))
+    s = r.counts(i[:, :n + 3], r.first_in_mask_at_least(known))
+    s_ehr, top = _Sums(*(x[:, :n + 1] for x in s)), _Sums(*(x[:, n + 1:n + 2] for x in s))
+    n_kept = s.count[:, n + 2]
+    # second: InputIBA's thresholds (from the kept heat) and Otsu's (h > t, from the edges)
+    t = np.hstack([_inputiba_thresholds(r, n_kept, min_heat, quantiles, c["inputiba_cap"]),
+                   _otsu_thresholds(edges, r.pixels - i[:, n + 3:])[:, None]])
+    strict = np.arange(t.shape[1]) == quantiles + 1
+    i, i_mask = r.first_at_least(t, strict), r.first_in_mask_at_least(t, strict)
+    s_iba, fg = r.counts(i[:, :-1], i_mask[:, :-1]), r.counts(i[:, -1:], i_mask[:, -1:])
+    # heat sums from position 0 (the totals) and from InputIBA's set starts
+    zero = np.zeros((len(f), 1), np.intp)
+    heat, heat_mask = r.heat_from(np.hstack([zero, i[:, :-1]]), np.hstack([zero, i_mask[:, :-1]]))
     ehr, ehr_chance = (_ehr_auc(x, n) for x in _ehr_curves(s_ehr, f))
-    iba, iba_chance = (_inputiba_auc(x) for x in _inputiba_curves(s_iba, f, kept))
+    iba, iba_chance = (_inputiba_auc(x) for x in _inputiba_curves(
+        s_iba, heat[:, 1:], heat_mask[:, 1:], f, n_kept > 0))
     ehr_oracle = _ehr_oracle(f, n)
-    iba_oracle = _inputiba_oracle(r.mask_count > 0, c["inputiba_quantiles"])
+    iba_oracle = _inputiba_oracle(r.mask_count > 0, quantiles)
     return {
-        "diff_gradcam": _diff_gradcam(total),
+        "diff_gradcam": _diff_gradcam(r, heat[:, 0], heat_mask[:, 0]),
         "ehr_auc": ehr, "ehr_auc_chance": ehr_chance, "ehr_auc_oracle": ehr_oracle,
         "ehr_auc_norm": normalised(ehr, ehr_chance, ehr_oracle),
         "ehr_auc_inputiba": iba, "ehr_auc_inputiba_chance": iba_chance,
         "ehr_auc_inputiba_oracle": iba_oracle,
         "ehr_auc_inputiba_norm": normalised(iba, iba_chance, iba_oracle),
-        "energy_in_mask": _energy_in_mask(total),
-        "pointing_hit": _pointing_hit(top),
+        "energy_in_mask": _energy_in_mask(heat[:, 0], heat_mask[:, 0]),
+        "pointing_hit": _pointing_hit(top, highest),
         "iou_otsu": _iou_otsu(fg, r.mask_count),
-        "cam_all_zero": top.heat[:, 0] == 0,
+        "cam_all_zero": highest == 0,
     }

@@ -288,3 +288,77 @@ def test_bad_inputs_raise():
         M.score_batch(np.full((1, 2, 2), np.nan, np.float32), m)
     with pytest.raises(ValueError, match="0/1"):
         M.score_batch(h, np.full((1, 2, 2), 0.5))
+
+
+# ---------------------------------------------------------------- values on the thresholds
+
+def test_float32_values_on_ehr_thresholds_and_one():
+    """float32(k/n) lies just below or above the float64 threshold k/n; 1.0 is the last one."""
+    rng = np.random.default_rng(8)
+    for n in (100, 7, 20):
+        k = rng.integers(0, n + 1, (6, 16, 16))
+        k[:, 0, 0] = n  # h = 1
+        h = (k / n).astype(np.float32)
+        m = rng.random(h.shape) < 0.3
+        assert np.any(h != k / n)  # float32 rounding puts these on one side of k/n
+        expected = [naive_ehr(a, b, n) for a, b in zip(h, m)]
+        np.testing.assert_array_equal(M.ehr_auc(h, m, n), expected)
+        s = M.score_batch(h, m, MetricsConfig(ehr_thresholds=n))
+        np.testing.assert_array_equal(s["ehr_auc"], expected)
+
+
+def test_pixels_on_otsu_edges_and_centres():
+    """Pixels on a bin edge count in the upper bin; pixels on the threshold (a bin centre) are
+    not in {h > t}."""
+    rng = np.random.default_rng(9)
+    lo, hi = 0.125, 0.875  # dyadic: the edges (even j) and centres (odd j) below are exact
+    j = np.concatenate([np.arange(513), rng.integers(0, 513, 63)])  # every edge and centre
+    h = (np.arange(513.0)[np.stack([rng.permutation(j) for _ in range(4)])] * ((hi - lo) / 512)
+         + lo).reshape(4, 24, 24)
+    m = rng.random(h.shape) < 0.4
+    t = M.otsu_threshold(h)
+    np.testing.assert_array_equal(t, [naive_otsu(a) for a in h])
+    assert all(np.any(a == x) for a, x in zip(h, t))  # pixels lie on the thresholds
+    for iou in (M.iou_otsu(h, m), M.score_batch(h, m)["iou_otsu"]):
+        np.testing.assert_array_equal(iou, [naive_row(a, b)["iou_otsu"] for a, b in zip(h, m)])
+
+
+def test_inputiba_quantiles_on_pixel_values():
+    """21 kept values: most quantiles q = k/10 are pixel values (with ties), the others a hair
+    above one ((n - 1) q is not always integral in float64); 12 kept values: between them."""
+    rng = np.random.default_rng(10)
+    h = np.zeros((4, 3, 7), np.float32)
+    h[:2] = rng.choice(np.array([0.1, 0.25, 0.25, 0.5, 0.75, 1.0], np.float32), (2, 3, 7))
+    h[2:] = 0.05
+    h[2].flat[:12] = rng.choice(np.array([0.125, 0.5, 0.5, 0.625], np.float32), 12)
+    h[3].flat[:12] = np.linspace(0.1, 1.0, 12, dtype=np.float32)
+    m = rng.random(h.shape) < 0.5
+    qs = np.linspace(0, 1, 11)
+    on_values = [np.isin(np.quantile(a[a >= 0.1].astype(np.float64), qs), a).sum() for a in h[:2]]
+    assert min(on_values) >= 8
+    for got in (M.ehr_auc_inputiba(h, m), M.score_batch(h, m)["ehr_auc_inputiba"]):
+        np.testing.assert_allclose(got, [naive_inputiba(a, b) for a, b in zip(h, m)],
+                                   rtol=1e-12, atol=1e-15)
+
+
+def test_batch_mixing_empty_full_and_single_pixel_masks():
+    """Each image scores as it does alone, whatever its batch-mates' masks and heat hold."""
+    rng = np.random.default_rng(11)
+    h, _ = random_batch(rng, b=7)
+    m = np.zeros(h.shape, bool)
+    m[1] = True
+    m[3, 2, 5] = True
+    m[4, :3] = True
+    m[6, 5:9, 5:9] = True  # images 0, 2 and 5 have empty masks
+    h[2] = 0.05  # no kept heat in the middle of the batch ...
+    h[6] *= 0.09  # ... and in the last image
+    s = M.score_batch(h, m)
+    for b in range(len(h)):
+        alone = M.score_batch(h[b:b + 1], m[b:b + 1])
+        for k in M.COLUMNS:
+            np.testing.assert_array_equal(s[k][b], alone[k][0], err_msg=f"{k}[{b}]")
+        for k, v in naive_row(h[b], m[b]).items():
+            np.testing.assert_allclose(s[k][b], v, rtol=1e-12, atol=1e-15, err_msg=f"{k}[{b}]")
+        assert s["ehr_auc"][b] == naive_ehr(h[b], m[b])
+        assert s["ehr_auc_inputiba"][b] == pytest.approx(naive_inputiba(h[b], m[b]),
+                                                         rel=1e-12, abs=1e-15)
