@@ -444,6 +444,40 @@ def _config(cfg: Any) -> dict[str, Any]:
     return {k: v if cfg is None else getattr(cfg, k, v) for k, v in _DEFAULTS.items()}
 
 
+class _BatchSets(NamedTuple):
+    """The sets `score_batch` reads off the sorted heat, per image (rows)."""
+
+    ehr: _Sums              # {h >= k/n}, k = 0..n
+    top: _Sums              # {h >= max(h)}: the maximal pixels
+    kept: np.ndarray        # (B,) bool: some heat >= InputIBA's min_heat
+    inputiba: _Sums         # InputIBA's sets {h >= t_q}
+    foreground: _Sums       # {h > Otsu threshold}
+    heat: np.ndarray        # heat sums: column 0 over the image, then over InputIBA's sets
+    heat_mask: np.ndarray   # the same over their parts in M
+
+
+def _batch_sets(r: _Sorted, c: dict[str, Any]) -> _BatchSets:
+    """Two rounds of searches: first the thresholds known from the heat's range (EHR's k/n, the
+    maximum, min_heat, Otsu's bin edges, which need no mask counts), then those computed from
+    the first round (InputIBA's quantiles of the kept heat, Otsu's threshold)."""
+    n, min_heat, quantiles, rows = c["ehr_thresholds"], c["inputiba_min_heat"], c["inputiba_quantiles"], len(r.heat)
+    edges = _otsu_edges(r)
+    known = np.hstack([np.broadcast_to(_ehr_thresholds(n), (rows, n + 1)), r.highest[:, None],
+                       np.full((rows, 1), min_heat)])
+    i = r.first_at_least(np.hstack([known, edges]))
+    s = r.counts(i[:, :n + 3], r.first_in_mask_at_least(known))
+    n_kept = s.count[:, n + 2]
+    t = np.hstack([_inputiba_thresholds(r, n_kept, min_heat, quantiles, c["inputiba_cap"]),
+                   _otsu_thresholds(edges, r.pixels - i[:, n + 3:])[:, None]])
+    strict = np.arange(t.shape[1]) == quantiles + 1  # Otsu's foreground is h > t
+    i, i_mask = r.first_at_least(t, strict), r.first_in_mask_at_least(t, strict)
+    zero = np.zeros((rows, 1), np.intp)  # heat sums from position 0: the totals
+    heat, heat_mask = r.heat_from(np.hstack([zero, i[:, :-1]]), np.hstack([zero, i_mask[:, :-1]]))
+    return _BatchSets(ehr=_Sums(*(x[:, :n + 1] for x in s)), top=_Sums(*(x[:, n + 1:n + 2] for x in s)),
+                      kept=n_kept > 0, inputiba=r.counts(i[:, :-1], i_mask[:, :-1]),
+                      foreground=r.counts(i[:, -1:], i_mask[:, -1:]), heat=heat, heat_mask=heat_mask)
+
+
 def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
     """Every column of COLUMNS for a batch: float64 arrays (B,), `cam_all_zero` bool (B,).
 
@@ -452,39 +486,22 @@ def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
     caller's `mask_fraction` column; at the scoring resolution it is `mask_fraction(m)`.
     """
     c, r = _config(cfg), _sorted(h, m)
-    n, f, min_heat = c["ehr_thresholds"], r.mask_fraction, c["inputiba_min_heat"]
-    quantiles = c["inputiba_quantiles"]
-    highest, edges = r.highest, _otsu_edges(r)
-    # first search: the thresholds known from min(h) and max(h); the Otsu edges need no mask counts
-    known = np.hstack([np.broadcast_to(_ehr_thresholds(n), (len(f), n + 1)), highest[:, None],
-                       np.full((len(f), 1), min_heat)])
-    i = r.first_at_least(np.hstack([known, edges]))
-    s = r.counts(i[:, :n + 3], r.first_in_mask_at_least(known))
-    s_ehr, top = _Sums(*(x[:, :n + 1] for x in s)), _Sums(*(x[:, n + 1:n + 2] for x in s))
-    n_kept = s.count[:, n + 2]
-    # second: InputIBA's thresholds (from the kept heat) and Otsu's (h > t, from the edges)
-    t = np.hstack([_inputiba_thresholds(r, n_kept, min_heat, quantiles, c["inputiba_cap"]),
-                   _otsu_thresholds(edges, r.pixels - i[:, n + 3:])[:, None]])
-    strict = np.arange(t.shape[1]) == quantiles + 1
-    i, i_mask = r.first_at_least(t, strict), r.first_in_mask_at_least(t, strict)
-    s_iba, fg = r.counts(i[:, :-1], i_mask[:, :-1]), r.counts(i[:, -1:], i_mask[:, -1:])
-    # heat sums from position 0 (the totals) and from InputIBA's set starts
-    zero = np.zeros((len(f), 1), np.intp)
-    heat, heat_mask = r.heat_from(np.hstack([zero, i[:, :-1]]), np.hstack([zero, i_mask[:, :-1]]))
-    ehr, ehr_chance = (_ehr_auc(x, n) for x in _ehr_curves(s_ehr, f))
+    n, f, sets = c["ehr_thresholds"], r.mask_fraction, _batch_sets(r, c)
+    ehr, ehr_chance = (_ehr_auc(x, n) for x in _ehr_curves(sets.ehr, f))
     iba, iba_chance = (_inputiba_auc(x) for x in _inputiba_curves(
-        s_iba, heat[:, 1:], heat_mask[:, 1:], f, n_kept > 0))
+        sets.inputiba, sets.heat[:, 1:], sets.heat_mask[:, 1:], f, sets.kept))
     ehr_oracle = _ehr_oracle(f, n)
-    iba_oracle = _inputiba_oracle(r.mask_count > 0, quantiles)
+    iba_oracle = _inputiba_oracle(r.mask_count > 0, c["inputiba_quantiles"])
+    heat, heat_mask, highest = sets.heat[:, 0], sets.heat_mask[:, 0], r.highest
     return {
-        "diff_gradcam": _diff_gradcam(r, heat[:, 0], heat_mask[:, 0]),
+        "diff_gradcam": _diff_gradcam(r, heat, heat_mask),
         "ehr_auc": ehr, "ehr_auc_chance": ehr_chance, "ehr_auc_oracle": ehr_oracle,
         "ehr_auc_norm": normalised(ehr, ehr_chance, ehr_oracle),
         "ehr_auc_inputiba": iba, "ehr_auc_inputiba_chance": iba_chance,
         "ehr_auc_inputiba_oracle": iba_oracle,
         "ehr_auc_inputiba_norm": normalised(iba, iba_chance, iba_oracle),
-        "energy_in_mask": _energy_in_mask(heat[:, 0], heat_mask[:, 0]),
-        "pointing_hit": _pointing_hit(top, highest),
-        "iou_otsu": _iou_otsu(fg, r.mask_count),
+        "energy_in_mask": _energy_in_mask(heat, heat_mask),
+        "pointing_hit": _pointing_hit(sets.top, highest),
+        "iou_otsu": _iou_otsu(sets.foreground, r.mask_count),
         "cam_all_zero": highest == 0,
     }
