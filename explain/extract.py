@@ -12,6 +12,8 @@ paid once per stage (on 2 CPUs that cost was ~20 s per run, against ~2 s of CAM 
 
 Blocks hold one run's rows (BLOCK_ROWS at most), so an actor builds a run's models once per
 block; the actor still groups each batch by run, so scoring never depends on how rows are cut.
+Blocks come largest model first and each actor takes one at a time, so the stage ends with short
+blocks on every actor rather than one actor busy with ViT-L while the other idles.
 
 Columns: image_id, model, seed, label, probability, correct, mask_fraction, randomized,
 cam_method, cam_layer, heatmap (float16 FixedShapeTensorArray, readable by plain pyarrow via
@@ -167,7 +169,8 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
     """Run the pipeline; write each run as soon as all its rows are back. Returns what is left."""
     import ray.data
 
-    blocks = [part.iloc[i:i + BLOCK_ROWS] for part in work.values() for i in range(0, len(part), BLOCK_ROWS)]
+    order = [plan.key for plan in registry.largest_first(todo)]
+    blocks = [work[key].iloc[i:i + BLOCK_ROWS] for key in order for i in range(0, len(work[key]), BLOCK_ROWS)]
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} heatmaps to compute, {actors} actor(s)")
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir)) for plan in todo}
@@ -179,7 +182,9 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
         dataset = ray.data.from_pandas(blocks).map_batches(
             CamScorer, batch_format="pandas", batch_size=step,
             fn_constructor_kwargs={"config": config, "runs": runs, "cache_dir": str(store.cache_dir)},
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            # one block at a time per actor: the next goes to whichever actor frees first (the
+            # default queues several per actor up front, which left one actor idle at the end)
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
             num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else cpus_per_actor)
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for key, part in _by_run(table):

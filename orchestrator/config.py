@@ -165,7 +165,7 @@ class TrainingConfig:
     selection: Literal["val_auc", "val_loss", "last"] = "val_auc"  # which epoch's weights are kept
     threshold: float = 0.5  # on the softmax probability of the positive class
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # CNNs on CUDA
+    channels_last: bool = True  # CNNs, on CUDA and CPU
     max_failures: int = 2  # Ray Train worker retries, resuming from the last checkpoint
 
     def __post_init__(self):

