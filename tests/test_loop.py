@@ -79,16 +79,21 @@ class Killed(Exception):
     pass
 
 
-def _kill_after_first_epoch(epoch, metrics):
-    if epoch == 1:
-        raise Killed
+def _killed_run(cache, config, tmp_path, after_epoch: int):
+    """A resnet18 run killed right after `after_epoch`'s checkpoint (its report); its folder."""
+    def report(epoch, metrics):
+        if epoch == after_epoch:
+            raise Killed
+
+    run_dir = tmp_path / "resnet18-seed0"
+    with pytest.raises(Killed):
+        loop.train_run(registry.get("resnet18"), RECIPE, config, cache, run_dir, seed=0, report=report)
+    return run_dir
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_matches_the_uninterrupted_one(finished, cache, config, tmp_path):
-    run_dir = tmp_path / "resnet18-seed0"
-    with pytest.raises(Killed):
-        loop.train_run(registry.get("resnet18"), RECIPE, config, cache, run_dir, seed=0, report=_kill_after_first_epoch)
+    run_dir = _killed_run(cache, config, tmp_path, after_epoch=1)
     assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "done.json").exists()
     with pytest.raises(TrainingError, match="other settings"):
         loop.train_run(registry.get("resnet18"), dataclasses.replace(RECIPE, lr=1e-2), config, cache, run_dir, seed=0)
@@ -107,17 +112,9 @@ def test_a_killed_run_resumes_and_matches_the_uninterrupted_one(finished, cache,
     assert resumed.test_metrics["auc"] == pytest.approx(uninterrupted.test_metrics["auc"], rel=1e-5)
 
 
-
-def _kill_after_last_epoch(epoch, metrics):
-    if epoch == RECIPE.epochs:
-        raise Killed
-
-
 @pytest.mark.slow
 def test_a_run_killed_after_its_last_checkpoint_only_tests_on_resume(finished, cache, config, tmp_path):
-    run_dir = tmp_path / "resnet18-seed0"
-    with pytest.raises(Killed):
-        loop.train_run(registry.get("resnet18"), RECIPE, config, cache, run_dir, seed=0, report=_kill_after_last_epoch)
+    run_dir = _killed_run(cache, config, tmp_path, after_epoch=RECIPE.epochs)
     assert "optimizer" not in torch.load(run_dir / loop.CHECKPOINT, weights_only=True)  # nothing follows it
     resumed = loop.train_run(registry.get("resnet18"), RECIPE, config, cache, run_dir, seed=0,
                              report=lambda *_: pytest.fail("every epoch was checkpointed"))

@@ -25,6 +25,7 @@ ViTs share this tag. The paper says only "pretrained on ImageNet-1K".
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -185,6 +186,7 @@ def parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+@functools.lru_cache(maxsize=None)  # up to 0.5 s for ViT-L, asked once per run by several stages
 def parameter_count_millions(spec: ModelSpec, image_size: int = 224, num_classes: int = 2) -> float:
     """Parameters of the 2-way model, in millions, counted on the meta device (no memory, ~0.1 s)."""
     with torch.device("meta"):
