@@ -341,12 +341,14 @@ def _keep_best(run_dir: Path, state: RunState, recipe: Recipe, selection: str) -
     called on resume, which repairs a crash between the checkpoint and its link."""
     if not state.ranks.writes:
         return
-    needed = state.epoch < recipe.epochs and selection != "last"
-    best = _best_path(run_dir, state.best_epoch)
-    if needed and state.best_epoch == state.epoch:
-        link_atomic(run_dir / CHECKPOINT, best)
+    keep = _best_path(run_dir, state.best_epoch)
+    if state.best_epoch == state.epoch:  # the checkpoint just written holds the selected weights
+        if state.epoch < recipe.epochs and selection != "last":
+            link_atomic(run_dir / CHECKPOINT, keep)
+        else:
+            keep = None  # no later epoch will replace that checkpoint
     for stale in run_dir.glob("best-e*.pt"):  # earlier bests, crashed epochs, or no longer needed
-        if stale != best or (state.best_epoch == state.epoch and not needed):
+        if stale != keep:
             stale.unlink(missing_ok=True)
 
 

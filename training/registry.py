@@ -186,9 +186,10 @@ def parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-@functools.lru_cache(maxsize=None)  # up to 0.5 s for ViT-L, asked once per run by several stages
+@functools.lru_cache(maxsize=None)  # asked for every run by the train and explain stages
 def parameter_count_millions(spec: ModelSpec, image_size: int = 224, num_classes: int = 2) -> float:
-    """Parameters of the 2-way model, in millions, counted on the meta device (no memory, ~0.1 s)."""
+    """Parameters of the 2-way model, in millions, counted on the meta device (no memory; 0.1-0.5 s
+    the first time per spec, then cached)."""
     with torch.device("meta"):
         model = timm.create_model(spec.timm_name, pretrained=False,
                                   **create_kwargs(spec, image_size=image_size, num_classes=num_classes))
