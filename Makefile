@@ -24,8 +24,9 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/camstudy run $(CONFIG)
 
+# -X faulthandler: a crash (also one at interpreter exit) prints every thread's stack
 test: install-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -X faulthandler -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/prepare.py

@@ -1,5 +1,16 @@
-"""Shared fixtures: keep this file small, tests own their helpers."""
+"""Shared fixtures: keep this file small, tests own their helpers.
 
+One in-process Ray per test session (`ray_session`), started by the first test that asks for it
+and shut down once at the end: starting and stopping Ray several times in one interpreter while
+Ray Data or Ray Train threads of the previous session are still winding down is the pattern Ray
+documents as unsafe (ray-project/ray#31145: threads touching a freed core worker), and it is
+what made `make test` die with SIGSEGV after a green summary. `pytest_unconfigure` closes what
+tests leave open in this process (Ray, a torch.distributed group, MLflow's SQLAlchemy engines)
+before the interpreter starts tearing itself down, and names any thread still running.
+"""
+
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +58,39 @@ def stage2_labels() -> Path:
     if not path.is_file():
         pytest.skip(f"real label file {path} absent (it lives in the shared data folder)")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local two-CPU Ray shared by every in-process test (see the module docstring)."""
+    ray = pytest.importorskip("ray")
+    from orchestrator.ray_setup import local_data_context
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    local_data_context(progress=False)
+    yield ray
+    # shut down in pytest_unconfigure, after every other session fixture has been torn down
+
+
+def pytest_unconfigure(config):
+    """Close this process's native resources while the interpreter is still whole."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _dispose_mlflow_engines()
+    alive = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if alive:
+        names = ", ".join(sorted(f"{t.name}{' (daemon)' if t.daemon else ''}" for t in alive))
+        print(f"\nthreads still alive at the end of the session: {names}", file=sys.stderr)
+
+
+def _dispose_mlflow_engines() -> None:
+    """MLflow keeps one SQLAlchemy engine (and its connection pool) per database URI, for ever."""
+    stores = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    if stores is not None:
+        for engine in stores.SqlAlchemyStore._engine_map.values():
+            engine.dispose()

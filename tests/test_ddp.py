@@ -176,19 +176,8 @@ def test_the_worker_count_enters_the_fingerprint_only_above_one():
 # --------------------------------------------------------------------------- through Ray Train
 
 
-@pytest.fixture
-def ray_two_cpus():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
-def test_two_ray_train_workers_train_one_run_and_log_every_epoch(ray_two_cpus, tmp_path, capsys):
+def test_two_ray_train_workers_train_one_run_and_log_every_epoch(ray_session, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import load_config

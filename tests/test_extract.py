@@ -22,9 +22,8 @@ CAM_COLUMNS = ["image_id", "model", "seed", "label", "probability", "correct", "
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """Two finished resnet18 runs (seeds 0 and 1, one epoch) on the tiny cache, and a local Ray."""
-    ray = pytest.importorskip("ray")
+def study(tmp_path_factory, ray_session):
+    """Two finished resnet18 runs (seeds 0 and 1, one epoch) on the tiny cache, on the session's Ray."""
     config = load_config(ROOT / "configs" / "demo.yaml", {
         "storage": str(tmp_path_factory.mktemp("store")), "models.names": ["resnet18"],
         "preprocess.image_size": TINY_SIZE, "recipes.resnet.epochs": 1, "training.seeds": SEEDS,
@@ -35,12 +34,7 @@ def study(tmp_path_factory):
     for plan in plans:
         train_run(plan.spec, registry.recipe_for(plan.spec, config.recipes), config, store.cache_dir,
                   plan.run_dir, plan.seed, fingerprint=plan.fingerprint)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield config, store, plans
-    if started:
-        ray.shutdown()
 
 
 def _positives_in_test(store) -> int:

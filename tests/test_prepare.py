@@ -26,20 +26,6 @@ def _images(n_pos: int, n_neg: int) -> pd.DataFrame:
     return pd.DataFrame({"image_id": ids, "label": labels}).sample(frac=1, random_state=3)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    from orchestrator.ray_setup import local_data_context
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    local_data_context(progress=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 # --------------------------------------------------------------------------- selection and split
 
 
@@ -174,7 +160,7 @@ def test_pixel_duplicates_are_dropped_and_reported(png_rows, tmp_path):
     assert "zz-copy-of-img03" not in set(prepared.manifest["image_id"])
 
 
-def test_ray_data_path_equals_the_serial_path(png_rows, ray_local):
+def test_ray_data_path_equals_the_serial_path(png_rows, ray_session):
     cfg = PreprocessConfig(image_size=16)
     serial = map_rows(png_rows, process_batch, 0, "serial", cfg=cfg)
     parallel = map_rows(png_rows, process_batch, 2, "ray", cfg=cfg)
@@ -183,7 +169,7 @@ def test_ray_data_path_equals_the_serial_path(png_rows, ray_local):
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["serial", "ray"])
-def test_an_unreadable_image_is_a_data_error_naming_the_file(png_rows, tmp_path, workers, ray_local):
+def test_an_unreadable_image_is_a_data_error_naming_the_file(png_rows, tmp_path, workers, ray_session):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     rows = pd.concat([png_rows, png_rows.iloc[[0]].assign(image_id="zz", path=str(broken))], ignore_index=True)
@@ -206,7 +192,7 @@ def _outputs(store) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in paths}
 
 
-def test_prepare_stage_end_to_end_and_rerun_is_a_no_op(tmp_path, ray_local, capsys):
+def test_prepare_stage_end_to_end_and_rerun_is_a_no_op(tmp_path, ray_session, capsys):
     config = load_config(DEMO, _tiny(tmp_path))
     store = prepare_stage(config)
     manifest = pd.read_parquet(store.manifest_path)
