@@ -4,14 +4,16 @@
     cams/<model>-seed<k>/   Parquet parts, one row per scored image × {trained, randomised} × method
     data/                   manifest.parquet, report.json, cache/ (Figure 1 backgrounds)
 
-Plain pandas and pyarrow only: the analysis runs without torch, timm or Ray. A run without
-done.json is unfinished or failed; everything it left is ignored and listed in `missing`.
+Plain pandas and pyarrow only: the analysis runs without torch, timm or Ray, and finds every
+file through the study contract (`training.contract.StudyStore`). It reads the runs it is given
+(the runs the config names), never whatever else lies in the store. A run without done.json
+is unfinished or failed, one without a CAM completion record has no scored maps; what such a
+run left is ignored and listed in `missing`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -20,35 +22,17 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-# The one fallback table of family and depth (layers as the paper counts them; both ViT-S and
-# ViT-B have 12 blocks). training.registry holds the same facts; it imports torch and timm, so
-# the analysis takes them from here, from config `models.extra`, or from a mapping passed in.
-BUILTIN_MODELS: dict[str, tuple[str, int]] = {
-    "vgg16": ("vgg", 16), "vgg19": ("vgg", 19),
-    "resnet18": ("resnet", 18), "resnet34": ("resnet", 34), "resnet50": ("resnet", 50),
-    "resnet101": ("resnet", 101),
-    "vit_small": ("vit", 12), "vit_base": ("vit", 12), "vit_large": ("vit", 24),
-}
-FAMILY_ORDER = ("vgg", "resnet", "vit")
+from training.contract import StudyStore, run_key
+from training.models import FAMILY_ORDER, REGISTRY
+
+# family and depth of the built-in models (layers as the paper counts them), from their specs
+BUILTIN_MODELS: dict[str, tuple[str, int]] = {name: (spec.family, spec.depth) for name, spec in REGISTRY.items()}
 PRIMARY_CAM_METHOD = "gradcam"
 CAM_REQUIRED = ["image_id", "model", "seed", "diff_gradcam", "randomized", "cam_method"]
 CAM_OPTIONAL = ["label", "probability", "correct", "mask_fraction", "ehr_auc", "ehr_auc_chance",
                 "ehr_auc_oracle", "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
                 "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit",
                 "iou_otsu", "cam_all_zero", "cam_layer"]
-_RUN_KEY = re.compile(r"^(?P<model>.+)-seed(?P<seed>\d+)$")
-
-
-def run_key(model: str, seed: int) -> str:
-    return f"{model}-seed{seed}"
-
-
-def parse_run_key(name: str) -> Optional[tuple[str, int]]:
-    """("resnet50", 2) for "resnet50-seed2"; None for a name of another form."""
-    match = _RUN_KEY.match(name)
-    return (match["model"], int(match["seed"])) if match else None
-
-
 def model_table(models: list[str], known: Optional[Mapping[str, tuple[str, int]]] = None) -> pd.DataFrame:
     """model, family, depth, in plot order: by family (VGG, ResNet, ViT, others), then depth.
 
@@ -94,21 +78,23 @@ class StudyInputs:
 
 
 def load_study(study_dir: str | Path, config: Mapping[str, Any],
-               known_models: Optional[Mapping[str, tuple[str, int]]] = None) -> StudyInputs:
-    """Read every finished run of the store; list each expected piece that is absent."""
-    root = Path(study_dir)
+               known_models: Optional[Mapping[str, tuple[str, int]]] = None,
+               runs: Optional[list[tuple[str, int]]] = None) -> StudyInputs:
+    """Read the finished runs among `runs` (default: the config's models x seeds); list each
+    expected piece that is absent."""
+    root, store = Path(study_dir), StudyStore(study_dir)
     missing: list[str] = []
-    runs = _survey_runs(root, config)
+    runs = _survey_runs(store, runs if runs is not None else _expected_runs(config))
     finished = runs[runs["finished"]]
     inputs = StudyInputs(
         root=root, config=dict(config),
         models=model_table(runs["model"].tolist(), {**known_from_config(config), **(known_models or {})}),
         runs=runs,
-        test_metrics=_read_test_metrics(root, finished[finished["has_metrics"]]),
-        predictions=_read_predictions(root, finished[finished["has_predictions"]]),
-        cams=_read_all_cams(root, finished[finished["has_cams"]], missing),
-        manifest=_read_optional_parquet(root / "data" / "manifest.parquet", missing),
-        data_report=_read_optional_json(root / "data" / "report.json", missing),
+        test_metrics=_read_test_metrics(store, finished[finished["has_metrics"]]),
+        predictions=_read_predictions(store, finished[finished["has_predictions"]]),
+        cams=_read_all_cams(store, finished[finished["has_cams"]], missing),
+        manifest=_read_optional_parquet(store.manifest_path, missing),
+        data_report=_read_optional_json(store.data_report_path, missing),
     )
     inputs.missing = _run_problems(runs) + missing
     return inputs
@@ -120,20 +106,16 @@ def _expected_runs(config: Mapping[str, Any]) -> list[tuple[str, int]]:
     return [(m, int(s)) for m in names for s in seeds]
 
 
-def _survey_runs(root: Path, config: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per expected or present (model, seed) with what exists for it."""
-    found = [parse_run_key(p.name) for sub in ("train", "cams") if (root / sub).is_dir()
-             for p in sorted((root / sub).iterdir())
-             if p.is_dir() and not p.name.startswith(".")]  # .<name>.tmp-<pid>: being written
-    keys = list(dict.fromkeys(_expected_runs(config) + [k for k in found if k is not None]))
+def _survey_runs(store: StudyStore, expected: list[tuple[str, int]]) -> pd.DataFrame:
+    """One row per expected (model, seed) with what exists for it."""
     rows = []
-    for model, seed in keys:
-        train = root / "train" / run_key(model, seed)
+    for model, seed in dict.fromkeys(expected):
+        train, cams = store.run_dir(model, seed), store.cams_dir(model, seed)
         rows.append({"run_key": run_key(model, seed), "model": model, "seed": seed,
-                     "train_dir": train.is_dir(), "finished": (train / "done.json").is_file(),
-                     "has_predictions": (train / "predictions.parquet").is_file(),
-                     "has_metrics": (train / "test_metrics.json").is_file(),
-                     "has_cams": _has_parquet(root / "cams" / run_key(model, seed))})
+                     "train_dir": train.is_dir(), "finished": (train / StudyStore.DONE).is_file(),
+                     "has_predictions": (train / StudyStore.PREDICTIONS).is_file(),
+                     "has_metrics": (train / StudyStore.TEST_METRICS).is_file(),
+                     "has_cams": (cams / StudyStore.CAM_DONE).is_file() and _has_parquet(cams)})
     return pd.DataFrame(rows, columns=["run_key", "model", "seed", "train_dir", "finished",
                                        "has_predictions", "has_metrics", "has_cams"])
 
@@ -154,21 +136,21 @@ def _run_problems(runs: pd.DataFrame) -> list[str]:
         else:
             problems += [f"{run.run_key}: {what}" for flag, what in (
                 (run.has_predictions, "no predictions.parquet"), (run.has_metrics, "no test_metrics.json"),
-                (run.has_cams, f"no CAM Parquet (cams/{run.run_key}/)")) if not flag]
+                (run.has_cams, f"no finished CAM output (cams/{run.run_key}/)")) if not flag]
     return problems
 
 
-def _read_test_metrics(root: Path, runs: pd.DataFrame) -> pd.DataFrame:
+def _read_test_metrics(store: StudyStore, runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run in runs.itertuples():
-        values = json.loads((root / "train" / run.run_key / "test_metrics.json").read_text())
+        values = json.loads((store.run_dir(run.model, run.seed) / StudyStore.TEST_METRICS).read_text())
         numbers = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
         rows.append({"model": run.model, "seed": run.seed, **numbers})
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["model", "seed"])
 
 
-def _read_predictions(root: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    frames = [pd.read_parquet(root / "train" / run.run_key / "predictions.parquet",
+def _read_predictions(store: StudyStore, runs: pd.DataFrame) -> pd.DataFrame:
+    frames = [pd.read_parquet(store.run_dir(run.model, run.seed) / StudyStore.PREDICTIONS,
                               columns=["image_id", "label", "probability"]).assign(model=run.model, seed=run.seed)
               for run in runs.itertuples()]
     if not frames:
@@ -176,8 +158,8 @@ def _read_predictions(root: Path, runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _read_all_cams(root: Path, runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
-    frames = [read_cams(root / "cams" / run.run_key, missing) for run in runs.itertuples()]
+def _read_all_cams(store: StudyStore, runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
+    frames = [read_cams(store.cams_dir(run.model, run.seed), missing) for run in runs.itertuples()]
     frames = [f for f in frames if f is not None]
     if not frames:
         return pd.DataFrame(columns=CAM_REQUIRED)
@@ -200,7 +182,7 @@ def read_cams(directory: Path, missing: list[str]) -> Optional[pd.DataFrame]:
 def read_heatmaps(study_dir: str | Path, model: str, seed: int, image_ids: list[str],
                   method: str = PRIMARY_CAM_METHOD) -> dict[str, np.ndarray]:
     """Trained-model heatmaps (float32 S×S) of `image_ids` for one run; absent ids are left out."""
-    directory = Path(study_dir) / "cams" / run_key(model, seed)
+    directory = StudyStore(study_dir).cams_dir(model, seed)
     if not _has_parquet(directory):
         return {}
     table = pq.read_table(directory, columns=["image_id", "heatmap", "randomized", "cam_method"],
@@ -212,13 +194,13 @@ def read_heatmaps(study_dir: str | Path, model: str, seed: int, image_ids: list[
 
 def read_backgrounds(study_dir: str | Path, image_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """image_id -> (z-scored image float32, mask uint8) from data/cache; {} without a cache."""
-    cache = Path(study_dir) / "data" / "cache"
-    if not (cache / "index.parquet").is_file():
+    cache = StudyStore(study_dir).cache_dir
+    if not (cache / StudyStore.CACHE_INDEX).is_file():
         return {}
-    index = pd.read_parquet(cache / "index.parquet", columns=["row", "image_id"])
+    index = pd.read_parquet(cache / StudyStore.CACHE_INDEX, columns=["row", "image_id"])
     rows = index[index["image_id"].isin(image_ids)]
-    images = np.load(cache / "images.npy", mmap_mode="r")
-    masks = np.load(cache / "masks.npy", mmap_mode="r")
+    images = np.load(cache / StudyStore.CACHE_IMAGES, mmap_mode="r")
+    masks = np.load(cache / StudyStore.CACHE_MASKS, mmap_mode="r")
     return {r.image_id: (np.asarray(images[r.row], dtype=np.float32), np.asarray(masks[r.row]))
             for r in rows.itertuples()}
 

@@ -48,14 +48,17 @@ class AnalysisOutputs:
 
 
 def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = None,
-            known_models: Optional[Mapping[str, tuple[str, int]]] = None) -> Path:
+            known_models: Optional[Mapping[str, tuple[str, int]]] = None,
+            runs: Optional[list[tuple[str, int]]] = None) -> Path:
     """Analyse the study store and return the path of report.html.
 
     config: the resolved config as a plain dict (`StudyConfig.to_dict()`). tracker: anything
-    with `.client` (MlflowClient) and `.parent_run()` (orchestrator.tracking.StudyTracker).
+    with `.client` (MlflowClient), `.parent_run()` and `.current_children()` (run key -> run id
+    of each run's current attempt), as orchestrator.tracking.StudyTracker has.
     known_models: model -> (family, depth) for models outside the built-in table.
+    runs: the (model, seed) runs to analyse (default: the config's models x seeds).
     """
-    inputs = load_study(study_dir, config, known_models)
+    inputs = load_study(study_dir, config, known_models, runs)
     final = inputs.root / "analysis"
     with atomic_dir(final) as tmp:
         outputs = build_outputs(inputs, tmp)
@@ -63,7 +66,7 @@ def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = Non
     outputs = _moved(outputs, tmp, final)
     if tracker is not None:
         parent = tracker.parent_run()
-        log_to_mlflow(tracker.client, parent, child_run_ids(tracker.client, parent), outputs)
+        log_to_mlflow(tracker.client, parent, tracker.current_children(), outputs)
     return outputs.report_path
 
 
@@ -215,13 +218,6 @@ def _figure1(inputs: StudyInputs, trained: pd.DataFrame, path: Path, method: Opt
 
 
 # ----------------------------------------------------------------------------- MLflow
-
-
-def child_run_ids(client: Any, parent_run_id: str) -> dict[str, str]:
-    """run key (the child's run name, e.g. "resnet50-seed0") -> run id, for the parent's children."""
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return {run.info.run_name: run.info.run_id for run in children}
 
 
 def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, str], outputs: AnalysisOutputs) -> None:

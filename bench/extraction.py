@@ -22,9 +22,9 @@ import ray
 import torch
 
 from explain.extract import CamScorer, extract_runs, run_work
-from orchestrator.config import load_config, parse_override
+from training.config import load_config, parse_override
 from orchestrator.ray_setup import init_ray
-from orchestrator.store import StudyStore
+from training.contract import StudyStore
 from orchestrator.train_runs import is_finished, plan_runs
 
 

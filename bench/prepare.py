@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.config import PreprocessConfig
+from training.config import PreprocessConfig
 from training.data import load_siim
 from training.prepare import BATCH_SIZE, map_rows, process_batch
 from training.synth import generate

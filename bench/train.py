@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from orchestrator.config import load_config
+from training.config import load_config
 from training import augment, registry
 from training.loop import RunState, Split, batch_indices, make_model, make_optimizer, prepare_input, train_epoch
 

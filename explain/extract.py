@@ -22,7 +22,6 @@ cam_method, cam_layer, heatmap (float16 FixedShapeTensorArray, readable by plain
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -33,10 +32,11 @@ import pyarrow as pa
 from training import registry
 from training.atomic import atomic_dir
 from training.cache import read_index
+from training.contract import StudyStore, explain_inputs, record_reason, run_key, write_record
 from training.errors import DataError
 from training.ray_data import without_budget_backpressure
 
-DONE = "_done.json"  # written last into a run's CAM folder, with the run's fingerprint
+DONE = StudyStore.CAM_DONE  # written last into a run's CAM folder: the inputs it was made from
 # Rows per Ray Data block, one run per block. A block is one task on one actor, which builds the
 # block's run's two models once (seconds for VGG and ViT-L on a CPU): a small run stays one
 # block, a large one is spread over several actors.
@@ -47,11 +47,11 @@ def scored_images(config, cache_dir: Path, run_dir: Path) -> pd.DataFrame:
     """Test positives (or true positives) with their cache row, prediction and correctness."""
     index = read_index(cache_dir)
     test = index[(index["split"] == "test") & (index["label"] == 1)]
-    predictions = pd.read_parquet(run_dir / "predictions.parquet")[["image_id", "probability"]]
+    predictions = pd.read_parquet(run_dir / StudyStore.PREDICTIONS)[["image_id", "probability"]]
     rows = test.merge(predictions, on="image_id", how="left", validate="one_to_one")
     if rows["probability"].isna().any():
         missing = rows.loc[rows["probability"].isna(), "image_id"].head(3).tolist()
-        raise DataError(f"{run_dir / 'predictions.parquet'}: no prediction for test images {missing}; "
+        raise DataError(f"{run_dir / StudyStore.PREDICTIONS}: no prediction for test images {missing}; "
                         "the run's predictions do not match the cache — rerun `camstudy train` with --force train")
     rows["correct"] = rows["probability"] >= config.training.threshold
     if config.cam.images == "true-positives":
@@ -68,8 +68,8 @@ class CamScorer:
 
         self.torch, self.config, self.runs = torch, config, runs
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.images = np.load(Path(cache_dir) / "images.npy", mmap_mode="r")
-        self.masks = np.load(Path(cache_dir) / "masks.npy", mmap_mode="r")
+        self.images = np.load(Path(cache_dir) / StudyStore.CACHE_IMAGES, mmap_mode="r")
+        self.masks = np.load(Path(cache_dir) / StudyStore.CACHE_MASKS, mmap_mode="r")
         self.loaded: tuple[str, registry.ModelSpec, dict] | None = None  # one run's models at a time
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
@@ -98,17 +98,20 @@ class CamScorer:
     def _randomised(self, spec, seed: int):
         # Adebayo et al. 2018 model-parameter randomisation: same architecture, fresh weights
         self.torch.manual_seed(10_000 + seed)
-        return registry.build_model(spec, init="random", image_size=self.config.preprocess.image_size
-                                    ).to(self.device).eval()
+        preprocess = self.config.preprocess
+        return registry.build_model(spec, init="random", image_size=preprocess.image_size,
+                                    in_chans=preprocess.channels).to(self.device).eval()
 
     def _score(self, rows: pd.DataFrame, spec, seed: int, model, method: str) -> pa.Table:
         from explain.cam import compute
         from explain.metrics import score_batch
 
+        from training.loop import prepare_input
+
         torch = self.torch
         take = rows["row"].to_numpy()
         images = torch.from_numpy(np.ascontiguousarray(self.images[take])).to(self.device)
-        images = images.float()[:, None].expand(-1, 3, -1, -1).contiguous()
+        images = prepare_input(images[:, None], self.config.preprocess.channels, channels_last=False)
         heat = compute(model, spec, images, target_class=1, method=method)
         masks = torch.from_numpy(np.ascontiguousarray(self.masks[take])).to(self.device).bool()
         scores = score_batch(heat, masks, self.config.metrics)
@@ -136,25 +139,28 @@ def run_work(config, cache_dir: Path, plan) -> pd.DataFrame:
     return pd.concat([rows.assign(randomized=flag, run=plan.key) for flag in flags], ignore_index=True)
 
 
-def is_extracted(store, plan) -> bool:
-    done = store.cams_dir(plan.spec.name, plan.seed) / DONE
-    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == plan.fingerprint
+def extraction_reason(config, store, plan) -> str | None:
+    """None when the run's CAM output was made from the inputs the config asks for now, else why not."""
+    return record_reason(store.cams_dir(plan.spec.name, plan.seed) / DONE, explain_inputs(config, plan.fingerprint))
 
 
 def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0) -> None:
-    """Score every plan's run into `cams/<model>-seed<k>/` in one Ray Data pipeline; finished ones are skipped."""
+    """Score every plan's run into `cams/<model>-seed<k>/` in one Ray Data pipeline; runs whose
+    output was made from the same inputs are skipped, the others (re)computed with the reason."""
     todo = []
     for plan in plans:
-        if is_extracted(store, plan):
-            print(f"[explain] {plan.key}: finished earlier, skipped")
+        reason = extraction_reason(config, store, plan)
+        if reason is None:
+            print(f"[explain] {plan.key}: up to date, skipped")
         else:
+            print(f"[explain] {plan.key}: {reason}; computing its heatmaps")
             todo.append(plan)
     if not todo:
         return
     work = {plan.key: run_work(config, store.cache_dir, plan) for plan in todo}
     for plan in [plan for plan in todo if work[plan.key].empty]:  # e.g. no true positive to explain
         print(f"[explain] {plan.key}: no image to explain ({config.cam.images}); nothing written")
-        _write_run(store, plan, None)
+        _write_run(config, store, plan, None)
         todo.remove(plan)
         del work[plan.key]
     if not todo:
@@ -190,7 +196,7 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
             for key, part in _by_run(table):
                 collected[key].append(part)
                 if sum(len(t) for t in collected[key]) == expected[key]:
-                    out = _write_run(store, plan_of[key], pa.concat_tables(collected.pop(key)))
+                    out = _write_run(config, store, plan_of[key], pa.concat_tables(collected.pop(key)))
                     print(f"[explain] {key}: {expected[key]} heatmaps written ({time.time() - started:.0f}s) -> {out}")
     return collected
 
@@ -198,16 +204,17 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
 def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
     import pyarrow.compute as pc
 
-    keys = pc.binary_join_element_wise(table["model"], pc.cast(table["seed"], pa.string()), "-seed")
-    return [(key, table.filter(pc.equal(keys, key))) for key in pc.unique(keys).to_pylist()]
+    runs = table.select(["model", "seed"]).group_by(["model", "seed"]).aggregate([]).to_pylist()
+    return [(run_key(run["model"], run["seed"]),
+             table.filter((pc.field("model") == run["model"]) & (pc.field("seed") == run["seed"]))) for run in runs]
 
 
-def _write_run(store, plan, table: pa.Table | None) -> Path:
+def _write_run(config, store, plan, table: pa.Table | None) -> Path:
     import pyarrow.parquet as pq
 
     out = store.cams_dir(plan.spec.name, plan.seed)
     with atomic_dir(out) as tmp:
         if table is not None:
-            pq.write_table(table, tmp / "part-00000.parquet")
-        (tmp / DONE).write_text(json.dumps({"fingerprint": plan.fingerprint, "rows": 0 if table is None else len(table)}))
+            pq.write_table(table, tmp / StudyStore.CAM_PART)
+        write_record(tmp / DONE, explain_inputs(config, plan.fingerprint), rows=0 if table is None else len(table))
     return out

@@ -1,29 +1,50 @@
 """`camstudy` (also `python -m orchestrator`): one subcommand per stage.
 
 Bad input raises a CamstudyError whose message names the file/row/key and the remedy; it is
-printed on one line without a traceback and the command exits with status 2.
+printed on one line without a traceback and the command exits with status 2. Ctrl-C and
+SIGTERM (what `ray job stop` sends) stop the command within seconds: runs in flight and the
+study's MLflow parent are marked KILLED, Ray work is cancelled, and the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from training.errors import CamstudyError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.handler(args) or 0
     except CamstudyError as error:
         print(f"camstudy: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("camstudy: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        _stop_ray()
+        print(f"camstudy: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; finished work "
+              "is kept: rerun the same command to resume", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+
+
+def _stop_ray() -> None:
+    """Shut down this driver's Ray (a local one stops with it; a cluster's tasks of this job end)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--force", action="store_true", help="redo finished extractions")
     explain.set_defaults(handler=_explain)
     analyze = _stage(commands, "analyze", "tables, statistics, figures, MLflow and report.html")
+    analyze.add_argument("--force", action="store_true", help="redo the analysis even when up to date")
     analyze.set_defaults(handler=_analyze)
     run = _stage(commands, "run", "the whole study: prepare -> train -> explain -> analyze")
     run.add_argument("--force", choices=("prepare", "train", "explain", "analyze"),
@@ -71,7 +93,7 @@ def _stage(commands, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from orchestrator.config import load_config, parse_override
+    from training.config import load_config, parse_override
 
     overrides = dict(parse_override(text) for text in args.overrides)
     if getattr(args, "seeds", None):
@@ -98,37 +120,50 @@ def _synth(args) -> int:
 
 
 def _prepare(args) -> int:
+    from orchestrator.pipeline import open_study
     from orchestrator.stages import prepare_stage
 
-    prepare_stage(_load(args), force=args.force)
+    config = _load(args)
+    with open_study(config):
+        prepare_stage(config, force=args.force)
     return 0
 
 
 def _train(args) -> int:
-    from orchestrator.pipeline import run_train
+    from orchestrator.pipeline import open_study, run_train
+    from orchestrator.stages import prepare_stage
 
-    run_train(_load(args), force=args.force)
+    config = _load(args)
+    with open_study(config) as (store, tracker):
+        prepare_stage(config)
+        run_train(config, store, tracker, force=args.force)
     return 0
 
 
 def _explain(args) -> int:
-    from orchestrator.pipeline import run_explain
+    from orchestrator.pipeline import open_study, run_explain
 
-    run_explain(_load(args), force=args.force)
+    config = _load(args)
+    with open_study(config) as (store, _):
+        run_explain(config, store, force=args.force)
     return 0
 
 
 def _analyze(args) -> int:
-    from orchestrator.pipeline import run_analyze
+    from orchestrator.pipeline import open_study, run_analyze
 
-    run_analyze(_load(args))
+    config = _load(args)
+    with open_study(config) as (store, tracker):
+        run_analyze(config, store, tracker, force=args.force)
     return 0
 
 
 def _run(args) -> int:
-    from orchestrator.pipeline import run_study
+    from orchestrator.pipeline import open_study, run_study
 
-    run_study(_load(args), force=args.force)
+    config = _load(args)
+    with open_study(config) as (store, tracker):
+        run_study(config, store, tracker, force=args.force)
     return 0
 
 

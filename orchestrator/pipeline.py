@@ -1,22 +1,28 @@
-"""The whole study: prepare -> train -> explain -> analyze, each skipped when its outputs exist.
+"""The whole study: prepare -> train -> explain -> analyze, each reused when its inputs are unchanged.
 
-A finished training run is recognised by its `done.json`, a finished CAM extraction by
-`cams/<run>/_done.json`, both carrying the run's fingerprint; `--force STAGE` removes the
-outputs of that stage and every later one, then redoes them.
+Every command works inside `open_study`: it takes the study's lock (one writer per study), makes
+or reads the study id, sweeps what killed writers left, and keeps the MLflow parent run RUNNING
+while it works, ending it FINISHED, FAILED or KILLED with the command. Whether a stage's output
+is reused is decided by the study contract (`training.contract`): each stage prints why it
+reruns ("explain: resnet18-seed0: cam.methods changed"). `--force STAGE` removes the outputs of
+that stage and every later one, then redoes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from typing import Iterator
 
 import ray
 
 from orchestrator import tracking
+from orchestrator.lock import command_line, study_lock
 from orchestrator.ray_setup import init_ray
 from orchestrator.stages import prepare_stage
-from orchestrator.store import StudyStore
 from orchestrator.train_runs import RunPlan, is_finished, placement, plan_runs, train_stage
+from training.contract import StudyStore, analyze_inputs, record_reason, write_record
 
 STAGES = ("prepare", "train", "explain", "analyze")
 
@@ -26,21 +32,49 @@ def forced_stages(force: str | None) -> tuple[str, ...]:
     return STAGES[STAGES.index(force):] if force else ()
 
 
-def run_train(config, force: bool = False, store: StudyStore | None = None) -> list[RunPlan]:
-    """Train (after making sure the data is prepared, unless the caller just did)."""
-    store = store or prepare_stage(config)
+@contextlib.contextmanager
+def open_study(config, command: str | None = None) -> Iterator[tuple[StudyStore, tracking.StudyTracker]]:
+    """The study store, locked for this command, and its tracker with the parent run RUNNING."""
+    store = StudyStore(config.study_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with study_lock(store.lock_path, command or command_line()):
+        print(f"[study] {config.study} (id {store.study_id()}) in {store.root}", flush=True)
+        sweep(store)
+        tracker = tracking.StudyTracker(config, store)
+        tracker.start(command or command_line())
+        try:
+            yield store, tracker
+        except KeyboardInterrupt:
+            tracker.finish("KILLED", "interrupted")
+            raise
+        except BaseException as error:
+            tracker.finish("FAILED", error)
+            raise
+        tracker.finish("FINISHED")
+
+
+def sweep(store: StudyStore) -> None:
+    """Remove temporary files of writers that died mid-write (called with the lock held, before
+    a stage starts writers of its own)."""
+    swept = store.sweep_temporary()
+    if swept:
+        print(f"[study] removed {len(swept)} temporary file(s) left by interrupted writers, e.g. {swept[0]}")
+
+
+def run_train(config, store: StudyStore, tracker: tracking.StudyTracker, force: bool = False) -> list[RunPlan]:
+    sweep(store)
     init_ray(config)
     if force:
         _remove_runs(plan_runs(config, store), lambda plan: plan.run_dir)
-    plans = train_stage(config, store)
+    plans = train_stage(config, store, tracker)
     print(f"[train] MLflow: {tracking.ui_command(config)}")
     return plans
 
 
-def run_explain(config, force: bool = False) -> None:
+def run_explain(config, store: StudyStore, force: bool = False) -> None:
     from explain.extract import extract_runs
 
-    store = StudyStore(config.study_dir)
+    sweep(store)
     init_ray(config)
     plans = plan_runs(config, store)
     if force:
@@ -58,29 +92,40 @@ def run_explain(config, force: bool = False) -> None:
         extract_runs(config, store, finished, actors=max(1, cpus), gpus_per_actor=0)
 
 
-def run_analyze(config) -> str:
+def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force: bool = False) -> str:
+    """The analysis of the runs the config names; reused when none of its inputs changed."""
     from analysis.report import analyze
 
-    store = StudyStore(config.study_dir)
-    report = analyze(store.root, config.to_dict(), tracker=tracking.StudyTracker(config))
+    sweep(store)
+    runs = [(plan.spec.name, plan.seed) for plan in plan_runs(config, store)]
+    inputs, record = analyze_inputs(config, store, runs), store.stage_record("analyze")
+    report = store.analysis_dir / "report.html"
+    reason = "--force" if force else record_reason(record, inputs)
+    if reason is None and report.is_file():
+        print(f"[analyze] up to date: {report}")
+        return str(report)
+    print(f"[analyze] {reason or 'report missing'}; analysing {len(runs)} run(s)")
+    record.unlink(missing_ok=True)
+    report = analyze(store.root, config.to_dict(), tracker=tracker, runs=runs)
+    write_record(record, inputs)
     print(f"[analyze] report: {report}")
     return str(report)
 
 
-def run_study(config, force: str | None = None) -> str:
+def run_study(config, store: StudyStore, tracker: tracking.StudyTracker, force: str | None = None) -> str:
     """All four stages; prints the wall time of each, the report path and the MLflow UI command."""
     forced, timings = forced_stages(force), {}
     started = time.time()
-    store = prepare_stage(config, force="prepare" in forced)
+    prepare_stage(config, force="prepare" in forced)
     timings["prepare"] = time.time() - started
     began = time.time()
-    run_train(config, force="train" in forced, store=store)
+    run_train(config, store, tracker, force="train" in forced)
     timings["train"] = time.time() - began
     began = time.time()
-    run_explain(config, force="explain" in forced)
+    run_explain(config, store, force="explain" in forced)
     timings["explain"] = time.time() - began
     began = time.time()
-    report = run_analyze(config)
+    report = run_analyze(config, store, tracker, force="analyze" in forced)
     timings["analyze"] = time.time() - began
     print("[run] wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
           + f"; total {time.time() - started:.0f}s")

@@ -1,4 +1,4 @@
-"""Connecting to Ray: the job's cluster under `ray job submit`, else an embedded local one."""
+"""Connecting to Ray: the job's cluster, a cluster already running here, else an embedded local one."""
 
 from __future__ import annotations
 
@@ -8,23 +8,34 @@ import sys
 
 import ray
 
-from orchestrator.config import StudyConfig
+from training.config import StudyConfig
+
+
+def running_cluster() -> str | None:
+    """The address of the cluster this process should join: RAY_ADDRESS (set by `ray job
+    submit`), or a cluster started on this machine with `ray start --head`; None when neither."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(None)
 
 
 def init_ray(config: StudyConfig | None = None) -> None:
     """Start or join Ray once per process; a second call does nothing.
 
-    Inside `ray job submit` RAY_ADDRESS is set and the cluster owns the resources, so `ray.init()`
-    gets no resource arguments. Otherwise a local Ray uses every core, without the dashboard.
-    `config` is not needed yet; it is where cluster options (runtime env, namespace) will come from.
+    A running cluster (inside `ray job submit`, or `ray start --head` on this machine) owns its
+    resources, so `ray.init()` joins it without resource arguments (Ray refuses them there).
+    Otherwise a local Ray uses every core, without the dashboard. `config` is not needed yet; it
+    is where cluster options (runtime env, namespace) will come from.
     """
     if ray.is_initialized():
         return
     # Worker and controller logs stay in Ray's session log folder (and the dashboard): Ray
     # Train's controller repeats internal notices many times a second on small machines, and
     # the stages print their own progress and surface every run's error on the driver.
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+    address = running_cluster()
+    if address:
+        print(f"[ray] joining the running cluster at {address}", flush=True)
+        ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)

@@ -1,7 +1,7 @@
-"""The study's stages over one study store; each is skipped when its outputs match the config.
+"""The prepare stage: manifest, split, preprocessing cache and data report.
 
-A stage's completion marker (`StudyStore.mark_done`) records the hash of the config sections
-its outputs depend on; it is written last, after every output has been renamed into place.
+Its completion record (`stages/prepare.json`, the study contract's rule) holds the config
+sections the prepared data depends on; it is written last, after every output is in place.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from orchestrator.config import StudyConfig, dump_config
 from orchestrator.ray_setup import init_ray
-from orchestrator.store import StudyStore
 from training.atomic import write_text_atomic
+from training.config import StudyConfig, dump_config
+from training.contract import StudyStore, fingerprint, prepare_inputs, record_reason, write_record
 from training.cache import write_cache
 from training.data import SiimIndex, load_siim
 from training.errors import ConfigError
@@ -20,7 +20,6 @@ from training.prepare import (Prepared, cache_index, data_report, format_report,
                               write_manifest)
 from training.synth import generate
 
-PREPARE_SECTIONS = ("data", "split", "preprocess")
 _LAYOUT_OF_SOURCE = {"siim-dicom": "dicom", "siim-png": "png"}
 
 
@@ -28,16 +27,18 @@ def prepare_stage(config: StudyConfig, force: bool = False) -> StudyStore:
     """Build the manifest, split, preprocessing cache and data report (skipped when up to date)."""
     store = StudyStore(config.study_dir)
     save_config(store, config)
-    config_hash = config.hash(*PREPARE_SECTIONS)
-    if store.stage_done("prepare", config_hash) and not force:
-        print(f"prepare: up to date in {store.data_dir} (config hash {config_hash}); nothing to do")
+    inputs, record = prepare_inputs(config), store.stage_record("prepare")
+    reason = "--force" if force else record_reason(record, inputs)
+    if reason is None:
+        print(f"prepare: up to date in {store.data_dir} (inputs {fingerprint(inputs)}); nothing to do")
         return store
-    store.clear_stage("prepare")
+    print(f"prepare: {reason}; preparing the data")
+    record.unlink(missing_ok=True)
     index = _load_source(config, store)
     prepared = _build(config, store, index)
     report = _report(config, store, index, prepared)
-    store.mark_done("prepare", config_hash, images=len(prepared.manifest),
-                    splits={split: row["images"] for split, row in report["counts"].items()})
+    write_record(record, inputs, images=len(prepared.manifest),
+                 splits={split: row["images"] for split, row in report["counts"].items()})
     return store
 
 

@@ -1,24 +1,42 @@
-"""MLflow: one parent run per study, one child run per (model, seed).
+"""MLflow: one parent run per study, one child run per attempt of each (model, seed).
 
-Everything goes through `MlflowClient` with explicit run ids, so any process (the driver, a Ray
-Train controller) can log to the right run; `nested=True` would do nothing across processes.
-With no URI configured MLflow would write `sqlite:///mlflow.db` relative to the current folder
-(a Ray session temp dir inside workers), so the URI is always resolved to an absolute location.
+Identity. The parent is found by the study's id (`study.json`, made with the store), never by
+its name: two stores that share a study name on one tracking server stay apart. A child belongs
+to one *attempt* of a run: a run that starts with no checkpoint (the first time, after `--force
+train`, or after its settings changed) gets a new child, and the earlier children of that run are
+tagged `camstudy.superseded=true` (a RUNNING one becomes KILLED); a run resumed from its
+checkpoint continues its attempt's child, recorded in the run folder's `attempt.json`. So a
+child's params, metric history and status describe one attempt only.
+
+Status. The parent is RUNNING while a command works on the study and ends FINISHED, FAILED or
+KILLED with it; a child ends FINISHED, FAILED (error tag) or KILLED (interrupted).
+
+Everything goes through `MlflowClient` with explicit run ids, so any process can log to the
+right run. With no URI configured MLflow would write `sqlite:///mlflow.db` relative to the
+current folder (a Ray session temp dir inside workers), so the URI is always made absolute.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Optional
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from training.contract import StudyStore, read_record
+from training.atomic import write_text_atomic
+
 STUDY_TAG = "camstudy.study"
+STUDY_ID_TAG = "camstudy.study_id"
 ROLE_TAG = "camstudy.role"
 RUN_KEY_TAG = "camstudy.run_key"
+SUPERSEDED_TAG = "camstudy.superseded"
+FINGERPRINT_TAG = "camstudy.fingerprint"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -26,7 +44,7 @@ def tracking_uri(config) -> str:
     """The configured URI, or an absolute SQLite file in the study store."""
     if config.tracking.uri:
         return config.tracking.uri
-    return f"sqlite:///{Path(config.study_dir, 'mlflow.db')}"
+    return f"sqlite:///{StudyStore(config.study_dir).mlflow_db}"
 
 
 def ui_command(config) -> str:
@@ -37,13 +55,15 @@ def ui_command(config) -> str:
 
 
 class StudyTracker:
-    """Finds or creates the study's experiment, parent run and child runs."""
+    """The study's experiment, parent run and current child runs on one tracking URI."""
 
-    def __init__(self, config):
+    def __init__(self, config, store: Optional[StudyStore] = None):
+        self.store = store or StudyStore(config.study_dir)
         self.uri = tracking_uri(config)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.study = config.study
+        self.study, self.study_id = config.study, self.store.study_id()
         self.experiment_id = self._experiment(config)
+        self._parent: Optional[str] = None
 
     def _experiment(self, config) -> str:
         existing = self.client.get_experiment_by_name(config.tracking.experiment)
@@ -52,37 +72,99 @@ class StudyTracker:
         artifacts = None
         if not self.uri.startswith("http"):
             # a local backend would otherwise put artifacts in ./mlruns of whoever logs first
-            artifacts = Path(config.study_dir, "mlartifacts").resolve().as_uri()
+            artifacts = (self.store.root / "mlartifacts").resolve().as_uri()
         return self.client.create_experiment(config.tracking.experiment, artifact_location=artifacts)
 
-    def parent_run(self) -> str:
-        """The study's parent run id (created once, reused by every later stage and rerun)."""
-        found = self._find(f"tags.`{ROLE_TAG}` = 'parent'")
-        if found:
-            return found
-        run = self.client.create_run(self.experiment_id, run_name=self.study,
-                                     tags={STUDY_TAG: self.study, ROLE_TAG: "parent"})
-        return run.info.run_id
+    # ------------------------------------------------------------------ the parent
 
-    def child_run(self, run_key: str, params: dict[str, Any], resume: bool = True) -> str:
-        """The child run for `run_key` (e.g. "resnet18-seed0"); a resumed run continues its own
-        (marked RUNNING again when `resume`)."""
-        found = self._find(f"tags.`{RUN_KEY_TAG}` = '{run_key}'")
-        if found:
-            if resume:
-                self.client.update_run(found, status="RUNNING")
-            return found
+    def parent_run(self) -> str:
+        """The study's parent run id (created once per study id, reused by every later command)."""
+        if self._parent is None:
+            found = self._search(f"tags.`{ROLE_TAG}` = 'parent'")
+            if found:
+                self._parent = found[0].info.run_id
+            else:
+                self._parent = self.client.create_run(self.experiment_id, run_name=self.study, tags={
+                    STUDY_TAG: self.study, STUDY_ID_TAG: self.study_id, ROLE_TAG: "parent",
+                    "mlflow.user": _user(), "camstudy.store": str(self.store.root)}).info.run_id
+        return self._parent
+
+    def start(self, command: str) -> None:
+        """The parent is RUNNING while `command` works on the study."""
         parent = self.parent_run()
+        self.client.update_run(parent, status="RUNNING")
+        set_tags(self.client, parent, {"camstudy.command": command})
+
+    def finish(self, status: str, error: BaseException | str | None = None) -> None:
+        """FINISHED, FAILED (with the error as a tag) or KILLED."""
+        end_run(self.client, self.parent_run(), error, status)
+
+    # ------------------------------------------------------------------ children
+
+    def current_children(self) -> dict[str, str]:
+        """run key -> run id of each run's current attempt."""
+        runs = self._search(f"tags.`{ROLE_TAG}` = 'child' and tags.`{SUPERSEDED_TAG}` = 'false'")
+        return {run.data.tags[RUN_KEY_TAG]: run.info.run_id for run in runs}
+
+    def attempt_child(self, run_key: str, run_dir: Path, params: dict[str, Any], fingerprint: str,
+                      fresh: bool) -> str:
+        """The child of this attempt of `run_key`: the recorded one when the run resumes from its
+        checkpoint (`fresh` False) with the same fingerprint, else a new child that supersedes
+        every earlier one. Marked RUNNING."""
+        attempt = read_record(run_dir / StudyStore.ATTEMPT) or {}
+        run_id = attempt.get("run_id")
+        if not fresh and attempt.get("fingerprint") == fingerprint and run_id and self._exists(run_id):
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run_id = self._new_child(run_key, params, fingerprint)
+        self._supersede(run_key, keep=run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / StudyStore.ATTEMPT, json.dumps({"run_id": run_id, "fingerprint": fingerprint}))
+        return run_id
+
+    def finished_child(self, run_key: str, run_dir: Path, params: dict[str, Any], fingerprint: str) -> str:
+        """The child of a run finished earlier: its attempt's, or a new one if the tracking
+        server has never seen it (a new tracking URI, a deleted run)."""
+        attempt = read_record(run_dir / StudyStore.ATTEMPT) or {}
+        run_id = attempt.get("run_id")
+        if run_id and self._exists(run_id):
+            return run_id
+        current = self.current_children().get(run_key)
+        return current or self.attempt_child(run_key, run_dir, params, fingerprint, fresh=True)
+
+    def _new_child(self, run_key: str, params: dict[str, Any], fingerprint: str) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_key, tags={
-            STUDY_TAG: self.study, ROLE_TAG: "child", RUN_KEY_TAG: run_key, PARENT_TAG: parent})
+            STUDY_TAG: self.study, STUDY_ID_TAG: self.study_id, ROLE_TAG: "child", RUN_KEY_TAG: run_key,
+            SUPERSEDED_TAG: "false", FINGERPRINT_TAG: fingerprint, PARENT_TAG: self.parent_run(),
+            "mlflow.user": _user()})
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
-    def _find(self, clause: str) -> str | None:
-        runs = self.client.search_runs([self.experiment_id],
-                                       filter_string=f"tags.`{STUDY_TAG}` = '{self.study}' and {clause}",
-                                       max_results=1)
-        return runs[0].info.run_id if runs else None
+    def _supersede(self, run_key: str, keep: str) -> None:
+        for run in self._search(f"tags.`{RUN_KEY_TAG}` = '{run_key}' and tags.`{SUPERSEDED_TAG}` = 'false'"):
+            if run.info.run_id == keep:
+                continue
+            set_tags(self.client, run.info.run_id, {SUPERSEDED_TAG: "true", "camstudy.superseded_by": keep})
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST
+            return False
+        return run.info.lifecycle_stage == "active" and run.data.tags.get(STUDY_ID_TAG) == self.study_id
+
+    def _search(self, clause: str) -> list:
+        return self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.`{STUDY_ID_TAG}` = '{self.study_id}' and {clause}")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
@@ -98,15 +180,9 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
-def end_run(client: MlflowClient, run_id: str, error: BaseException | str | None = None) -> None:
-    """FINISHED, or FAILED with the error kept as a tag so the UI shows why."""
-    if error is None:
-        client.set_terminated(run_id, "FINISHED")
-        return
-    set_tags(client, run_id, {"camstudy.error": str(error)})
-    client.set_terminated(run_id, "FAILED")
-
-
-def child_runs(client: MlflowClient, experiment_id: str, study: str) -> Iterable:
-    return client.search_runs([experiment_id],
-                              filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'child'")
+def end_run(client: MlflowClient, run_id: str, error: BaseException | str | None = None,
+            status: str | None = None) -> None:
+    """FINISHED, or FAILED with the error kept as a tag so the UI shows why, or `status` (KILLED)."""
+    if error is not None:
+        set_tags(client, run_id, {"camstudy.error": str(error)})
+    client.set_terminated(run_id, status or ("FINISHED" if error is None else "FAILED"))

@@ -11,7 +11,10 @@ Why one `@ray.remote(num_cpus=0)` task per run rather than Tune: the task only w
 one deadlocks a 2-CPU machine), and a rerun needs no `Tuner.restore`: every run resumes from the
 checkpoint our own loop writes to `train/<model>-seed<k>/`, and a finished run is skipped by its
 `done.json` before Ray is even asked. `FailureConfig(max_failures)` restarts a crashed worker,
-which resumes from that same checkpoint.
+which resumes from that same checkpoint. An error of camstudy's own (a diverged loss, a missing
+weights file) is not a crash: retrying cannot mend it, and Ray Train V2 retries every worker
+failure, so the worker records it in the run folder (`error.json`) and returns; the driver then
+stops every run in flight and reports that one line.
 
 Per-epoch metrics travel worker -> `ray.train.report` -> a `UserCallback` on the Train
 controller -> a Ray queue -> the driver, which logs them to the run's MLflow child and prints
@@ -23,20 +26,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 import ray.train
 from ray.util.queue import Empty, Queue
 
 from orchestrator import tracking
-from orchestrator.store import StudyStore
 from orchestrator.train_worker import EpochReporter, train_worker
-from training import registry
-from training.errors import ConfigError, TrainingError
-from training.loop import DONE, PREDICTIONS, TEST_METRICS, run_fingerprint
+from training import errors, registry
+from training.contract import StudyStore, fingerprint, finished_run, read_record, run_key
+from training.errors import CamstudyError, TrainingError
+from training.loop import run_inputs
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,15 @@ class RunPlan:
     spec: registry.ModelSpec
     seed: int
     run_dir: Path
-    fingerprint: str
+    inputs: dict = field(compare=False, repr=False)  # what the run computes from (study contract)
 
     @property
     def key(self) -> str:
-        return f"{self.spec.name}-seed{self.seed}"
+        return run_key(self.spec.name, self.seed)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.inputs)
 
 
 def plan_runs(config, store: StudyStore) -> list[RunPlan]:
@@ -57,20 +64,13 @@ def plan_runs(config, store: StudyStore) -> list[RunPlan]:
     for spec in registry.specs_for(config.models):
         recipe = registry.recipe_for(spec, config.recipes)
         for seed in config.training.seeds:
-            plans.append(RunPlan(spec, seed, store.run_dir(spec.name, seed),
-                                 run_fingerprint(spec, recipe, config, seed)))
+            plans.append(RunPlan(spec, seed, store.run_dir(spec.name, seed), run_inputs(spec, recipe, config, seed)))
     return plans
 
 
 def is_finished(plan: RunPlan) -> bool:
-    """done.json with this plan's fingerprint; one made with other settings is an error."""
-    done = plan.run_dir / DONE
-    if not done.is_file():
-        return False
-    if json.loads(done.read_text()).get("fingerprint") != plan.fingerprint:
-        raise ConfigError(f"{plan.run_dir}: this run was trained with other settings than the config now "
-                          "asks for; rerun with `--force train` to retrain (or restore the old config)")
-    return True
+    """done.json with this plan's fingerprint; one made with other settings is an error naming what changed."""
+    return finished_run(plan.run_dir, plan.fingerprint, plan.inputs) is not None
 
 
 def child_params(config, plan: RunPlan) -> dict[str, Any]:
@@ -78,7 +78,8 @@ def child_params(config, plan: RunPlan) -> dict[str, Any]:
     recipe = registry.recipe_for(plan.spec, config.recipes)
     return {
         "model": plan.spec.name, "family": plan.spec.family, "depth": plan.spec.depth,
-        "params_millions": round(registry.parameter_count_millions(plan.spec), 2), "seed": plan.seed,
+        "params_millions": round(registry.parameter_count_millions(
+            plan.spec, config.preprocess.image_size, in_chans=config.preprocess.channels), 2), "seed": plan.seed,
         "optimizer": recipe.optimizer, "lr": recipe.lr, "epochs": recipe.epochs,
         "batch_size": config.training.batch_size, "image_size": config.preprocess.image_size,
         "pretrained": config.models.init, "cam_layer": plan.spec.target_layer,
@@ -88,10 +89,18 @@ def child_params(config, plan: RunPlan) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one run's `fit` ended: `error` None on success; `own` True for camstudy's own error."""
+
+    error: Optional[str] = None
+    own: bool = False
+    kind: str = "TrainingError"
+
+
 @ray.remote(num_cpus=0)
-def _fit(config, plan: RunPlan, store_root: str, progress: Queue,
-         placement: dict) -> str | None:
-    """Run one Ray Train run to completion; return the error text, or None on success."""
+def _fit(config, plan: RunPlan, store_root: str, progress: Queue, placement: dict) -> Outcome:
+    """Run one Ray Train run to completion and say how it ended."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     trainer = _trainer_class(placement["workers"])(
@@ -102,15 +111,18 @@ def _fit(config, plan: RunPlan, store_root: str, progress: Queue,
         scaling_config=ScalingConfig(num_workers=placement["workers"], use_gpu=placement["gpus"] > 0,
                                      resources_per_worker={**placement["resources"],
                                                            **config.resources.model_resources.get(plan.spec.name, {})}),
-        run_config=RunConfig(name=plan.key, storage_path=str(Path(store_root, "ray")),
+        run_config=RunConfig(name=plan.key, storage_path=str(StudyStore(store_root).ray_dir),
                              failure_config=FailureConfig(max_failures=config.training.max_failures),
                              callbacks=[EpochReporter(plan.key, progress)]),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:
-        return _root_cause(error)
-    return None if result.error is None else _root_cause(result.error)
+        return Outcome(_root_cause(error))
+    if result.error is not None:
+        return Outcome(_root_cause(result.error))
+    own = read_record(plan.run_dir / StudyStore.ERROR)
+    return Outcome(own["message"], own=True, kind=own["kind"]) if own else Outcome()
 
 
 def _trainer_class(workers: int) -> type:
@@ -132,6 +144,7 @@ def _root_cause(error: BaseException) -> str:
 def placement(config) -> dict:
     """Resources of one run and how many runs fit at once on this cluster."""
     resources_cfg, cluster = config.resources, ray.cluster_resources()
+    runs = len(registry.specs_for(config.models)) * len(config.training.seeds)
     gpus_here = cluster.get("GPU", 0)
     gpus = resources_cfg.gpus_per_run
     if gpus == "auto":
@@ -142,7 +155,7 @@ def placement(config) -> dict:
         if gpus and gpus_here:
             concurrency = int(gpus_here // (gpus * workers))
         elif gpus:  # GPU nodes not up yet (autoscaler): queue every run, Ray places them as nodes join
-            concurrency = len(config.models.names) * len(config.training.seeds)
+            concurrency = runs
         else:
             concurrency = int(cluster.get("CPU", 1) // (cpus * workers))
     threads = resources_cfg.torch_threads
@@ -151,11 +164,10 @@ def placement(config) -> dict:
             "resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
 
 
-def train_stage(config, store: StudyStore) -> list[RunPlan]:
+def train_stage(config, store: StudyStore, tracker: tracking.StudyTracker) -> list[RunPlan]:
     """Train every (model, seed) not yet finished; return the plans. Raises if any run failed."""
     plans = plan_runs(config, store)
     todo = [plan for plan in plans if not is_finished(plan)]
-    tracker = tracking.StudyTracker(config)
     for plan in plans:
         if plan not in todo:
             print(f"[train] {plan.key}: finished earlier, skipped")
@@ -173,26 +185,51 @@ def train_stage(config, store: StudyStore) -> list[RunPlan]:
 
 
 def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[str, str]:
+    """Every run of `todo`, at most `concurrency` at once. A crashed run (after its retries) is
+    reported at the end; camstudy's own error in any run stops them all and is raised at once;
+    an interrupt (Ctrl-C, SIGTERM from `ray job stop`) marks every run in flight KILLED."""
     pending = registry.largest_first(todo)
     progress, in_flight, failures, run_ids = Queue(), {}, {}, {}
     started = time.time()
-    while pending or in_flight:
-        while pending and len(in_flight) < layout["concurrency"]:
-            plan = pending.pop(0)
-            run_id = tracker.child_run(plan.key, child_params(config, plan))
-            tracker.client.log_artifact(run_id, str(store.config_path))  # the resolved config, as run
-            run_ids[plan.key] = run_id
-            in_flight[_fit.remote(config, plan, str(store.root), progress, layout)] = (plan, run_id)
-        finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
-        _log_progress(progress, started, tracker.client, run_ids)  # before any finished run is closed
-        for ref in finished:
-            plan, run_id = in_flight.pop(ref)
-            error = ray.get(ref)
-            _close_child(tracker.client, run_id, plan, error)
-            if error:
-                failures[plan.key] = error
-            print(f"[train] {plan.key}: {'FAILED: ' + error if error else 'done'}")
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < layout["concurrency"]:
+                plan = pending.pop(0)
+                run_ids[plan.key] = _start_child(config, store, tracker, plan)
+                in_flight[_fit.remote(config, plan, str(store.root), progress, layout)] = plan
+            finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
+            _log_progress(progress, started, tracker.client, run_ids)  # before any finished run is closed
+            for ref in finished:
+                plan = in_flight.pop(ref)
+                outcome = ray.get(ref)
+                _close_child(tracker.client, run_ids[plan.key], plan, outcome.error)
+                print(f"[train] {plan.key}: {'FAILED: ' + outcome.error if outcome.error else 'done'}")
+                if outcome.own:
+                    raise getattr(errors, outcome.kind, CamstudyError)(outcome.error)
+                if outcome.error:
+                    failures[plan.key] = outcome.error
+    except BaseException as stop:
+        _stop_in_flight(tracker.client, in_flight, run_ids, stop)
+        raise
     return failures
+
+
+def _start_child(config, store, tracker, plan: RunPlan) -> str:
+    """The MLflow child of this attempt (a new one unless the run resumes from its checkpoint)."""
+    fresh = not (plan.run_dir / StudyStore.CHECKPOINT).is_file()
+    run_id = tracker.attempt_child(plan.key, plan.run_dir, child_params(config, plan), plan.fingerprint, fresh)
+    tracker.client.log_artifact(run_id, str(store.config_path))  # the resolved config, as run
+    return run_id
+
+
+def _stop_in_flight(client, in_flight: dict, run_ids: dict[str, str], stop: BaseException) -> None:
+    """Cancel every run still in flight (its Train controller and workers go with its task) and
+    mark its child KILLED, with the reason."""
+    reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else f"stopped: {stop}"
+    for ref, plan in in_flight.items():
+        ray.cancel(ref, force=True)
+        tracking.end_run(client, run_ids[plan.key], reason, status="KILLED")
+        print(f"[train] {plan.key}: {reason}; it resumes from its last checkpoint on the next run")
 
 
 def _log_progress(progress: Queue, started: float, client, run_ids: dict[str, str]) -> None:
@@ -211,7 +248,7 @@ def _log_progress(progress: Queue, started: float, client, run_ids: dict[str, st
 def _reconcile_child(config, store, tracker, plan: RunPlan) -> None:
     """A run that finished while the driver died (done.json written, MLflow child never closed)
     gets its final metrics and FINISHED status now; a closed child is left as it is."""
-    run_id = tracker.child_run(plan.key, child_params(config, plan), resume=False)
+    run_id = tracker.finished_child(plan.key, plan.run_dir, child_params(config, plan), plan.fingerprint)
     if tracker.client.get_run(run_id).info.status != "FINISHED":
         tracker.client.log_artifact(run_id, str(store.config_path))
         _close_child(tracker.client, run_id, plan, None)
@@ -221,7 +258,7 @@ def _log_missing_epochs(client, run_id: str, plan: RunPlan) -> None:
     """Epochs whose report never reached MLflow (it was in the queue of a driver that died, before
     the run resumed or finished), from done.json's history."""
     logged = {point.step for point in client.get_metric_history(run_id, "val_auc")}
-    for epoch in json.loads((plan.run_dir / DONE).read_text())["history"]:
+    for epoch in json.loads((plan.run_dir / StudyStore.DONE).read_text())["history"]:
         if epoch["epoch"] not in logged:
             _log_epoch(client, run_id, epoch)
 
@@ -236,7 +273,7 @@ def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
     """Final test metrics (with CI bounds) on success, FAILED with the error otherwise."""
     if error is None:
         _log_missing_epochs(client, run_id, plan)
-        metrics = json.loads((plan.run_dir / TEST_METRICS).read_text())
+        metrics = json.loads((plan.run_dir / StudyStore.TEST_METRICS).read_text())
         tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
-        client.log_artifact(run_id, str(plan.run_dir / PREDICTIONS))
+        client.log_artifact(run_id, str(plan.run_dir / StudyStore.PREDICTIONS))
     tracking.end_run(client, run_id, error)

@@ -8,6 +8,7 @@ code itself, inside the function; each run starts a new controller and new worke
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ray.train
@@ -27,18 +28,34 @@ class EpochReporter(ray.train.UserCallback):
 
 
 def train_worker(loop_config: dict) -> None:
-    """Body of every Ray Train worker: the plain-PyTorch loop, reporting through Ray."""
+    """Body of every Ray Train worker: the plain-PyTorch loop, reporting through Ray.
+
+    camstudy's own error (a diverged loss, a missing weights file: a CamstudyError) is written to
+    the run's error.json by rank 0 and the worker returns normally, so Ray Train does not retry
+    what a retry cannot mend; the driver reads the file and reports it. Anything else is a crash
+    and propagates: Ray Train restarts the worker, which resumes from the last checkpoint."""
     import torch
     from ray.train.torch import get_device
 
     from training import registry
+    from training.atomic import write_text_atomic
+    from training.contract import StudyStore
+    from training.errors import CamstudyError
     from training.loop import train_run
 
     torch.set_num_threads(loop_config["torch_threads"])
-    config = loop_config["config"]
-    spec = registry.get_spec(config.models, loop_config["model"])
-    train_run(spec, registry.recipe_for(spec, config.recipes), config, loop_config["cache_dir"],
-              Path(loop_config["run_dir"]), loop_config["seed"],
-              report=lambda epoch, metrics: ray.train.report({"epoch": epoch, **metrics}),
-              # Ray's pick of this worker's GPU (its index among the visible ones need not be LOCAL_RANK)
-              device=get_device(), fingerprint=loop_config["fingerprint"])
+    config, run_dir = loop_config["config"], Path(loop_config["run_dir"])
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    if rank0:
+        (run_dir / StudyStore.ERROR).unlink(missing_ok=True)  # an earlier attempt's
+    try:
+        spec = registry.get_spec(config.models, loop_config["model"])
+        train_run(spec, registry.recipe_for(spec, config.recipes), config, loop_config["cache_dir"],
+                  run_dir, loop_config["seed"],
+                  report=lambda epoch, metrics: ray.train.report({"epoch": epoch, **metrics}),
+                  # Ray's pick of this worker's GPU (its index among the visible ones need not be LOCAL_RANK)
+                  device=get_device(), fingerprint=loop_config["fingerprint"])
+    except CamstudyError as error:
+        if rank0:
+            write_text_atomic(run_dir / StudyStore.ERROR,
+                              json.dumps({"kind": type(error).__name__, "message": str(error)}))

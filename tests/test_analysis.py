@@ -117,7 +117,7 @@ def mlflow_tracker(tmp: Path, run_keys):
     parent = client.create_run(experiment, run_name="synthetic").info.run_id
     children = {key: client.create_run(experiment, run_name=key, tags={"mlflow.parentRunId": parent}).info.run_id
                 for key in run_keys}
-    return SimpleNamespace(client=client, parent_run=lambda: parent), children
+    return SimpleNamespace(client=client, parent_run=lambda: parent, current_children=lambda: children), children
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_missing_inputs_give_a_report_section_not_a_crash(tmp_path):
     path = report.analyze(study.root, config)
     text = path.read_text()
     assert "Missing or incomplete inputs" in text
-    for fragment in ("vgg16-seed0: training did not finish", "vit_base-seed0: no CAM Parquet",
+    for fragment in ("vgg16-seed0: training did not finish", "vit_base-seed0: no finished CAM output",
                      "resnet101-seed0: no training run"):
         assert fragment in text
     comparison = statistics(study.root)["comparisons"]["diff_gradcam"]

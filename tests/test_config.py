@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import StudyConfig, dump_config, load_config, parse_override
+from training.config import StudyConfig, dump_config, load_config, parse_override
 from training.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,12 +93,29 @@ def test_hash_is_stable_and_sensitive_only_to_its_sections():
     assert other_split.hash("data", "split", "preprocess") != base.hash("data", "split", "preprocess")
 
 
-def test_storage_is_made_absolute_and_uris_are_kept(tmp_path, monkeypatch):
+def test_storage_is_made_absolute_and_uris_and_files_are_refused_at_load(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(DEMO, {"storage": "runs/here"})
     assert Path(config.storage).is_absolute() and config.storage == str(tmp_path / "runs" / "here")
     assert config.study_dir == f"{tmp_path}/runs/here/demo"
-    assert load_config(DEMO, {"storage": "s3://bucket/x"}).storage == "s3://bucket/x"
+    with pytest.raises(ConfigError, match=r"demo\.yaml: storage: 's3://bucket/x' is a URI; .* mount the bucket"):
+        load_config(DEMO, {"storage": "s3://bucket/x"})
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=r"storage: .*a-file is a file, not a folder"):
+        load_config(DEMO, {"storage": "a-file"})
+
+
+def test_relative_storage_is_refused_under_ray_job_submit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"metadata": {"job_submission_id": "raysubmit_1"}}')
+    with pytest.raises(ConfigError, match=r"storage: 'studies' is relative, and under `ray job submit`"):
+        load_config(DEMO)
+    assert load_config(DEMO, {"storage": str(tmp_path / "shared")}).storage == str(tmp_path / "shared")
+
+
+def test_negative_max_failures_is_refused():
+    with pytest.raises(ConfigError, match=r"training\.max_failures: -1 is not valid; use an integer >= 0"):
+        load_config(DEMO, {"training.max_failures": -1})
 
 
 def test_dumped_config_loads_back_to_the_same_config(tmp_path):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from orchestrator.config import ModelsConfig, PreprocessConfig, ResourcesConfig, StudyConfig, TrainingConfig
+from training.config import ModelsConfig, PreprocessConfig, ResourcesConfig, StudyConfig, TrainingConfig
 from tests.conftest import TINY_SIZE, TINY_SPLITS
 from training import loop, registry
 from training.errors import TrainingError
@@ -180,18 +180,21 @@ def test_the_worker_count_enters_the_fingerprint_only_above_one():
 def test_two_ray_train_workers_train_one_run_and_log_every_epoch(ray_session, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.config import load_config
-    from orchestrator.pipeline import run_train
+    from training.config import load_config
+    from orchestrator.pipeline import open_study, run_train
+    from orchestrator.stages import prepare_stage
 
     config = load_config(ROOT / "configs" / "demo.yaml", {
         "storage": str(tmp_path / "store"), "models.names": ["resnet18"], "data.synthetic.n": 60,
         "data.synthetic.size": 64, "split.n_val": 16, "split.n_test": 16, "preprocess.image_size": 32,
         "recipes.resnet.epochs": 2, "training.batch_size": BATCH, "resources.workers_per_run": 2,
         "resources.cpus_per_worker": 1, "resources.prepare_actors": 0})
-    run_train(config)
+    with open_study(config, command="test") as (store, tracker):
+        prepare_stage(config)
+        run_train(config, store, tracker)
     assert "1 run(s), up to 1 at once, 2 worker(s)" in capsys.readouterr().out
     run_dir = Path(config.study_dir) / "train" / "resnet18-seed0"
-    assert sorted(p.name for p in run_dir.iterdir()) == FINAL_FILES
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(FINAL_FILES + ["attempt.json"])
     assert [m["epoch"] for m in json.loads((run_dir / "done.json").read_text())["history"]] == [1, 2]
     client = MlflowClient(tracking_uri=f"sqlite:///{Path(config.study_dir) / 'mlflow.db'}")
     child, = client.search_runs([client.get_experiment_by_name("camstudy").experiment_id],

@@ -1,5 +1,6 @@
 """The explain stage's Ray Data pipeline on two tiny trained runs: Parquet per run, skips, resumes."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import pytest
 
 from explain.extract import DONE, extract_runs
 from explain.metrics import COLUMNS
-from orchestrator.config import load_config
-from orchestrator.store import StudyStore
+from training.config import load_config
+from training.contract import StudyStore
 from orchestrator.train_runs import plan_runs
 from tests.conftest import TINY_SIZE, make_tiny_cache
 from training import registry
@@ -57,7 +58,9 @@ def test_one_pipeline_writes_every_run_with_the_documented_columns(study, capsys
         assert sorted(frame["randomized"].value_counts().to_dict().items()) == [(False, positives), (True, positives)]
         heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
         assert heat.shape == (2 * positives, TINY_SIZE, TINY_SIZE) and 0 <= heat.min() and heat.max() <= 1
-        assert json.loads((out / DONE).read_text()) == {"fingerprint": plan.fingerprint, "rows": 2 * positives}
+        record = json.loads((out / DONE).read_text())
+        assert record["rows"] == 2 * positives and record["inputs"]["train"] == {"fingerprint": plan.fingerprint}
+        assert record["inputs"]["cam"]["methods"] == ["gradcam"]
 
 
 def test_a_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, capsys):
@@ -72,6 +75,24 @@ def test_a_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, capsys
     capsys.readouterr()
     extract_runs(config, store, plans, actors=2, gpus_per_actor=0)
     out = capsys.readouterr().out
-    assert f"[explain] {plans[0].key}: finished earlier, skipped" in out and "1 run(s)" in out
+    assert f"[explain] {plans[0].key}: up to date, skipped" in out and "1 run(s)" in out
+    assert f"[explain] {plans[1].key}: not done yet; computing its heatmaps" in out
     assert kept.stat().st_mtime_ns == before
     assert pq.read_table(lost).num_rows == 2 * _positives_in_test(store)
+
+
+def test_a_changed_explain_setting_recomputes_every_run_and_says_why(study, capsys):
+    config, store, plans = study
+    extract_runs(config, store, plans, actors=2, gpus_per_actor=0)
+    changed = dataclasses.replace(config, cam=dataclasses.replace(config.cam, methods=("gradcam", "gradcam++")))
+    capsys.readouterr()
+    extract_runs(changed, store, plans, actors=2, gpus_per_actor=0)
+    out = capsys.readouterr().out
+    positives = _positives_in_test(store)
+    for plan in plans:
+        assert f"[explain] {plan.key}: cam.methods changed; computing its heatmaps" in out
+        frame = pq.read_table(store.cams_dir(plan.spec.name, plan.seed)).drop(["heatmap"]).to_pandas()
+        assert frame.groupby("cam_method").size().to_dict() == {"gradcam": 2 * positives, "gradcam++": 2 * positives}
+    capsys.readouterr()
+    extract_runs(config, store, plans, actors=2, gpus_per_actor=0)  # back to the old setting: redone again
+    assert capsys.readouterr().out.count("cam.methods changed") == len(plans)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from orchestrator.config import AugmentConfig, ModelsConfig, PreprocessConfig, StudyConfig, TrainingConfig
+from training.config import AugmentConfig, ModelsConfig, PreprocessConfig, StudyConfig, TrainingConfig
 from tests.conftest import TINY_SIZE as SIZE, TINY_SPLITS as SPLITS
 from training import augment, loop, registry
 from training.errors import TrainingError

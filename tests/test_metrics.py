@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from explain import metrics as M
-from orchestrator.config import MetricsConfig
+from training.config import MetricsConfig
 
 NAN = float("nan")
 

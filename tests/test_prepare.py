@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrator.config import PreprocessConfig, SplitConfig, load_config
+from training.config import PreprocessConfig, SplitConfig, load_config
 from orchestrator.stages import prepare_stage
 from training import rle
 from training.cache import load_split, read_index

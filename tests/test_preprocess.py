@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from orchestrator.config import PreprocessConfig
+from training.config import PreprocessConfig
 from training.errors import DataError
 from training.preprocess import preprocess_image, resize_mask
 

@@ -5,7 +5,7 @@ import timm
 import torch
 from torch import nn
 
-from orchestrator.config import ExtraModel, ModelsConfig, StudyConfig
+from training.config import ExtraModel, ModelsConfig, StudyConfig
 from training import registry
 from training.errors import ConfigError
 from training.recipes import PAPER_RECIPES

@@ -78,7 +78,7 @@ def test_an_unknown_pretrained_tag_lists_the_known_ones():
 
 OFFLINE_SCRIPT = """
 import json
-from orchestrator.config import StudyConfig, ModelsConfig
+from training.config import StudyConfig, ModelsConfig
 from training import registry, weights
 from training.errors import WeightsError
 out = {}

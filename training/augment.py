@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config import AugmentConfig
+from training.config import AugmentConfig
 
 
 def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

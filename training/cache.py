@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from training.atomic import atomic_dir
+from training.contract import StudyStore
 from training.errors import DataError
 
 INDEX_COLUMNS = ["row", "image_id", "split", "label", "mask_fraction"]
@@ -43,14 +44,14 @@ def write_cache(cache_dir: str | Path, index: pd.DataFrame, images: np.ndarray, 
     if len(index) != len(images) or images.shape[:1] != masks.shape[:1]:
         raise ValueError(f"cache arrays disagree: {len(index)} index rows, {len(images)} images, {len(masks)} masks")
     with atomic_dir(cache_dir) as tmp:
-        np.save(tmp / "images.npy", images.astype(np.float16, copy=False))
-        np.save(tmp / "masks.npy", masks.astype(np.uint8, copy=False))
+        np.save(tmp / StudyStore.CACHE_IMAGES, images.astype(np.float16, copy=False))
+        np.save(tmp / StudyStore.CACHE_MASKS, masks.astype(np.uint8, copy=False))
         table = index.reset_index(drop=True).assign(row=np.arange(len(index)))
-        table[INDEX_COLUMNS].to_parquet(tmp / "index.parquet", index=False)
+        table[INDEX_COLUMNS].to_parquet(tmp / StudyStore.CACHE_INDEX, index=False)
 
 
 def read_index(cache_dir: str | Path) -> pd.DataFrame:
-    path = Path(cache_dir) / "index.parquet"
+    path = Path(cache_dir) / StudyStore.CACHE_INDEX
     if not path.is_file():
         raise DataError(f"{path}: no preprocessing cache; run `camstudy prepare CONFIG` first")
     return pd.read_parquet(path)
@@ -63,8 +64,8 @@ def load_split(cache_dir: str | Path, split: str) -> CachedSplit:
     if rows.empty:
         raise DataError(f"{cache_dir}: the cache has no {split!r} images (splits present: "
                         f"{sorted(index['split'].unique())}); rerun `camstudy prepare`")
-    images = np.load(Path(cache_dir) / "images.npy", mmap_mode="r")
-    masks = np.load(Path(cache_dir) / "masks.npy", mmap_mode="r")
+    images = np.load(Path(cache_dir) / StudyStore.CACHE_IMAGES, mmap_mode="r")
+    masks = np.load(Path(cache_dir) / StudyStore.CACHE_MASKS, mmap_mode="r")
     take = rows["row"].to_numpy()
     return CachedSplit(
         image_ids=rows["image_id"].tolist(),

@@ -29,7 +29,6 @@ epoch and at the end. Run and cache folders must be shared by all ranks' machine
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -50,12 +49,13 @@ from training import augment, registry
 from training.atomic import link_atomic, write_atomic, write_text_atomic
 from training.cache import load_split
 from training.classification import auc, classification_report
+from training.contract import StudyStore, finished_run, fingerprint as inputs_fingerprint
 from training.errors import TrainingError
 from training.recipes import Recipe
 from training.registry import ModelSpec
 
-CHECKPOINT, MODEL, DONE = "checkpoint.pt", "model.pt", "done.json"
-PREDICTIONS, TEST_METRICS = "predictions.parquet", "test_metrics.json"
+CHECKPOINT, MODEL, DONE = StudyStore.CHECKPOINT, StudyStore.MODEL, StudyStore.DONE
+PREDICTIONS, TEST_METRICS = StudyStore.PREDICTIONS, StudyStore.TEST_METRICS
 Report = Callable[[int, dict], None]
 
 
@@ -147,9 +147,11 @@ def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Pat
     with another fingerprint is refused, never silently reused.
     """
     run_dir = Path(run_dir)
-    fingerprint = fingerprint or run_fingerprint(spec, recipe, config, seed)
-    if (run_dir / DONE).is_file():
-        return _result(_read_json(run_dir / DONE, fingerprint, run_dir), resumed_from=recipe.epochs + 1, skipped=True)
+    inputs = run_inputs(spec, recipe, config, seed)
+    fingerprint = fingerprint or inputs_fingerprint(inputs)
+    done = finished_run(run_dir, fingerprint, inputs)
+    if done is not None:
+        return _result(done, resumed_from=recipe.epochs + 1, skipped=True)
     ranks = current_ranks()
     _check_world(ranks, config)
     device = _device(device, ranks)
@@ -167,9 +169,9 @@ def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Pat
         ranks.barrier()  # no rank starts the next epoch (or may be killed) before the checkpoint exists
         if report is not None:
             report(epoch, metrics)  # every rank: Ray Train waits for a report from each worker
-    summary = _finish(state, data, spec, config, run_dir, seed, device, fingerprint) if ranks.writes else None
+    summary = _finish(state, data, spec, config, run_dir, seed, device, fingerprint, inputs) if ranks.writes else None
     ranks.barrier()  # done.json is written
-    summary = summary or _read_json(run_dir / DONE, fingerprint, run_dir)
+    summary = summary or finished_run(run_dir, fingerprint, inputs)
     return _result(summary, resumed_from=resumed_from)
 
 
@@ -442,7 +444,7 @@ def _best_path(run_dir: Path, epoch: int) -> Path:
 
 
 def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: Any, run_dir: Path, seed: int,
-            device: torch.device, fingerprint: str) -> dict:
+            device: torch.device, fingerprint: str, inputs: dict) -> dict:
     """Test the selected weights, write the run's outputs, done.json last, then drop checkpoints."""
     if state.best_epoch != state.epoch:
         _unwrap(state.model).load_state_dict(_read_best(run_dir, state.best_epoch))
@@ -458,7 +460,7 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
     summary = {"model": spec.name, "seed": seed, "run_dir": str(run_dir), "epochs": state.epoch,
                "best_epoch": state.best_epoch, "history": state.history, "test_metrics": metrics,
                "weights": state.weights, "parameters": registry.parameter_count(state.model),
-               "fingerprint": fingerprint}
+               "fingerprint": fingerprint, "inputs": inputs}
     write_text_atomic(run_dir / DONE, _dumps(summary))
     for leftover in [run_dir / CHECKPOINT, *run_dir.glob("best-e*.pt")]:
         leftover.unlink(missing_ok=True)
@@ -518,6 +520,11 @@ def _model_from(payload: dict, run_dir: str | Path) -> nn.Module:
 
 def run_fingerprint(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> str:
     """A hash of everything that changes what a run computes; a checkpoint from other settings is refused."""
+    return inputs_fingerprint(run_inputs(spec, recipe, config, seed))
+
+
+def run_inputs(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> dict:
+    """Everything that changes what a run computes (the inputs of the study contract's rule)."""
     training = config.training
     relevant = {"spec": dataclasses.asdict(spec), "recipe": dataclasses.asdict(recipe), "seed": seed,
                 "init": config.models.init, "weights_file": config.models.weights_files.get(spec.name),
@@ -528,7 +535,7 @@ def run_fingerprint(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> 
                 "selection": training.selection, "threshold": training.threshold, "amp": training.amp}
     if config.resources.workers_per_run > 1:  # only then: single-worker fingerprints stay as they were
         relevant["workers_per_run"] = config.resources.workers_per_run
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(relevant, default=str))  # as stored in done.json and compared
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -564,14 +571,6 @@ def _dumps(value: dict) -> str:
             return [clean(v) for v in item]
         return item
     return json.dumps(clean(value), indent=2)
-
-
-def _read_json(path: Path, fingerprint: str, run_dir: Path) -> dict:
-    summary = json.loads(path.read_text())
-    if summary.get("fingerprint") != fingerprint:
-        raise TrainingError(f"{path}: this finished run used other settings (model, recipe, seed, data or "
-                            f"training config); delete {run_dir} or rerun the stage with --force")
-    return summary
 
 
 def _result(summary: dict, resumed_from: int, skipped: bool = False) -> RunResult:

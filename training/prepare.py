@@ -32,7 +32,7 @@ from training.preprocess import preprocess_image, resize_mask
 from training.ray_data import without_budget_backpressure
 
 if TYPE_CHECKING:  # typing only: `training` does not depend on `orchestrator` at run time
-    from orchestrator.config import PreprocessConfig, SplitConfig
+    from training.config import PreprocessConfig, SplitConfig
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["image_id", "split", "label", "mask_rle", "mask_fraction", "path", "height",

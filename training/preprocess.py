@@ -14,7 +14,7 @@ import numpy as np
 from training.errors import DataError
 
 if TYPE_CHECKING:  # typing only: `training` does not depend on `orchestrator` at run time
-    from orchestrator.config import PreprocessConfig
+    from training.config import PreprocessConfig
 
 INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 # a constant image has std 0; below this the z-score only subtracts the mean (the result is all 0)

@@ -1,9 +1,7 @@
-"""The model registry: one `ModelSpec` per architecture of the study (STUDY.md §3).
+"""Building the study's models with timm from their specs (`training.models`, STUDY.md §3).
 
-A spec names the timm architecture, the pretrained tag its ImageNet weights come from, its
-recipe family, its depth and the Grad-CAM target layer as a dotted path into the timm model
-(negative integers index sequences from the end). A tenth model is one config entry
-(`models.extra`), not a code change; every test about "all models" loops over `names()`.
+The specs (timm name, pretrained tag, family, depth, target layer) live in `training.models`,
+torch-free, and are re-exported here; every test about "all models" loops over `names()`.
 
 Target layers, checked against timm 1.0.31 (tests/test_registry.py re-checks them):
 - vgg16 `features.28`, vgg19 `features.34`: the last Conv2d of `features` (14x14 at 224 px).
@@ -26,97 +24,26 @@ ViTs share this tag. The paper says only "pretrained on ImageNet-1K".
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import timm
 import torch
 from torch import nn
 
+from training import models
 from training.errors import ConfigError
 from training.full_kernel_conv import use_full_kernel_convs
-from training.recipes import Recipe
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One architecture of the study."""
-
-    name: str  # the study's key, e.g. "resnet50"
-    timm_name: str  # timm architecture, e.g. "resnet50"
-    pretrained_tag: Optional[str]  # timm weight tag, e.g. "tv_in1k"; None = timm's default tag
-    family: str  # key of the config's `recipes`
-    depth: int  # weight layers (CNNs) or transformer blocks (ViTs), as the paper counts them
-    target_layer: str  # dotted path for Grad-CAM, e.g. "layer4.-1"
-    token_reshape: bool = False  # the target layer outputs tokens, not a (B, C, h, w) map
-
-    @property
-    def pretrained_name(self) -> str:
-        """`timm_name.tag`, the name timm's pretrained mechanism resolves."""
-        return f"{self.timm_name}.{self.pretrained_tag}" if self.pretrained_tag else self.timm_name
-
-
-_VIT_TAG = "augreg_in21k_ft_in1k"
-_BUILTIN: tuple[ModelSpec, ...] = (
-    ModelSpec("vgg16", "vgg16", "tv_in1k", "vgg", 16, "features.28"),
-    ModelSpec("vgg19", "vgg19", "tv_in1k", "vgg", 19, "features.34"),
-    ModelSpec("resnet18", "resnet18", "tv_in1k", "resnet", 18, "layer4.-1"),
-    ModelSpec("resnet34", "resnet34", "tv_in1k", "resnet", 34, "layer4.-1"),
-    ModelSpec("resnet50", "resnet50", "tv_in1k", "resnet", 50, "layer4.-1"),
-    ModelSpec("resnet101", "resnet101", "tv_in1k", "resnet", 101, "layer4.-1"),
-    ModelSpec("vit_small", "vit_small_patch16_224", _VIT_TAG, "vit", 12, "blocks.-1.norm1", True),
-    ModelSpec("vit_base", "vit_base_patch16_224", _VIT_TAG, "vit", 12, "blocks.-1.norm1", True),
-    ModelSpec("vit_large", "vit_large_patch16_224", _VIT_TAG, "vit", 24, "blocks.-1.norm1", True),
-)
-REGISTRY: Mapping[str, ModelSpec] = {spec.name: spec for spec in _BUILTIN}
-
-
-def names() -> list[str]:
-    """The built-in model keys, in the paper's order."""
-    return list(REGISTRY)
-
-
-def get(name: str) -> ModelSpec:
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+from training.models import REGISTRY, ModelSpec, get, get_spec, names, recipe_for  # noqa: F401 (re-exported)
 
 
 def specs_for(models_config: Any) -> list[ModelSpec]:
-    """The specs a `ModelsConfig` asks for: its `names`, then any `extra` entries not named there."""
-    extras = {key: _extra_spec(key, extra) for key, extra in models_config.extra.items()}
-    for key in extras:
-        if key in REGISTRY:
-            raise ConfigError(f"models.extra.{key}: {key!r} is a built-in model; give the extra model another key")
-    known = {**REGISTRY, **extras}
-    unknown = [name for name in models_config.names if name not in known]
-    if unknown:
-        raise ConfigError(f"models.names: unknown model(s) {unknown}; known models: {', '.join(known)} "
-                          f"(declare a new one under models.extra)")
-    chosen = list(models_config.names) + [key for key in extras if key not in models_config.names]
-    return [known[name] for name in chosen]
-
-
-def get_spec(models_config: Any, name: str) -> ModelSpec:
-    """A model of this config by key: a `models.extra` entry or a built-in."""
-    if name in models_config.extra:
-        return next(spec for spec in specs_for(models_config) if spec.name == name)
-    return get(name)
-
-
-def _extra_spec(key: str, extra: Any) -> ModelSpec:
-    if not timm.is_model(extra.timm_name):
-        raise ConfigError(f"models.extra.{key}.timm_name: {extra.timm_name!r} is not a timm architecture "
-                          f"(see timm.list_models())")
-    return ModelSpec(key, extra.timm_name, extra.pretrained_tag, extra.family, extra.depth,
-                     extra.target_layer, extra.token_reshape)
-
-
-def recipe_for(spec: ModelSpec, recipes: Mapping[str, Recipe]) -> Recipe:
-    if spec.family not in recipes:
-        raise ConfigError(f"recipes: no recipe for family {spec.family!r} (model {spec.name}); "
-                          f"families present: {sorted(recipes)}")
-    return recipes[spec.family]
+    """`models.specs_for`, and every `models.extra` entry names an architecture timm has."""
+    specs = models.specs_for(models_config)
+    for key in models_config.extra:
+        if not timm.is_model(models_config.extra[key].timm_name):
+            raise ConfigError(f"models.extra.{key}.timm_name: {models_config.extra[key].timm_name!r} is not a "
+                              f"timm architecture (see timm.list_models())")
+    return specs
 
 
 def build_model(spec: ModelSpec, *, init: str, image_size: int, weights_file: Optional[str] = None,
@@ -187,12 +114,13 @@ def parameter_count(model: nn.Module) -> int:
 
 
 @functools.lru_cache(maxsize=None)  # asked for every run by the train and explain stages
-def parameter_count_millions(spec: ModelSpec, image_size: int = 224, num_classes: int = 2) -> float:
+def parameter_count_millions(spec: ModelSpec, image_size: int = 224, num_classes: int = 2, in_chans: int = 3) -> float:
     """Parameters of the 2-way model, in millions, counted on the meta device (no memory; 0.1-0.5 s
     the first time per spec, then cached)."""
     with torch.device("meta"):
         model = timm.create_model(spec.timm_name, pretrained=False,
-                                  **create_kwargs(spec, image_size=image_size, num_classes=num_classes))
+                                  **create_kwargs(spec, image_size=image_size, num_classes=num_classes,
+                                                  in_chans=in_chans))
     return parameter_count(model) / 1e6
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,9 +167,13 @@ class TrainingConfig:
     threshold: float = 0.5  # on the softmax probability of the positive class
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # CNNs, on CUDA and CPU
-    max_failures: int = 2  # Ray Train worker retries, resuming from the last checkpoint
+    # Ray Train restarts of a crashed worker (it resumes from the last checkpoint); an error of
+    # camstudy's own (a diverged loss, a bad setting) is never retried
+    max_failures: int = 2
 
     def __post_init__(self):
+        _check(self.max_failures >= 0, "training.max_failures", self.max_failures,
+               "an integer >= 0 (restarts of a crashed worker; 0 = none)")
         _check(len(self.seeds) >= 1, "training.seeds", self.seeds, "a non-empty list of integers")
         _check(self.batch_size >= 1, "training.batch_size", self.batch_size, "an integer >= 1")
         _check(0 < self.threshold < 1, "training.threshold", self.threshold, "a value in (0, 1)")
@@ -183,7 +188,6 @@ class CamConfig:
 
     methods: tuple[Literal[CAM_METHODS], ...] = ("gradcam",)  # type: ignore[valid-type]
     images: Literal["positives", "true-positives"] = "positives"
-    score_at: Literal["network", "native"] = "network"  # native: heatmap upsampled to DICOM size
     batch_size: int = 8
     sanity_randomized: bool = True  # also run on a weight-randomised copy (Adebayo et al. 2018)
 
@@ -207,8 +211,6 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class StatisticsConfig:
     alpha: float = 0.05
-    paired_test: Literal["mixed-model", "wilcoxon-holm"] = "mixed-model"
-    bootstrap: int = 2000  # resamples for bootstrap CIs of per-model means
 
     def __post_init__(self):
         _check(0 < self.alpha < 1, "statistics.alpha", self.alpha, "a value in (0, 1)")
@@ -249,7 +251,7 @@ class StudyConfig:
     """The whole study. `storage`/`study` locate the study store."""
 
     study: str = "demo"
-    storage: str = "studies"  # local folder (made absolute) or a URI such as s3://bucket/path
+    storage: str = "studies"  # a local or shared (NFS) folder, made absolute; URIs are refused
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -311,14 +313,35 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
         config = build(StudyConfig, raw, "")
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    return resolve_storage(config, base=Path.cwd())
+    try:
+        return resolve_storage(config, base=Path.cwd())
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+# Set by `ray job submit` in the job's driver: its working folder is Ray's temporary copy of
+# --working-dir, deleted with the job
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def resolve_storage(config: StudyConfig, base: Path) -> StudyConfig:
-    """Make a local storage path absolute so Ray workers and MLflow agree on it."""
-    if "://" in config.storage:
-        return config
-    return dataclasses.replace(config, storage=str((base / config.storage).resolve()))
+    """Make the storage path absolute so Ray workers and MLflow agree on it.
+
+    Refused: a URI (the store is a POSIX folder; mount object storage with s3fs/NFS), a path
+    that is a file, and under `ray job submit` a relative path (it would resolve inside the job's
+    temporary working folder, so the study would vanish with the job and never resume)."""
+    storage = config.storage
+    if "://" in storage:
+        raise ConfigError(f"storage: {storage!r} is a URI; camstudy stores studies in a folder: mount the "
+                          "bucket or share (s3fs, NFS) and give its local path, e.g. storage: /mnt/studies")
+    if not Path(storage).is_absolute() and os.environ.get(RAY_JOB_ENV):
+        raise ConfigError(f"storage: {storage!r} is relative, and under `ray job submit` it would resolve inside "
+                          "the job's temporary working folder (deleted with the job); give an absolute path "
+                          "on storage every node shares, e.g. --set storage=/mnt/shared/studies")
+    resolved = (base / storage).resolve()
+    if resolved.exists() and not resolved.is_dir():
+        raise ConfigError(f"storage: {resolved} is a file, not a folder; point storage at a folder")
+    return dataclasses.replace(config, storage=str(resolved))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

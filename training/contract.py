@@ -1,0 +1,227 @@
+"""The study contract: every fact that more than one stage relies on, stated once (torch-free).
+
+- **Run keys**: `run_key("resnet50", 2) == "resnet50-seed2"`, and `parse_run_key` back.
+- **The store layout**: `StudyStore` names every folder and file a stage reads or writes; no
+  other module spells a store path.
+- **The completion rule**: a stage's output (the prepared data, one run's CAMs, the analysis)
+  carries a record of the *inputs* it was made from: the config keys it depends on, the
+  fingerprints of what it read from upstream, and `SCORING_VERSION`. It is reused only when the
+  fingerprint of the inputs the config asks for now is the recorded one; otherwise it is redone
+  and `record_reason` says which dotted keys changed ("cam.methods changed"). A training run's
+  `done.json` follows the same rule, but a changed run is refused rather than retrained (hours of
+  GPU time): `--force train` says so explicitly.
+
+Execution settings (batch sizes of inference, worker counts, actor counts) are not inputs:
+they change how fast a result comes, not the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from training.atomic import write_text_atomic
+from training.errors import ConfigError, TrainingError
+
+# Bump when a metric definition or the CAM post-processing changes (STUDY.md §4-5): every
+# run's CAM output is then recomputed, and the analysis after it.
+SCORING_VERSION = 1
+# Bump when a table, statistic or the report changes: the analysis is redone.
+ANALYSIS_VERSION = 1
+
+# --------------------------------------------------------------------------- run keys
+
+_RUN_KEY = re.compile(r"^(?P<model>[A-Za-z0-9_.]+)-seed(?P<seed>\d+)$")
+
+
+def run_key(model: str, seed: int) -> str:
+    """The one name of a (model, seed) run: its folders, its MLflow child, its log lines."""
+    return f"{model}-seed{seed}"
+
+
+def parse_run_key(name: str) -> Optional[tuple[str, int]]:
+    """("resnet50", 2) for "resnet50-seed2"; None for a name of another form."""
+    match = _RUN_KEY.match(name)
+    return (match["model"], int(match["seed"])) if match else None
+
+
+# --------------------------------------------------------------------------- the completion rule
+
+
+def fingerprint(inputs: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-able mapping (key order does not matter)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def flatten(inputs: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"cam": {"methods": [...]}} -> {"cam.methods": [...]}: the names a reason line uses."""
+    flat: dict[str, Any] = {}
+    for key, value in inputs.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two input records (added and removed ones too)."""
+    before, after = flatten(old), flatten(new)
+    same = lambda key: json.dumps(before.get(key), default=str) == json.dumps(after.get(key), default=str)
+    return [key for key in dict.fromkeys([*before, *after]) if key not in before or key not in after or not same(key)]
+
+
+def write_record(path: Path, inputs: Mapping[str, Any], **info: Any) -> None:
+    """The completion record of an output: written last, after the output is in place."""
+    record = {"fingerprint": fingerprint(inputs), "inputs": inputs,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    write_text_atomic(path, json.dumps(record, indent=2, default=str))
+
+
+def read_record(path: Path) -> Optional[dict[str, Any]]:
+    """The record at `path`, or None when there is none (or it cannot be read: redo the work)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def record_reason(path: Path, inputs: Mapping[str, Any]) -> Optional[str]:
+    """None when the output at `path` was made from exactly `inputs`; else why it must be redone."""
+    record = read_record(path)
+    if record is None:
+        return "not done yet"
+    if record.get("fingerprint") == fingerprint(inputs):
+        return None
+    if not isinstance(record.get("inputs"), Mapping):
+        return "made by an older camstudy that did not record its inputs"
+    keys = changed_keys(record["inputs"], inputs)
+    shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    return f"{shown} changed" if keys else "its inputs changed"
+
+
+def finished_run(run_dir: Path, fingerprint: str, inputs: Optional[Mapping[str, Any]] = None) -> Optional[dict]:
+    """A training run's done.json summary when it finished with these settings, None when it has
+    not finished. One finished with other settings is an error naming what changed: it is never
+    silently reused, nor silently retrained (that is `--force train`)."""
+    summary = read_record(Path(run_dir) / StudyStore.DONE)
+    if summary is None:
+        return None
+    if summary.get("fingerprint") != fingerprint:
+        keys = changed_keys(summary["inputs"], inputs) if inputs and isinstance(summary.get("inputs"), Mapping) else []
+        what = f"{', '.join(keys[:4])} changed" if keys else "model, recipe, seed, data or training settings differ"
+        raise TrainingError(f"{run_dir}: this run finished with other settings ({what}); rerun with "
+                            "`--force train` to retrain it, or restore the settings it was trained with")
+    return summary
+
+
+# --------------------------------------------------------------------------- what each stage depends on
+
+
+def prepare_inputs(config: Any) -> dict[str, Any]:
+    """The prepared data (manifest, split, cache) depends on these config sections only."""
+    plain = config.to_dict()
+    return {section: plain[section] for section in ("data", "split", "preprocess")}
+
+
+def explain_inputs(config: Any, train_fingerprint: str) -> dict[str, Any]:
+    """One run's CAM output: the trained run, which maps are made on which images, how they are
+    scored. (`cam.batch_size` changes only the speed.)"""
+    cam = config.cam
+    return {"train": {"fingerprint": train_fingerprint},
+            "cam": {"methods": list(cam.methods), "images": cam.images, "sanity_randomized": cam.sanity_randomized},
+            "metrics": config.to_dict()["metrics"], "scoring_version": SCORING_VERSION}
+
+
+def analyze_inputs(config: Any, store: "StudyStore", runs: list[tuple[str, int]]) -> dict[str, Any]:
+    """The analysis: the CAM output and training run of every run the config names (each by its
+    record's fingerprint; None when it has none), the prepared data, the statistics settings,
+    the decision threshold the report quotes, and where results are logged."""
+    plain = config.to_dict()
+    recorded = lambda path: (read_record(path) or {}).get("fingerprint")  # noqa: E731
+    cams = {run_key(*run): recorded(store.cams_dir(*run) / StudyStore.CAM_DONE) for run in runs}
+    trained = {run_key(*run): recorded(store.run_dir(*run) / StudyStore.DONE) for run in runs}
+    return {"cams": cams, "train": trained, "prepare": fingerprint(prepare_inputs(config)),
+            "statistics": plain["statistics"], "training": {"threshold": plain["training"]["threshold"]},
+            "tracking": plain["tracking"], "analysis_version": ANALYSIS_VERSION}
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class StudyStore:
+    """One folder per study (ARCHITECTURE.md, "the study store"). Nothing is written in place:
+    files go to a temporary sibling `.<name>.tmp-<pid>` and are renamed.
+
+        study.json                       the study's id (made with the store) and creation time
+        config.yaml                      resolved config, as last run
+        source/                          synthetic SIIM-format data (data.source: synthetic)
+        data/manifest.parquet, report.json, cache/{index.parquet, images.npy, masks.npy}
+        train/<run key>/                 checkpoint.pt, best-eNNNN.pt, model.pt, predictions.parquet,
+                                         test_metrics.json, attempt.json, error.json, done.json (last)
+        cams/<run key>/                  part-00000.parquet, _done.json (last)
+        analysis/                        tables, statistics, figures, report.html
+        stages/<stage>.json              completion records of prepare and analyze
+        .lock                            held by the one command writing the study
+    """
+
+    CHECKPOINT, MODEL, DONE = "checkpoint.pt", "model.pt", "done.json"
+    PREDICTIONS, TEST_METRICS = "predictions.parquet", "test_metrics.json"
+    ATTEMPT = "attempt.json"  # the MLflow child of the attempt a checkpoint belongs to
+    ERROR = "error.json"  # camstudy's own error in a run's worker, for the driver (not retried)
+    CAM_PART, CAM_DONE = "part-00000.parquet", "_done.json"
+    CACHE_INDEX, CACHE_IMAGES, CACHE_MASKS = "index.parquet", "images.npy", "masks.npy"  # in data/cache/
+
+    def __init__(self, study_dir: str | Path):
+        if "://" in str(study_dir):
+            raise ConfigError(f"storage {study_dir}: remote URIs are not supported; mount the shared "
+                              "storage (NFS, s3fs) and give its local path")
+        self.root = Path(study_dir)
+
+    study_path = property(lambda self: self.root / "study.json")
+    config_path = property(lambda self: self.root / "config.yaml")
+    source_dir = property(lambda self: self.root / "source")
+    data_dir = property(lambda self: self.root / "data")
+    manifest_path = property(lambda self: self.root / "data" / "manifest.parquet")
+    cache_dir = property(lambda self: self.root / "data" / "cache")
+    data_report_path = property(lambda self: self.root / "data" / "report.json")
+    analysis_dir = property(lambda self: self.root / "analysis")
+    mlflow_db = property(lambda self: self.root / "mlflow.db")
+    lock_path = property(lambda self: self.root / ".lock")
+    ray_dir = property(lambda self: self.root / "ray")  # Ray Train's own run state (storage_path)
+
+    def run_dir(self, model: str, seed: int) -> Path:
+        return self.root / "train" / run_key(model, seed)
+
+    def cams_dir(self, model: str, seed: int) -> Path:
+        return self.root / "cams" / run_key(model, seed)
+
+    def stage_record(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+    def study_id(self) -> str:
+        """The study's id, made once with the store: what tells two studies of one name apart."""
+        record = read_record(self.study_path)
+        if record and isinstance(record.get("id"), str):
+            return record["id"]
+        study_id = uuid.uuid4().hex[:12]
+        write_text_atomic(self.study_path, json.dumps(
+            {"id": study_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "name": self.root.name}, indent=2))
+        return study_id
+
+    def sweep_temporary(self) -> list[Path]:
+        """Remove what writers killed mid-write left (`.<name>.tmp-<pid>`); call it with the lock
+        held, before the stage starts any writer of its own."""
+        import shutil
+
+        swept = [p for p in self.root.rglob(".*.tmp-*") if p.exists()]
+        for path in swept:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return swept
