@@ -54,7 +54,8 @@ def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = Non
 
     config: the resolved config as a plain dict (`StudyConfig.to_dict()`). tracker: anything
     with `.client` (MlflowClient), `.parent_run()` and `.current_children()` (run key -> run id
-    of each run's current attempt), as orchestrator.tracking.StudyTracker has.
+    of each run's current attempt), and `.call(fn, *args)` (runs `fn` unless the server is
+    unreachable), as orchestrator.tracking.StudyTracker has.
     known_models: model -> (family, depth) for models outside the built-in table.
     runs: the (model, seed) runs to analyse (default: the config's models x seeds).
     """
@@ -65,8 +66,7 @@ def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = Non
         write_report(inputs, outputs)
     outputs = _moved(outputs, tmp, final)
     if tracker is not None:
-        parent = tracker.parent_run()
-        log_to_mlflow(tracker.client, parent, tracker.current_children(), outputs)
+        tracker.call(lambda: log_to_mlflow(tracker.client, tracker.parent_run(), tracker.current_children(), outputs))
     return outputs.report_path
 
 

@@ -20,7 +20,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C."""
 
 
+_signals_received: list[int] = []  # Ray re-raises an interrupt inside ray.wait as a plain KeyboardInterrupt
+
+
 def _on_sigterm(signum, frame):
+    _signals_received.append(signum)
     raise Terminated()
 
 
@@ -33,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     except CamstudyError as error:
         print(f"camstudy: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt:
         _stop_ray()
-        print(f"camstudy: {'terminated' if isinstance(stop, Terminated) else 'interrupted'}; finished work "
+        terminated = signal.SIGTERM in _signals_received
+        print(f"camstudy: {'terminated' if terminated else 'interrupted'}; finished work "
               "is kept: rerun the same command to resume", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        return 143 if terminated else 130
 
 
 def _stop_ray() -> None:

@@ -22,7 +22,7 @@ from orchestrator.lock import command_line, study_lock
 from orchestrator.ray_setup import init_ray
 from orchestrator.stages import prepare_stage
 from orchestrator.train_runs import RunPlan, is_finished, placement, plan_runs, train_stage
-from training.contract import StudyStore, analyze_inputs, record_reason, write_record
+from training.contract import StudyStore, analyze_inputs, read_record, record_reason, write_record
 
 STAGES = ("prepare", "train", "explain", "analyze")
 
@@ -101,13 +101,15 @@ def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force
     inputs, record = analyze_inputs(config, store, runs), store.stage_record("analyze")
     report = store.analysis_dir / "report.html"
     reason = "--force" if force else record_reason(record, inputs)
+    if reason is None and tracker.online and not (read_record(record) or {}).get("logged"):
+        reason = "its results have not reached MLflow yet"
     if reason is None and report.is_file():
         print(f"[analyze] up to date: {report}")
         return str(report)
     print(f"[analyze] {reason or 'report missing'}; analysing {len(runs)} run(s)")
     record.unlink(missing_ok=True)
     report = analyze(store.root, config.to_dict(), tracker=tracker, runs=runs)
-    write_record(record, inputs)
+    write_record(record, inputs, logged=tracker.online)
     print(f"[analyze] report: {report}")
     return str(report)
 

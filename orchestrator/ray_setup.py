@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 import ray
 
@@ -33,12 +35,17 @@ def init_ray(config: StudyConfig | None = None) -> None:
     # Train's controller repeats internal notices many times a second on small machines, and
     # the stages print their own progress and surface every run's error on the driver.
     address = running_cluster()
+    # ray.init installs SIGTERM handlers of its own (Python: exit 1; its core's: log, then abort);
+    # the command's handler (orchestrator.cli: stop the runs, mark them KILLED) is put back
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         print(f"[ray] joining the running cluster at {address}", flush=True)
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
+    if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     local_data_context(progress=sys.stderr.isatty())
 
 

@@ -11,6 +11,14 @@ child's params, metric history and status describe one attempt only.
 Status. The parent is RUNNING while a command works on the study and ends FINISHED, FAILED or
 KILLED with it; a child ends FINISHED, FAILED (error tag) or KILLED (interrupted).
 
+Outages. A tracking server that cannot be reached never stops the study: the first failed call
+prints one line and the tracker goes offline for the rest of the command (`StudyTracker.call`
+skips what needs the server). Nothing is lost, because the store already holds everything
+MLflow shows: the next command that reaches the server creates or closes each run's child from
+its done.json (history and test metrics back-filled) and logs the analysis again. MLflow's own
+HTTP retries are capped (MLFLOW_HTTP_REQUEST_MAX_RETRIES=3, TIMEOUT=30 s unless set) so an outage
+costs seconds, not minutes.
+
 Everything goes through `MlflowClient` with explicit run ids, so any process can log to the
 right run. With no URI configured MLflow would write `sqlite:///mlflow.db` relative to the
 current folder (a Ray session temp dir inside workers), so the URI is always made absolute.
@@ -21,12 +29,17 @@ from __future__ import annotations
 import getpass
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # MLflow's default: 7, with back-off
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402 (after the environment defaults)
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from training.contract import StudyStore, read_record
 from training.atomic import write_text_atomic
@@ -62,18 +75,39 @@ class StudyTracker:
         self.uri = tracking_uri(config)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.study, self.study_id = config.study, self.store.study_id()
-        self.experiment_id = self._experiment(config)
+        self.experiment_name = config.tracking.experiment
+        self._experiment_id: Optional[str] = None
         self._parent: Optional[str] = None
+        self.online = True
 
-    def _experiment(self, config) -> str:
-        existing = self.client.get_experiment_by_name(config.tracking.experiment)
-        if existing is not None:
-            return existing.experiment_id
-        artifacts = None
-        if not self.uri.startswith("http"):
-            # a local backend would otherwise put artifacts in ./mlruns of whoever logs first
-            artifacts = (self.store.root / "mlartifacts").resolve().as_uri()
-        return self.client.create_experiment(config.tracking.experiment, artifact_location=artifacts)
+    def call(self, action: Callable, *args, **kwargs) -> Any:
+        """`action(*args)`, or None without calling it once the server was found unreachable; the
+        first failure to reach it prints one line and takes the tracker offline."""
+        if not self.online:
+            return None
+        try:
+            return action(*args, **kwargs)
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            self.online = False
+            print(f"[mlflow] {self.uri} cannot be reached ({str(error).splitlines()[0][:160]}); the study goes on, "
+                  "its results stay in the store and reach MLflow on the next command that can reach it", flush=True)
+            return None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            existing = self.client.get_experiment_by_name(self.experiment_name)
+            if existing is not None:
+                self._experiment_id = existing.experiment_id
+            else:
+                artifacts = None
+                if not self.uri.startswith("http"):
+                    # a local backend would otherwise put artifacts in ./mlruns of whoever logs first
+                    artifacts = (self.store.root / "mlartifacts").resolve().as_uri()
+                self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=artifacts)
+        return self._experiment_id
 
     # ------------------------------------------------------------------ the parent
 
@@ -90,14 +124,17 @@ class StudyTracker:
         return self._parent
 
     def start(self, command: str) -> None:
-        """The parent is RUNNING while `command` works on the study."""
-        parent = self.parent_run()
-        self.client.update_run(parent, status="RUNNING")
-        set_tags(self.client, parent, {"camstudy.command": command})
+        """The parent is RUNNING while `command` works on the study (the first contact with the
+        server: an outage here takes the tracker offline for the whole command)."""
+        def running():
+            parent = self.parent_run()
+            self.client.update_run(parent, status="RUNNING")
+            set_tags(self.client, parent, {"camstudy.command": command})
+        self.call(running)
 
     def finish(self, status: str, error: BaseException | str | None = None) -> None:
         """FINISHED, FAILED (with the error as a tag) or KILLED."""
-        end_run(self.client, self.parent_run(), error, status)
+        self.call(lambda: end_run(self.client, self.parent_run(), error, status))
 
     # ------------------------------------------------------------------ children
 
@@ -158,6 +195,15 @@ class StudyTracker:
     def _search(self, clause: str) -> list:
         return self.client.search_runs([self.experiment_id],
                                        filter_string=f"tags.`{STUDY_ID_TAG}` = '{self.study_id}' and {clause}")
+
+
+def is_outage(error: BaseException) -> bool:
+    """The server could not be reached or answered 5xx (not: it refused a request as invalid)."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    text = str(error)
+    return isinstance(error, MlflowException) and "API request to" in text and (
+        "failed with exception" in text or "error code 5" in text or "Max retries" in text)
 
 
 def _user() -> str:

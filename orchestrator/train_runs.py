@@ -198,60 +198,70 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
                 run_ids[plan.key] = _start_child(config, store, tracker, plan)
                 in_flight[_fit.remote(config, plan, str(store.root), progress, layout)] = plan
             finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
-            _log_progress(progress, started, tracker.client, run_ids)  # before any finished run is closed
+            _log_progress(progress, started, tracker, run_ids)  # before any finished run is closed
             for ref in finished:
                 plan = in_flight.pop(ref)
                 outcome = ray.get(ref)
-                _close_child(tracker.client, run_ids[plan.key], plan, outcome.error)
+                if run_ids[plan.key]:
+                    tracker.call(_close_child, tracker.client, run_ids[plan.key], plan, outcome.error)
                 print(f"[train] {plan.key}: {'FAILED: ' + outcome.error if outcome.error else 'done'}")
                 if outcome.own:
                     raise getattr(errors, outcome.kind, CamstudyError)(outcome.error)
                 if outcome.error:
                     failures[plan.key] = outcome.error
     except BaseException as stop:
-        _stop_in_flight(tracker.client, in_flight, run_ids, stop)
+        _stop_in_flight(tracker, in_flight, run_ids, stop)
         raise
     return failures
 
 
-def _start_child(config, store, tracker, plan: RunPlan) -> str:
-    """The MLflow child of this attempt (a new one unless the run resumes from its checkpoint)."""
+def _start_child(config, store, tracker, plan: RunPlan) -> Optional[str]:
+    """The MLflow child of this attempt (a new one unless the run resumes from its checkpoint);
+    None while the tracking server cannot be reached."""
     fresh = not (plan.run_dir / StudyStore.CHECKPOINT).is_file()
-    run_id = tracker.attempt_child(plan.key, plan.run_dir, child_params(config, plan), plan.fingerprint, fresh)
-    tracker.client.log_artifact(run_id, str(store.config_path))  # the resolved config, as run
-    return run_id
+
+    def start() -> str:
+        run_id = tracker.attempt_child(plan.key, plan.run_dir, child_params(config, plan), plan.fingerprint, fresh)
+        tracker.client.log_artifact(run_id, str(store.config_path))  # the resolved config, as run
+        return run_id
+    return tracker.call(start)
 
 
-def _stop_in_flight(client, in_flight: dict, run_ids: dict[str, str], stop: BaseException) -> None:
+def _stop_in_flight(tracker, in_flight: dict, run_ids: dict[str, Optional[str]], stop: BaseException) -> None:
     """Cancel every run still in flight (its Train controller and workers go with its task) and
     mark its child KILLED, with the reason."""
     reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else f"stopped: {stop}"
     for ref, plan in in_flight.items():
         ray.cancel(ref, force=True)
-        tracking.end_run(client, run_ids[plan.key], reason, status="KILLED")
+        if run_ids[plan.key]:
+            tracker.call(tracking.end_run, tracker.client, run_ids[plan.key], reason, status="KILLED")
         print(f"[train] {plan.key}: {reason}; it resumes from its last checkpoint on the next run")
 
 
-def _log_progress(progress: Queue, started: float, client, run_ids: dict[str, str]) -> None:
+def _log_progress(progress: Queue, started: float, tracker, run_ids: dict[str, Optional[str]]) -> None:
     """Each epoch report waiting in the queue: an MLflow step on its run's child, a progress line."""
     while True:
         try:
             key, report = progress.get_nowait()
         except Empty:
             return
-        _log_epoch(client, run_ids[key], report)
+        if run_ids[key]:
+            tracker.call(_log_epoch, tracker.client, run_ids[key], report)
         numbers = " ".join(f"{k}={v:.4g}" for k, v in report.items()
                            if k != "epoch" and isinstance(v, (int, float)))
         print(f"[train {time.time() - started:6.0f}s] {key} epoch {report['epoch']}: {numbers}", flush=True)
 
 
 def _reconcile_child(config, store, tracker, plan: RunPlan) -> None:
-    """A run that finished while the driver died (done.json written, MLflow child never closed)
-    gets its final metrics and FINISHED status now; a closed child is left as it is."""
-    run_id = tracker.finished_child(plan.key, plan.run_dir, child_params(config, plan), plan.fingerprint)
-    if tracker.client.get_run(run_id).info.status != "FINISHED":
-        tracker.client.log_artifact(run_id, str(store.config_path))
-        _close_child(tracker.client, run_id, plan, None)
+    """A run that finished while the driver died or MLflow was unreachable (done.json written,
+    child never closed or never made) gets its child, final metrics and FINISHED status now; a
+    closed child is left as it is."""
+    def reconcile() -> None:
+        run_id = tracker.finished_child(plan.key, plan.run_dir, child_params(config, plan), plan.fingerprint)
+        if tracker.client.get_run(run_id).info.status != "FINISHED":
+            tracker.client.log_artifact(run_id, str(store.config_path))
+            _close_child(tracker.client, run_id, plan, None)
+    tracker.call(reconcile)
 
 
 def _log_missing_epochs(client, run_id: str, plan: RunPlan) -> None:

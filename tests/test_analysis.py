@@ -117,7 +117,9 @@ def mlflow_tracker(tmp: Path, run_keys):
     parent = client.create_run(experiment, run_name="synthetic").info.run_id
     children = {key: client.create_run(experiment, run_name=key, tags={"mlflow.parentRunId": parent}).info.run_id
                 for key in run_keys}
-    return SimpleNamespace(client=client, parent_run=lambda: parent, current_children=lambda: children), children
+    tracker = SimpleNamespace(client=client, parent_run=lambda: parent, current_children=lambda: children,
+                              call=lambda action, *args: action(*args))
+    return tracker, children
 
 
 @pytest.fixture(scope="module")

@@ -135,3 +135,14 @@ def test_ddp_workers_are_accepted_when_they_split_the_batch_evenly():
     assert "a multiple of resources.workers_per_run (3)" in message
     with pytest.raises(ConfigError, match=r"resources\.workers_per_run: 0 is not valid; use an integer >= 1"):
         load_config(DEMO, {"resources.workers_per_run": 0})
+
+
+def test_exponent_numbers_are_numbers_and_non_finite_ones_are_refused():
+    assert load_config(DEMO, {"recipes.resnet.lr": "1e-3"}).recipes["resnet"].lr == 1e-3
+    assert load_config(DEMO, {"recipes.resnet.lr": "1.0e6"}).recipes["resnet"].lr == 1e6
+    with pytest.raises(ConfigError, match=r"recipes\.resnet\.lr: expected a finite number, got inf"):
+        load_config(DEMO, {"recipes.resnet.lr": float("inf")})
+    with pytest.raises(ConfigError, match=r"recipes\.vit\.momentum: expected a finite number"):
+        load_config(DEMO, {"recipes.vit.momentum": float("nan")})
+    with pytest.raises(ConfigError, match=r"training\.seeds: \(-1,\) is not valid; use a non-empty list of integers >= 0"):
+        load_config(DEMO, {"training.seeds": [-1]})

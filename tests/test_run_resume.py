@@ -1,9 +1,11 @@
-"""`camstudy run` killed mid-study and run again finishes without redoing finished work.
+"""`camstudy run` killed with SIGKILL at five points and run again finishes without redoing work.
 
 The study is the real demo config shrunk (STYLE.md §7). The process is SIGKILLed as a whole
-process group (the driver and the local Ray it started) once the first training run has
-finished, while the others are still training; the second invocation must skip that run,
-finish the rest and leave no half-written output.
+process group (the driver and the local Ray it started) during prepare, in the middle of the
+first training run (after its first epoch), between training runs, during explain and during
+analyze; each kill is followed by the same command, and the last one must finish with every
+run trained once (its done.json never rewritten), no half-written output, and exactly one
+FINISHED MLflow child per run (a resumed run continues its attempt's child).
 """
 
 from __future__ import annotations
@@ -20,47 +22,61 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 SHRINK = ["--set", "models.names=[resnet18,resnet34,vit_small]", "--set", "data.synthetic.n=120",
           "--set", "split.n_val=16", "--set", "split.n_test=24", "--set", "preprocess.image_size=32",
           "--set", "recipes.resnet.epochs=2", "--set", "recipes.vit.epochs=1",
           "--set", "resources.max_concurrent_runs=1"]
+MODELS = ("resnet18", "resnet34", "vit_small")
 
 
 def _command(storage: Path) -> list[str]:
     return [sys.executable, "-m", "orchestrator", "run", "configs/demo.yaml", "--set", f"storage={storage}", *SHRINK]
 
 
-def _kill_when(condition, process: subprocess.Popen, timeout: float) -> None:
+def _run_until(storage: Path, log: Path, condition, timeout: float = 1200) -> None:
+    """Start the study and SIGKILL its process group once `condition(log text)` holds."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(_command(storage), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the study ended (status {process.returncode}) before the kill point")
-        if condition():
+        if condition(log.read_text()):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             return
-        time.sleep(0.5)
+        if process.poll() is not None:
+            pytest.fail(f"the study ended (status {process.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
-    pytest.fail("the kill point was not reached in time")
+    pytest.fail(f"the kill point was not reached in time:\n{log.read_text()[-3000:]}")
 
 
-def test_killed_run_resumes_without_redoing_finished_work(tmp_path):
-    study = tmp_path / "store" / "demo"
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_command(tmp_path / "store"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    _kill_when(lambda: any((study / "train").glob("*/done.json")), first, timeout=1200)
-    first_done = next((study / "train").glob("*/done.json"))
-    finished_at = first_done.stat().st_mtime
-    assert not (study / "cams").exists() or not any((study / "cams").glob("*/_done.json"))
+KILL_POINTS = {
+    "prepare": lambda text: "labelled images in" in text,
+    "mid-epoch": lambda text: " epoch 1: " in text,
+    "between runs": lambda text: "[train] " in text and ": done" in text,
+    "explain": lambda text: "heatmaps to compute" in text,
+    "analyze": lambda text: "[analyze] " in text and "analysing" in text,
+}
 
-    second = subprocess.run(_command(tmp_path / "store"), cwd=ROOT, capture_output=True, text=True, timeout=1500)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"{first_done.parent.name}: finished earlier, skipped" in second.stdout
-    assert first_done.stat().st_mtime == finished_at, "a finished run was trained again"
-    for model in ("resnet18", "resnet34", "vit_small"):
+
+def test_killed_five_times_the_study_resumes_without_redoing_finished_work(tmp_path):
+    storage, study = tmp_path / "store", tmp_path / "store" / "demo"
+    trained: dict[Path, float] = {}  # done.json -> mtime when first seen
+    for point, condition in KILL_POINTS.items():
+        _run_until(storage, tmp_path / f"{point}.log", condition)
+        for done in (study / "train").glob("*/done.json") if (study / "train").is_dir() else []:
+            assert trained.setdefault(done, done.stat().st_mtime) == done.stat().st_mtime, f"{done} rewritten ({point})"
+    assert trained, "no run finished before the explain kill"
+
+    last = subprocess.run(_command(storage), cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
+    for done, mtime in trained.items():
+        assert done.stat().st_mtime == mtime, f"{done.parent.name} was trained again"
+        assert f"{done.parent.name}: finished earlier, skipped" in last.stdout
+    for model in MODELS:
         run_dir = study / "train" / f"{model}-seed0"
         summary = json.loads((run_dir / "done.json").read_text())
         assert len(summary["history"]) == summary["epochs"]
@@ -68,7 +84,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path):
         assert len(cams) > 0 and set(cams["randomized"]) == {False, True}
     assert not list(study.rglob(".*.tmp-*")), "a temporary output was left behind"
     assert (study / "analysis" / "report.html").is_file()
-    assert "compare runs: mlflow ui --backend-store-uri sqlite:///" in second.stdout
+    assert "compare runs: mlflow ui --backend-store-uri sqlite:///" in last.stdout
     _check_mlflow(study)
 
 
@@ -85,7 +101,8 @@ def _check_mlflow(study: Path) -> None:
     runs = client.search_runs([experiment.experiment_id])
     parents = [run for run in runs if run.data.tags.get("camstudy.role") == "parent"]
     children = [run for run in runs if run.data.tags.get("camstudy.role") == "child"]
-    assert len(parents) == 1
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # one child per run: every kill resumed its run's attempt instead of starting a new one
     assert sorted(run.info.run_name for run in children) == ["resnet18-seed0", "resnet34-seed0", "vit_small-seed0"]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id

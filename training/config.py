@@ -11,7 +11,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -174,7 +176,8 @@ class TrainingConfig:
     def __post_init__(self):
         _check(self.max_failures >= 0, "training.max_failures", self.max_failures,
                "an integer >= 0 (restarts of a crashed worker; 0 = none)")
-        _check(len(self.seeds) >= 1, "training.seeds", self.seeds, "a non-empty list of integers")
+        _check(len(self.seeds) >= 1 and all(seed >= 0 for seed in self.seeds), "training.seeds", self.seeds,
+               "a non-empty list of integers >= 0")
         _check(self.batch_size >= 1, "training.batch_size", self.batch_size, "an integer >= 1")
         _check(0 < self.threshold < 1, "training.threshold", self.threshold, "a value in (0, 1)")
 
@@ -444,14 +447,21 @@ def _build_scalar(cls: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if cls is float:
+        if isinstance(value, str) and _DECIMAL.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 and 1.0e6 (no dot, or no sign) as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if cls is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"config schema uses an unsupported type {cls!r} at {where}")
+
+
+_DECIMAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

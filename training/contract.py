@@ -221,7 +221,10 @@ class StudyStore:
         held, before the stage starts any writer of its own."""
         import shutil
 
-        swept = [p for p in self.root.rglob(".*.tmp-*") if p.exists()]
-        for path in swept:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        swept = list(self.root.rglob(".*.tmp-*"))
+        for path in swept:  # one inside a swept folder is already gone
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         return swept
