@@ -28,7 +28,8 @@ import numpy as np
 
 from training.config import PreprocessConfig
 from training.data import load_siim
-from training.prepare import BATCH_SIZE, map_rows, process_batch
+from training.prepare import process_batch
+from training.row_mapper import BATCH_SIZE, map_rows
 from training.synth import generate
 
 

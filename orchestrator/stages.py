@@ -16,8 +16,8 @@ from training.contract import StudyStore, fingerprint, prepare_inputs, record_re
 from training.cache import write_cache
 from training.data import SiimIndex, load_siim
 from training.errors import ConfigError
-from training.prepare import (Prepared, cache_index, data_report, format_report, prepare_data,
-                              write_manifest)
+from training.data_report import data_report, format_report
+from training.prepare import Prepared, cache_index, prepare_data, write_manifest
 from training.synth import generate
 
 _LAYOUT_OF_SOURCE = {"siim-dicom": "dicom", "siim-png": "png"}

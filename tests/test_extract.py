@@ -96,3 +96,22 @@ def test_a_changed_explain_setting_recomputes_every_run_and_says_why(study, caps
     capsys.readouterr()
     extract_runs(config, store, plans, actors=2, gpus_per_actor=0)  # back to the old setting: redone again
     assert capsys.readouterr().out.count("cam.methods changed") == len(plans)
+
+
+def test_a_one_channel_study_trains_and_explains(tiny_cache, tmp_path):
+    """preprocess.channels: 1 reaches the CAM stage: the trained model and its randomised twin
+    both take one-channel input (no Ray: the actor class is called directly)."""
+    from explain.extract import CamScorer, run_work
+
+    config = load_config(ROOT / "configs" / "demo.yaml", {
+        "storage": str(tmp_path / "store"), "models.names": ["resnet18"], "preprocess.image_size": TINY_SIZE,
+        "preprocess.channels": 1, "recipes.resnet.epochs": 1, "training.batch_size": 16})
+    (plan,) = plan_runs(config, StudyStore(config.study_dir))
+    train_run(plan.spec, registry.recipe_for(plan.spec, config.recipes), config, tiny_cache, plan.run_dir,
+              plan.seed, fingerprint=plan.fingerprint)
+    work = run_work(config, tiny_cache, plan)
+    scorer = CamScorer(config, {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir))}, str(tiny_cache))
+    table = scorer(work)
+    assert table.num_rows == len(work) and sorted(set(table.column("randomized").to_pylist())) == [False, True]
+    heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
+    assert heat.shape == (len(work), TINY_SIZE, TINY_SIZE) and heat.max() <= 1

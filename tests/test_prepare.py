@@ -13,9 +13,10 @@ from orchestrator.stages import prepare_stage
 from training import rle
 from training.cache import load_split, read_index
 from training.errors import ConfigError, DataError
-from training.prepare import (MANIFEST_COLUMNS, SPLITS, data_report, format_report, map_rows,
-                              plan_selection, prepare_data, process_batch, select_and_split,
-                              union_mask)
+from training.data_report import data_report, format_report
+from training.prepare import MANIFEST_COLUMNS, prepare_data, process_batch, union_mask
+from training.row_mapper import map_rows
+from training.split import SPLITS, plan_selection, select_and_split
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

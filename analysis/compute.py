@@ -1,0 +1,178 @@
+"""The analysis computed: every table, statistic and figure of the study, written as CSV, JSON and PNG
+under the analysis folder (`build_outputs`). No HTML here: `analysis.html` renders what this computes."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures, paper_values, stats, tables
+from analysis.inputs import StudyInputs, read_backgrounds, read_heatmaps
+
+
+STATS_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_norm"]  # full model comparison for each
+DEPTH_METRICS = {"diff_gradcam": "diff_gradcam", "ehr_auc_norm": "ehr_auc_norm", "pointing_hit": "pointing_game"}
+
+
+@dataclass
+class AnalysisOutputs:
+    """What analyze wrote: tables (also as CSV), the statistics (JSON), figure and report paths."""
+
+    directory: Path
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+    run_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    notes: list[str] = field(default_factory=list)  # figures or analyses that could not be made, and why
+
+    statistics_path = property(lambda self: self.directory / "statistics.json")
+    report_path = property(lambda self: self.directory / "report.html")
+
+
+# ----------------------------------------------------------------------------- computing
+
+
+def alpha_of(config: Mapping[str, Any]) -> float:
+    return float((config.get("statistics") or {}).get("alpha", stats.ALPHA))
+
+
+def threshold_of(config: Mapping[str, Any]) -> float:
+    return float((config.get("training") or {}).get("threshold", 0.5))
+
+
+def _ordered(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """`model` as a categorical in plot order, so every analysis lists models the same way."""
+    return frame.assign(model=pd.Categorical(frame["model"].astype(str), categories=order))
+
+
+def build_outputs(inputs: StudyInputs, directory: Path) -> AnalysisOutputs:
+    """Every table, statistic and figure, written under `directory` (CSV, JSON, PNG)."""
+    alpha, order = alpha_of(inputs.config), inputs.model_order
+    method = tables.primary_method(inputs.cams)
+    trained = _ordered(tables.trained_rows(inputs.cams, method), order) if method else inputs.cams.iloc[0:0]
+    outputs = AnalysisOutputs(directory=directory)
+    outputs.tables = _tables(inputs, trained, method, alpha)
+    outputs.statistics = _statistics(trained, method, alpha, outputs)
+    outputs.run_summary = tables.run_summary(trained) if len(trained) else pd.DataFrame()
+    outputs.tables.update(_statistics_tables(outputs.statistics))
+    outputs.figures = _figures(inputs, trained, outputs, method)
+    _write_tables(outputs)
+    outputs.statistics_path.write_text(json.dumps(_jsonable(outputs.statistics), indent=1))
+    return outputs
+
+
+def _tables(inputs: StudyInputs, trained: pd.DataFrame, method: Optional[str], alpha: float) -> dict[str, pd.DataFrame]:
+    models = inputs.models
+    result = {"table1": tables.table1(inputs.test_metrics, models)}
+    if len(trained):
+        result.update(table2=tables.table2(trained, models),
+                      localisation=tables.localisation_table(trained, models, alpha),
+                      sanity=tables.sanity_table(inputs.cams, method, models, alpha))
+        if "ehr_auc" in trained:
+            result["ehr"] = tables.ehr_table(trained, models, alpha)
+        if inputs.cams["cam_method"].nunique() > 1:
+            result["methods"] = tables.methods_table(inputs.cams, models)
+    predictions = _ordered(inputs.predictions, inputs.model_order)
+    result["classification_pairs"] = stats.classification_comparisons(predictions, threshold_of(inputs.config), alpha)
+    return result
+
+
+def _statistics(trained: pd.DataFrame, method: Optional[str], alpha: float,
+                outputs: AnalysisOutputs) -> dict[str, Any]:
+    verdict = stats.classification_verdict(outputs.tables["classification_pairs"])
+    result: dict[str, Any] = {"alpha": alpha, "cam_method": method, "comparisons": {},
+                              "classification_verdict": verdict}
+    scored_models = trained["model"].nunique() if len(trained) else 0
+    if scored_models < 2:
+        outputs.notes.append(f"Model comparisons need CAM scores of at least two models; {scored_models} available.")
+        return result
+    for metric in (m for m in STATS_METRICS if m in trained and trained[m].notna().any()):
+        result["comparisons"][metric] = stats.compare_models(trained.dropna(subset=[metric]), metric, alpha=alpha)
+    return result
+
+
+def _statistics_tables(statistics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """The pair tables and model estimates of every comparison, for CSV and MLflow."""
+    found: dict[str, pd.DataFrame] = {}
+    for metric, comparison in statistics["comparisons"].items():
+        found[f"{metric}_paper_tukey"] = comparison["paper"]["tukey"]
+        found[f"{metric}_mixed_model"] = comparison["mixed_model"]["estimates"]
+        found[f"{metric}_block_tukey"] = comparison["block_tukey"]
+        found[f"{metric}_wilcoxon_holm"] = comparison["wilcoxon_holm"]
+        if "run_level" in comparison:
+            found[f"{metric}_run_level_tukey"] = comparison["run_level"]["tukey"]
+        if "crossed" in comparison:
+            found[f"{metric}_crossed_model"] = comparison["crossed"]["estimates"]
+    if "diff_gradcam" in statistics["comparisons"]:
+        found["tukey_vs_paper"] = tables.tukey_vs_paper(statistics["comparisons"]["diff_gradcam"])
+    return found
+
+
+def _write_tables(outputs: AnalysisOutputs) -> None:
+    folder = outputs.directory / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in outputs.tables.items():
+        table.to_csv(folder / f"{name}.csv", index=False)
+    if not outputs.run_summary.empty:
+        outputs.run_summary.to_csv(folder / "run_summary.csv", index=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON: DataFrames as records, numpy scalars as Python numbers, nan/inf as null."""
+    if isinstance(value, pd.DataFrame):
+        return _jsonable(value.astype(object).to_dict(orient="records"))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutputs,
+             method: Optional[str]) -> dict[str, Path]:
+    folder, found = outputs.directory / "figures", {}
+    if trained.empty:
+        outputs.notes.append("No CAM scores: no localisation figures.")
+        return found
+    found["figure1"] = _figure1(inputs, trained, folder / "figure1_heatmaps.png", method, outputs.notes)
+    if "ehr" in outputs.tables:
+        found["figure2"] = figures.ehr_figure(outputs.tables["ehr"], folder / "figure2_ehr_auc.png")
+    found["distributions"] = figures.distribution_figure(
+        trained, inputs.models, dict(zip(paper_values.TABLE2["model"], paper_values.TABLE2["mean"])),
+        folder / "diff_gradcam_distributions.png")
+    summary = tables.metric_summary(trained, inputs.models, {k: v for k, v in DEPTH_METRICS.items() if k in trained})
+    found["depth"] = figures.depth_figure(summary, [v for k, v in DEPTH_METRICS.items() if k in trained],
+                                          folder / "metric_vs_depth.png")
+    if not outputs.tables["sanity"].empty:
+        found["sanity"] = figures.sanity_figure(outputs.tables["sanity"], folder / "sanity_randomized.png")
+    return {name: path for name, path in found.items() if path is not None}
+
+
+def _figure1(inputs: StudyInputs, trained: pd.DataFrame, path: Path, method: Optional[str],
+             notes: list[str]) -> Optional[Path]:
+    image_ids = figures.figure1_images(trained)
+    backgrounds = read_backgrounds(inputs.root, image_ids)
+    if not image_ids or len(backgrounds) < len(image_ids):
+        notes.append("Figure 1 needs positive test images scored by every model and the preprocessing "
+                     "cache data/cache/; " + ("the cache is absent." if image_ids else "no such image."))
+        return None
+    models = [m for m in inputs.model_order if m in set(trained["model"])]
+    heatmaps = {m: read_heatmaps(inputs.root, m, figures.first_seed(trained, m), image_ids, method) for m in models}
+    return figures.heatmap_grid(backgrounds, heatmaps, image_ids, models, path)
+
+

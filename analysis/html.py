@@ -1,0 +1,277 @@
+"""report.html: one self-contained page (figures embedded as base64, no network, plain CSS)
+rendering what `analysis.compute` wrote; the conclusions come from `analysis.conclusions`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures, paper_values, tables
+from analysis.inputs import StudyInputs
+from analysis.compute import AnalysisOutputs, alpha_of, threshold_of
+from analysis.conclusions import conclusions_section
+
+
+# ----------------------------------------------------------------------------- the HTML report
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1150px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+h3 { margin-top: 1.5em; }
+table { border-collapse: collapse; font-size: .82em; margin: .6em 0 1.2em; }
+th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .6em 1em; margin: 1em 0; }
+.missing { background: #fdecea; border-left: 4px solid #d93025; padding: .6em 1em; }
+.paper { background: #eef3fb; border-left: 4px solid #4a78c2; padding: .6em 1em; }
+.verdict { background: #e8f5e9; border-left: 4px solid #2e7d32; padding: .6em 1em; }
+img { max-width: 100%; border: 1px solid #eee; } caption { caption-side: top; text-align: left; color: #555; }
+.small { font-size: .85em; color: #555; } pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .8em; }
+"""
+
+
+def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
+    """report.html: setup, data, Table 1, Table 2, EHR, statistics, figures, conclusions."""
+    sections = [_missing_section(inputs, outputs), _setup_section(inputs), _data_section(inputs),
+                _classification_section(outputs), _table2_section(outputs), _ehr_section(outputs),
+                _localisation_section(outputs), _statistics_section(outputs), _figures_section(outputs),
+                conclusions_section(inputs, outputs)]
+    title = f"camstudy report: {html.escape(str(inputs.config.get('study') or inputs.root.name))}"
+    body = "\n".join(s for s in sections if s)
+    document = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
+                f"<style>{CSS}</style></head><body><h1>{title}</h1>"
+                f"<p class='small'>Generated {time.strftime('%Y-%m-%d %H:%M')} from {html.escape(str(inputs.root))}. "
+                f"Reproduction of {html.escape(paper_values.CITATION)}.</p>\n{body}</body></html>\n")
+    outputs.report_path.write_text(document, encoding="utf-8")
+    return outputs.report_path
+
+
+def _table_html(table: Optional[pd.DataFrame], caption: str, name: Optional[str] = None, digits: int = 4) -> str:
+    """An HTML table with its caption; `name` (the CSV's name) becomes the id `table-<name>`."""
+    anchor = f" id='table-{name}'" if name else ""
+    if table is None or table.empty:
+        return f"<p class='note'{anchor}>{html.escape(caption)}: no data.</p>"
+    shown = table.drop(columns=[c for c in ("family", "depth") if c in table])
+    shown = shown.assign(**{c: shown[c].astype(str).map(figures.label)
+                            for c in ("model", "group1", "group2", "model_a", "model_b") if c in shown})
+    text = shown.to_html(index=False, na_rep="—", border=0, float_format=lambda v: f"{v:.{digits}g}")
+    # to_html starts with '<table border="0" class="dataframe">': the caption follows its first '>'
+    return f"<div{anchor}>" + text.replace(">", f"><caption>{html.escape(caption)}</caption>", 1) + "</div>"
+
+
+def _figure_html(outputs: AnalysisOutputs, name: str, caption: str) -> str:
+    path = outputs.figures.get(name)
+    if path is None or not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption class='small'>{html.escape(caption)}</figcaption></figure>")
+
+
+def _box(kind: str, text: str) -> str:
+    return f"<div class='{kind}'>{text}</div>"
+
+
+def _missing_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
+    items = inputs.missing + outputs.notes
+    if not items:
+        return ""
+    listed = "".join(f"<li>{html.escape(item)}</li>" for item in items)
+    return (f"<h2>Missing or incomplete inputs</h2>" +
+            _box("missing", f"<p>The results below use only what exists. Left out:</p><ul>{listed}</ul>"))
+
+
+def _setup_section(inputs: StudyInputs) -> str:
+    config = inputs.config
+    get = lambda section, key, default="—": (config.get(section) or {}).get(key, default)  # noqa: E731
+    rows = [("study", config.get("study", inputs.root.name)), ("data source", get("data", "source")),
+            ("models", ", ".join(inputs.model_order)), ("initialisation", get("models", "init")),
+            ("seeds", get("training", "seeds")), ("image size", get("preprocess", "image_size")),
+            ("recipes", "; ".join(f"{k}: {v.get('optimizer')} lr {v.get('lr')} × {v.get('epochs')} epochs"
+                                  for k, v in (config.get("recipes") or {}).items())),
+            ("decision threshold", threshold_of(config)), ("CAM methods", get("cam", "methods")),
+            ("scored images", get("cam", "images")), ("alpha", alpha_of(config)),
+            ("runs finished", f"{int(inputs.runs['finished'].sum())} of {len(inputs.runs)}")]
+    table = pd.DataFrame(rows, columns=["setting", "value"]).astype(str)
+    full = html.escape(json.dumps(config, indent=1, default=str))
+    return (f"<h2>1. Setup</h2>{_table_html(table, 'Configuration summary')}"
+            f"<details><summary>Full resolved configuration</summary><pre>{full}</pre></details>")
+
+
+def _data_section(inputs: StudyInputs) -> str:
+    parts = ["<h2>2. Data</h2>"]
+    if inputs.manifest is not None and {"split", "label"} <= set(inputs.manifest.columns):
+        counts = pd.crosstab(inputs.manifest["split"], inputs.manifest["label"]).reset_index()
+        counts.columns = [str(c) for c in counts.columns]
+        parts.append(_table_html(counts, "Images per split and label (1 = pneumothorax)"))
+        parts.append(_mask_fraction_html(inputs.manifest))
+    if inputs.data_report:
+        flat = pd.json_normalize(inputs.data_report, sep=".").T.reset_index()
+        flat.columns = ["item", "value"]
+        parts.append(_table_html(flat.astype(str), "Data report (data/report.json)"))
+    return "".join(parts) if len(parts) > 1 else parts[0] + "<p class='note'>No manifest or data report.</p>"
+
+
+def _mask_fraction_html(manifest: pd.DataFrame) -> str:
+    if "mask_fraction" not in manifest:
+        return ""
+    positives = manifest[(manifest["label"] == 1) & (manifest["split"] == "test")]["mask_fraction"]
+    quantiles = positives.quantile([0.1, 0.25, 0.5, 0.75, 0.9]).rename("mask fraction").reset_index()
+    quantiles.columns = ["quantile", "mask fraction"]
+    return _table_html(quantiles, f"Lesion size of the {len(positives)} positive test images (share of the image)")
+
+
+def _classification_section(outputs: AnalysisOutputs) -> str:
+    table = tables.merge_intervals(outputs.tables["table1"])
+    pairs = outputs.tables["classification_pairs"]
+    return ("<h2>3. Classification (Table 1)</h2>"
+            + _table_html(table, "Table 1: test accuracy, precision, recall (Wilson 95% CI) and AUC (DeLong 95% CI); "
+                                 "several seeds: mean ± SD across seeds. paper_*: the paper's Table 1 (no CIs given).",
+                          "table1")
+            + _box("verdict", html.escape(outputs.statistics["classification_verdict"]))
+            + "<details><summary>All model pairs: paired DeLong and exact McNemar, Holm-corrected per seed</summary>"
+            + _table_html(pairs, "Pairwise classification tests", "classification_pairs") + "</details>")
+
+
+def _table2_section(outputs: AnalysisOutputs) -> str:
+    if "table2" not in outputs.tables:
+        return "<h2>4. Diff_GradCAM (Table 2)</h2><p class='note'>No CAM scores.</p>"
+    return ("<h2>4. Diff_GradCAM (Table 2)</h2>"
+            + _table_html(outputs.tables["table2"], "Table 2: mean heat inside minus outside the mask, over every "
+                          "scored positive test image (and seed); paper_*: the paper's Table 2.", "table2")
+            + _figure_html(outputs, "distributions", "Diff_GradCAM per model; red x: the paper's Table 2 mean."))
+
+
+def _ehr_section(outputs: AnalysisOutputs) -> str:
+    if "ehr" not in outputs.tables:
+        return ""
+    ehr = outputs.tables["ehr"]
+    shown = tables.merge_intervals(ehr.drop(columns=["paper_ehr_source", "paper_ehr_low", "paper_ehr_high"]), 4)
+    sources = ehr[["model", "paper_ehr_auc", "paper_ehr_exact", "paper_ehr_source"]].dropna(subset=["paper_ehr_auc"])
+    return ("<h2>5. EHR AUC with chance level and oracle</h2>" + _box("note", _chance_text(ehr))
+            + _table_html(shown, "EHR AUC per model (mean, 95% CI over images), its chance level (a heatmap that "
+                                 "ignores the lesion), oracle (heatmap = mask) and normalised score "
+                                 "(ehr - chance) / (oracle - chance); *_inputiba: the original EHR of "
+                                 "Zhang et al. 2021.",
+                          "ehr")
+            + _figure_html(outputs, "figure2", "Figure 2: EHR AUC per model with chance and oracle; "
+                                               "paper values in red.")
+            + "<details><summary>Where the paper's EHR values come from</summary>"
+            + _table_html(sources, "Paper EHR AUC values (§4.3 text; exact = False: given only roughly)")
+            + "</details>")
+
+
+def _chance_text(ehr: pd.DataFrame) -> str:
+    text = ("<p><b>Read EHR AUC against its chance level.</b> A heatmap that ignores the lesion scores about the "
+            "lesion's share f of the image. The paper's values (0.0145–0.0319) are the chance level of lesions "
+            "covering 1.5–3.2% of the image, so by themselves they do not show localisation.")
+    fraction, chance = ehr["mask_fraction"].mean(), ehr["ehr_auc_chance"].mean()
+    if np.isfinite(fraction) and np.isfinite(chance) and chance > 0:
+        low, high = ehr["ehr_auc"].min(), ehr["ehr_auc"].max()
+        text += (f" Here the scored lesions cover {fraction:.2%} of the image on average, the chance level is "
+                 f"{chance:.4f}, and the models score {low:.4f}–{high:.4f} "
+                 f"({low / chance:.2g}–{high / chance:.2g}× chance).")
+    return text + " The normalised score puts chance at 0 and the oracle at 1.</p>"
+
+
+def _localisation_section(outputs: AnalysisOutputs) -> str:
+    if "localisation" not in outputs.tables:
+        return ""
+    parts = ["<h2>6. Energy, pointing game, IoU</h2>",
+             _table_html(tables.merge_intervals(outputs.tables["localisation"]),
+                         "Energy inside the mask, pointing-game hit rate, IoU of the Otsu-thresholded heatmap "
+                         "(mean, 95% CI over images); cam_all_zero: heatmaps that are exactly zero (kept, counted).",
+                         "localisation")]
+    if "methods" in outputs.tables:
+        parts.append(_table_html(outputs.tables["methods"], "Means per CAM method", "methods"))
+    return "".join(parts)
+
+
+def _statistics_section(outputs: AnalysisOutputs) -> str:
+    comparisons = outputs.statistics["comparisons"]
+    if not comparisons:
+        return "<h2>7. Statistics</h2><p class='note'>Not enough models with CAM scores to compare.</p>"
+    parts = ["<h2>7. Statistics</h2>"]
+    for metric, comparison in comparisons.items():
+        body = _paper_analysis_html(metric, comparison, outputs) + _our_analysis_html(metric, comparison)
+        parts.append(body if metric == "diff_gradcam" else
+                     f"<details><summary>The same analyses for {metric}</summary>{body}</details>")
+    return "".join(parts)
+
+
+def _paper_analysis_html(metric: str, comparison: dict[str, Any], outputs: AnalysisOutputs) -> str:
+    anova = comparison["paper"]["anova"]
+    checks = anova["assumptions"]
+    published = (f"; the paper reports p &lt; {paper_values.ANOVA_P_BELOW} for Diff_GradCAM"
+                 if metric == "diff_gradcam" else "")
+    text = (f"<p><b>The paper's analysis</b> (one-way ANOVA and Tukey HSD, every score an independent sample"
+            f"{published}). {html.escape(anova['verdict'])} {html.escape(comparison['paper']['note'])} "
+            f"Checks: Shapiro p = {checks['shapiro_p']:.2g}, Levene p = {checks['levene_p']:.2g}.</p>")
+    claims = outputs.tables.get("tukey_vs_paper") if metric == "diff_gradcam" else None
+    return (f"<h3>7.1 {metric}: the paper's analysis (for comparison only)</h3>" + _box("paper", text)
+            + _table_html(comparison["paper"]["tukey"],
+                          f"Tukey HSD on {metric} (paper's method; meandiff = group2 − group1)",
+                          f"{metric}_paper_tukey")
+            + (_table_html(claims, "The paper's Tukey claims (§4.3) beside this study", "tukey_vs_paper")
+               if claims is not None else ""))
+
+
+def _our_analysis_html(metric: str, comparison: dict[str, Any]) -> str:
+    mm, fried = comparison["mixed_model"], comparison["friedman"]
+    variance = mm["variance"]
+    parts = [f"<h3>7.2 {metric}: paired analysis (images as subjects)</h3>",
+             _box("verdict", "<b>Verdict.</b> " + html.escape(comparison["verdict"])),
+             _table_html(mm["estimates"], f"Mixed model {mm['formula']}: model means (95% CI). Variance between images "
+                                          f"{variance['image']:.4g}, residual {variance['residual']:.4g}.",
+                         f"{metric}_mixed_model"),
+             _table_html(comparison["block_tukey"], "Block Tukey (two-way error term), all pairs",
+                         f"{metric}_block_tukey"),
+             _table_html(comparison["wilcoxon_holm"], "Paired Wilcoxon signed-rank, Holm-corrected",
+                         f"{metric}_wilcoxon_holm"),
+             f"<p>Friedman χ²({fried['df']}) = {fried['statistic']:.3f}, p = {fried['p']:.3g}, "
+             f"Kendall's W = {fried['kendall_w']:.3f} over {fried['n']} complete images "
+             f"({comparison['images_dropped']} images not scored by every model left out).</p>"]
+    parts.append(_seeds_html(metric, comparison))
+    return "".join(parts)
+
+
+def _seeds_html(metric: str, comparison: dict[str, Any]) -> str:
+    parts = []
+    if "crossed" in comparison:
+        crossed = comparison["crossed"]
+        v, effect = crossed["variance"], crossed["model_effect"]
+        note = crossed.get("statsmodels_vc", {}).get("note", "")
+        parts.append(_table_html(crossed["estimates"], f"Crossed model {crossed['formula']} ({crossed['method']}): "
+                                 f"variance image {v['image']:.4g}, run (seed) {v['run']:.4g}, "
+                                 f"residual {v['residual']:.4g}; "
+                                 f"model effect F({effect['df_model']}, {effect['df_run']}) = {effect['F']:.3f}, "
+                                 f"p = {effect['p']:.3g}. {note}", f"{metric}_crossed_model"))
+    if "run_level" in comparison:
+        level = comparison["run_level"]
+        parts.append(_table_html(level["tukey"], f"Run-level Tukey HSD on per-run means (the run is the unit; "
+                                 f"ANOVA p = {level['anova']['p']:.3g}; seed SD {level['seed_sd']:.3g} vs SD between "
+                                 f"model means {level['between_model_sd']:.3g})", f"{metric}_run_level_tukey"))
+    return ("<h3>7.3 Seeds</h3>" + "".join(parts)) if parts else ""
+
+
+def _figures_section(outputs: AnalysisOutputs) -> str:
+    parts = [_figure_html(outputs, "figure1", "Figure 1: positive test images (rows) with each model's heatmap "
+                                              "(jet) and the mask outline (white); first seed of each model."),
+             _figure_html(outputs, "depth", "Metric against depth per family (mean, 95% CI over images)."),
+             _figure_html(outputs, "sanity", "Sanity check: trained vs weight-randomised heatmaps.")]
+    sanity = outputs.tables.get("sanity")
+    if sanity is not None and not sanity.empty:
+        parts.append(_table_html(sanity, "Trained vs randomised (paired Wilcoxon over images, Holm over models)",
+                                 "sanity"))
+    return "<h2>8. Figures</h2>" + "".join(p for p in parts if p)
+
+
