@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import os
 import re
@@ -22,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from training.contract import fingerprint
 from training.errors import ConfigError
 from training.recipes import PAPER_RECIPES, Recipe
 
@@ -292,8 +291,7 @@ class StudyConfig:
     def hash(self, *sections: str) -> str:
         """A short stable hash of the named top-level sections (all when none are named)."""
         plain = self.to_dict()
-        chosen = {key: plain[key] for key in (sections or plain)}
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint({key: plain[key] for key in (sections or plain)})
 
 
 # --------------------------------------------------------------------------- loading

@@ -6,15 +6,11 @@ is process-global), so a serial loop and a pool of single-threaded workers are c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import cv2
 import numpy as np
 
+from training.config import PreprocessConfig
 from training.errors import DataError
-
-if TYPE_CHECKING:  # typing only: `training` does not depend on `orchestrator` at run time
-    from training.config import PreprocessConfig
 
 INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 # a constant image has std 0; below this the z-score only subtracts the mean (the result is all 0)
