@@ -188,8 +188,10 @@ class StudyTracker:
     def _exists(self, run_id: str) -> bool:
         try:
             run = self.client.get_run(run_id)
-        except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST
-            return False
+        except MlflowException as error:
+            if is_outage(error):  # not "absent": let StudyTracker.call take the tracker offline
+                raise
+            return False  # RESOURCE_DOES_NOT_EXIST: deleted, or another tracking server
         return run.info.lifecycle_stage == "active" and run.data.tags.get(STUDY_ID_TAG) == self.study_id
 
     def _search(self, clause: str) -> list:
