@@ -2,11 +2,12 @@
 
 Identity. The parent is found by the study's id (`study.json`, made with the store), never by
 its name: two stores that share a study name on one tracking server stay apart. A child belongs
-to one *attempt* of a run: a run that starts with no checkpoint (the first time, after `--force
-train`, or after its settings changed) gets a new child, and the earlier children of that run are
-tagged `camstudy.superseded=true` (a RUNNING one becomes KILLED); a run resumed from its
-checkpoint continues its attempt's child, recorded in the run folder's `attempt.json`. So a
-child's params, metric history and status describe one attempt only.
+to one *attempt* of a run: a run that starts from epoch 0 (the first time, after `--force train`,
+after its settings changed, or after losing its checkpoint) gets a new child, and the earlier
+children of that run are tagged `camstudy.superseded=true` (a RUNNING one becomes KILLED); a run
+resumed from its checkpoint continues its attempt's child, recorded in the run folder's
+`attempt.json`, and so does a run killed before its child logged a first epoch (there is no
+history to mix). So a child's params, metric history and status describe one attempt only.
 
 Status. The parent is RUNNING while a command works on the study and ends FINISHED, FAILED or
 KILLED with it; a child ends FINISHED, FAILED (error tag) or KILLED (interrupted).
@@ -146,12 +147,15 @@ class StudyTracker:
     def attempt_child(self, run_key: str, run_dir: Path, params: dict[str, Any], fingerprint: str,
                       fresh: bool) -> str:
         """The child of this attempt of `run_key`: the recorded one when the run resumes from its
-        checkpoint (`fresh` False) with the same fingerprint, else a new child that supersedes
-        every earlier one. Marked RUNNING."""
+        checkpoint (`fresh` False) with the same fingerprint, or starts again before its recorded
+        child logged any epoch (killed before its first checkpoint); else a new child that
+        supersedes every earlier one. Marked RUNNING."""
         attempt = read_record(run_dir / StudyStore.ATTEMPT) or {}
         run_id = attempt.get("run_id")
-        if not fresh and attempt.get("fingerprint") == fingerprint and run_id and self._exists(run_id):
+        if attempt.get("fingerprint") == fingerprint and run_id and self._continues(run_id, fresh):
             self.client.update_run(run_id, status="RUNNING")
+            if "camstudy.error" in self.client.get_run(run_id).data.tags:  # the failure it resumes past
+                self.client.delete_tag(run_id, "camstudy.error")
             return run_id
         run_id = self._new_child(run_key, params, fingerprint)
         self._supersede(run_key, keep=run_id)
@@ -185,14 +189,25 @@ class StudyTracker:
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
+    def _continues(self, run_id: str, fresh: bool) -> bool:
+        """A start from epoch 0 (`fresh`) may continue a child only while its history is empty:
+        two attempts' epochs never share one child."""
+        run = self._own_run(run_id)
+        return run is not None and (not fresh or not run.data.metrics)
+
     def _exists(self, run_id: str) -> bool:
+        return self._own_run(run_id) is not None
+
+    def _own_run(self, run_id: str):
+        """The active run `run_id` of this study, or None."""
         try:
             run = self.client.get_run(run_id)
         except MlflowException as error:
             if is_outage(error):  # not "absent": let StudyTracker.call take the tracker offline
                 raise
-            return False  # RESOURCE_DOES_NOT_EXIST: deleted, or another tracking server
-        return run.info.lifecycle_stage == "active" and run.data.tags.get(STUDY_ID_TAG) == self.study_id
+            return None  # RESOURCE_DOES_NOT_EXIST: deleted, or another tracking server
+        own = run.info.lifecycle_stage == "active" and run.data.tags.get(STUDY_ID_TAG) == self.study_id
+        return run if own else None
 
     def _search(self, clause: str) -> list:
         return self.client.search_runs([self.experiment_id],

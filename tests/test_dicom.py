@@ -131,3 +131,35 @@ def test_garbled_jpeg_stream_error_names_the_path(tmp_path):
     path.write_bytes(data[:start] + bytes(40) + data[start + 40:])
     with pytest.raises(DataError, match=f"{path}: pixel data cannot be decoded"):
         dicom.read_image(path)
+
+
+def test_an_rgb_dicom_is_named_with_what_is_supported(tmp_path):
+    path = write_raw(tmp_path / "rgb.dcm", np.zeros((8, 8, 3), np.uint8), photometric="RGB")
+    with pytest.raises(DataError, match=f"{path}: a RGB DICOM with 3 sample.*MONOCHROME1 or MONOCHROME2"):
+        dicom.read_image(path)
+
+
+def test_an_rgb_dicom_without_planar_configuration_is_named(tmp_path):
+    """The file that used to end in AttributeError: Missing required element (0028,0006)."""
+    path = write_raw(tmp_path / "rgb.dcm", np.zeros((8, 8, 3), np.uint8), photometric="RGB")
+    ds = pydicom.dcmread(path)
+    del ds.PlanarConfiguration
+    ds.save_as(path)
+    with pytest.raises(DataError, match="RGB DICOM"):
+        dicom.read_image(path)
+
+
+def test_a_multi_frame_dicom_is_named(tmp_path):
+    path = write_raw(tmp_path / "frames.dcm", np.zeros((2, 8, 8), np.uint8), NumberOfFrames=2)
+    with pytest.raises(DataError, match="with 2 frames"):
+        dicom.read_image(path)
+
+
+@pytest.mark.parametrize("rows", [0, 20_000])
+def test_a_header_with_an_impossible_size_is_named(tmp_path, rows):
+    path = write_raw(tmp_path / "a.dcm", np.zeros((8, 8), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.Rows = rows
+    ds.save_as(path)
+    with pytest.raises(DataError, match=f"gives a {rows} x 8 image"):
+        dicom.read_header(path)

@@ -54,7 +54,7 @@ def test_whitespace_is_tolerated():
 @pytest.mark.parametrize("text, problem", [
     ("1 2 5", "odd number"),
     ("-3 2", "negative"),
-    ("1 0", "not positive"),
+    ("1 0", "must be positive"),
     ("1 2 15 4", "beyond"),
     ("1 2 x 1", "not an integer"),
     ("1.5 2", "not an integer"),

@@ -56,6 +56,22 @@ def test_a_fresh_attempt_gets_a_new_child_and_supersedes_the_old_one(tmp_path):
     assert json.loads((run_dir / StudyStore.ATTEMPT).read_text()) == {"run_id": second, "fingerprint": "good"}
 
 
+def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_history_does_not(tmp_path):
+    tracker = tracking.StudyTracker(_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    run_dir = tmp_path / "demo" / "train" / "resnet18-seed0"
+    first = tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True)
+    tracking.end_run(tracker.client, first, "interrupted", status="KILLED")
+    # started again from epoch 0 (no checkpoint yet) with nothing logged: the same attempt
+    assert tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True) == first
+    assert tracker.client.get_run(first).info.status == "RUNNING"
+    assert "camstudy.error" not in tracker.client.get_run(first).data.tags  # the kill reason went with it
+    tracking.log_metrics(tracker.client, first, {"val_auc": 0.6}, step=1)
+    # from epoch 0 again after an epoch was logged (checkpoint lost): epochs 1,1 would mix, so a new child
+    second = tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True)
+    assert second != first and tracker.current_children() == {"resnet18-seed0": second}
+    assert tracker.client.get_run(first).data.tags[tracking.SUPERSEDED_TAG] == "true"
+
+
 def test_the_parent_ends_with_the_command(tmp_path):
     tracker = tracking.StudyTracker(_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
     tracker.start("camstudy run configs/demo.yaml")

@@ -8,6 +8,7 @@ and what is allowed. Unknown keys are errors, with a spelling suggestion.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import os
@@ -21,10 +22,14 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from training.contract import fingerprint
-from training.errors import ConfigError
+from training.errors import ConfigError, require as _check, shown
 from training.recipes import PAPER_RECIPES, Recipe
 
 # --------------------------------------------------------------------------- schema
+
+MAX_SEED = 2**32 - 1  # numpy's and torch's seedable range
+MAX_COUNT = 10_000_000  # images: SIIM has 12,047
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -43,14 +48,15 @@ class SyntheticData:
     lesion_scale: float = 1.0
 
     def __post_init__(self):
-        _check(self.n >= 10, "data.synthetic.n", self.n, "an integer >= 10")
-        _check(self.size >= 64, "data.synthetic.size", self.size, "an integer >= 64")
+        _check(10 <= self.n <= 1_000_000, "data.synthetic.n", self.n, "an integer in [10, 1000000]")
+        _check(64 <= self.size <= 4096, "data.synthetic.size", self.size, "an integer in [64, 4096]")
         _check(0 < self.positive_fraction < 1, "data.synthetic.positive_fraction",
                self.positive_fraction, "a fraction strictly between 0 and 1")
         _check(0 <= self.contrast <= 1, "data.synthetic.contrast", self.contrast, "a value in [0, 1]")
         _check(0 < self.lesion_scale <= 20, "data.synthetic.lesion_scale", self.lesion_scale, "a value in (0, 20]")
-        _check(self.unlabelled >= 0 and self.orphans >= 0, "data.synthetic.unlabelled/orphans",
-               (self.unlabelled, self.orphans), "non-negative integers")
+        for key in ("seed", "unlabelled", "orphans"):
+            _check(0 <= getattr(self, key) <= MAX_COUNT, f"data.synthetic.{key}", getattr(self, key),
+                   f"an integer in [0, {MAX_COUNT}]")
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,14 @@ class SplitConfig:
     balance: Literal["exact", "max-available"] = "exact"
 
     def __post_init__(self):
+        _check(0 <= self.seed <= MAX_SEED, "split.seed", self.seed, f"an integer in [0, {MAX_SEED}]")
         for key in ("n_val", "n_test"):
-            _check(getattr(self, key) >= 2, f"split.{key}", getattr(self, key), "an integer >= 2")
+            _check(2 <= getattr(self, key) <= MAX_COUNT, f"split.{key}", getattr(self, key),
+                   f"an integer in [2, {MAX_COUNT}]")
         for key in ("n_positive", "n_negative"):
             value = getattr(self, key)
             if isinstance(value, int):
-                _check(value >= 1, f"split.{key}", value, "a positive integer or a keyword")
+                _check(1 <= value <= MAX_COUNT, f"split.{key}", value, f"an integer in [1, {MAX_COUNT}] or a keyword")
 
 
 @dataclass(frozen=True)
@@ -106,9 +114,11 @@ class PreprocessConfig:
     channels: Literal[1, 3] = 3  # grey replicated to 3 channels for ImageNet models
 
     def __post_init__(self):
-        _check(self.clahe_clip_limit > 0, "preprocess.clahe_clip_limit", self.clahe_clip_limit, "a value > 0")
-        _check(self.clahe_tiles >= 1, "preprocess.clahe_tiles", self.clahe_tiles, "an integer >= 1")
-        _check(self.image_size >= 16, "preprocess.image_size", self.image_size, "an integer >= 16")
+        _check(0 < self.clahe_clip_limit <= 1000, "preprocess.clahe_clip_limit", self.clahe_clip_limit,
+               "a value in (0, 1000]")
+        _check(1 <= self.clahe_tiles <= 64, "preprocess.clahe_tiles", self.clahe_tiles, "an integer in [1, 64]")
+        # SIIM images are 1024 px; larger inputs only upsample them and multiply the cache size
+        _check(16 <= self.image_size <= 1024, "preprocess.image_size", self.image_size, "an integer in [16, 1024]")
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,8 @@ class AugmentConfig:
     def __post_init__(self):
         _check(0 <= self.hflip_probability <= 1, "augment.hflip_probability",
                self.hflip_probability, "a probability in [0, 1]")
-        for key in ("noise_std", "rotate_degrees", "brightness", "contrast"):
-            _check(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key), "a value >= 0")
+        for key, high in (("noise_std", 10), ("rotate_degrees", 180), ("brightness", 10), ("contrast", 1)):
+            _check(0 <= getattr(self, key) <= high, f"augment.{key}", getattr(self, key), f"a value in [0, {high}]")
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,9 @@ class ExtraModel:
     target_layer: str  # dotted path, e.g. "layer4.-1" or "blocks.-1.norm1"
     token_reshape: bool = False  # True for ViT-style token outputs
     pretrained_tag: Optional[str] = None
+
+    def __post_init__(self):
+        _check(1 <= self.depth <= 10_000, "models.extra.*.depth", self.depth, "an integer in [1, 10000] (layers)")
 
 
 @dataclass(frozen=True)
@@ -173,11 +186,12 @@ class TrainingConfig:
     max_failures: int = 2
 
     def __post_init__(self):
-        _check(self.max_failures >= 0, "training.max_failures", self.max_failures,
-               "an integer >= 0 (restarts of a crashed worker; 0 = none)")
-        _check(len(self.seeds) >= 1 and all(seed >= 0 for seed in self.seeds), "training.seeds", self.seeds,
-               "a non-empty list of integers >= 0")
-        _check(self.batch_size >= 1, "training.batch_size", self.batch_size, "an integer >= 1")
+        _check(0 <= self.max_failures <= 100, "training.max_failures", self.max_failures,
+               "an integer in [0, 100] (restarts of a crashed worker; 0 = none)")
+        _check(1 <= len(self.seeds) <= 1000 and all(0 <= seed <= MAX_SEED for seed in self.seeds),
+               "training.seeds", self.seeds, f"a non-empty list of integers in [0, {MAX_SEED}]")
+        _check(len(set(self.seeds)) == len(self.seeds), "training.seeds", self.seeds, "a list without duplicates")
+        _check(1 <= self.batch_size <= 4096, "training.batch_size", self.batch_size, "an integer in [1, 4096]")
         _check(0 < self.threshold < 1, "training.threshold", self.threshold, "a value in (0, 1)")
 
 
@@ -194,7 +208,9 @@ class CamConfig:
     sanity_randomized: bool = True  # also run on a weight-randomised copy (Adebayo et al. 2018)
 
     def __post_init__(self):
-        _check(self.batch_size >= 1, "cam.batch_size", self.batch_size, "an integer >= 1")
+        _check(1 <= self.batch_size <= 4096, "cam.batch_size", self.batch_size, "an integer in [1, 4096]")
+        _check(len(self.methods) >= 1, "cam.methods", self.methods, "a non-empty list of CAM methods")
+        _check(len(set(self.methods)) == len(self.methods), "cam.methods", self.methods, "a list without duplicates")
 
 
 @dataclass(frozen=True)
@@ -207,7 +223,12 @@ class MetricsConfig:
     inputiba_cap: float = 0.99  # thresholds capped at cap * max(h)
 
     def __post_init__(self):
-        _check(self.ehr_thresholds >= 1, "metrics.ehr_thresholds", self.ehr_thresholds, "an integer >= 1")
+        _check(1 <= self.ehr_thresholds <= 10_000, "metrics.ehr_thresholds", self.ehr_thresholds,
+               "an integer in [1, 10000]")
+        _check(0 <= self.inputiba_min_heat < 1, "metrics.inputiba_min_heat", self.inputiba_min_heat, "a value in [0, 1)")
+        _check(1 <= self.inputiba_quantiles <= 1000, "metrics.inputiba_quantiles", self.inputiba_quantiles,
+               "an integer in [1, 1000]")
+        _check(0 < self.inputiba_cap <= 1, "metrics.inputiba_cap", self.inputiba_cap, "a value in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -241,11 +262,21 @@ class ResourcesConfig:
     model_resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self):
-        _check(self.workers_per_run >= 1, "resources.workers_per_run", self.workers_per_run,
-               "an integer >= 1 (1 = one process per run; k > 1 = DDP across k Ray Train workers)")
-        if isinstance(self.prepare_actors, int):
-            _check(self.prepare_actors >= 0, "resources.prepare_actors", self.prepare_actors,
-                   "an integer >= 0 (0 = no Ray, an in-process loop) or 'auto'")
+        _check(1 <= self.workers_per_run <= 1024, "resources.workers_per_run", self.workers_per_run,
+               "an integer in [1, 1024] (1 = one process per run; k > 1 = DDP across k Ray Train workers)")
+        _check(0 < self.cpus_per_worker <= 1024, "resources.cpus_per_worker", self.cpus_per_worker,
+               "a number of CPUs in (0, 1024]")
+        if self.gpus_per_run != "auto":
+            _check(0 <= self.gpus_per_run <= 64, "resources.gpus_per_run", self.gpus_per_run,
+                   "a number of GPUs in [0, 64] (fractions share a GPU) or 'auto'")
+        for key, low in (("max_concurrent_runs", 1), ("prepare_actors", 0), ("torch_threads", 1)):
+            value = getattr(self, key)
+            if value != "auto":
+                _check(low <= value <= 1024, f"resources.{key}", value, f"an integer in [{low}, 1024] or 'auto'")
+        for model, amounts in self.model_resources.items():
+            for name, amount in amounts.items():
+                _check(0 <= amount <= 1024, f"resources.model_resources.{model}.{name}", amount,
+                       "an amount in [0, 1024]")
 
 
 @dataclass(frozen=True)
@@ -268,8 +299,8 @@ class StudyConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self):
-        _check(self.study.replace("-", "").replace("_", "").isalnum(), "study", self.study,
-               "a name of letters, digits, '-' and '_' (it becomes a folder name)")
+        _check(len(self.study) <= 100 and _FOLDER_NAME.fullmatch(self.study) is not None, "study", self.study,
+               "a name of up to 100 ASCII letters, digits, '-' and '_' (it becomes a folder name)")
         workers = self.resources.workers_per_run
         # the global batch stays training.batch_size whatever the worker count (comparable runs),
         # so it must split evenly into one equal share per worker
@@ -302,10 +333,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/demo.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = read_yaml(_config_text(path), str(path))
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -340,17 +370,63 @@ def resolve_storage(config: StudyConfig, base: Path) -> StudyConfig:
                           "the job's temporary working folder (deleted with the job); give an absolute path "
                           "on storage every node shares, e.g. --set storage=/mnt/shared/studies")
     resolved = (base / storage).resolve()
-    if resolved.exists() and not resolved.is_dir():
-        raise ConfigError(f"storage: {resolved} is a file, not a folder; point storage at a folder")
+    _check_writable_folder(resolved)
     return dataclasses.replace(config, storage=str(resolved))
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """`folder`, or the nearest part of it that exists, is a folder this user can write in."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"storage: {folder} {what}, not a folder; point storage at a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage: {existing} is not writable by this user; point storage at a folder "
+                          "you can write in, or fix its permissions")
+
+
+def _config_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror}); check the path and its permissions") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start} is {data[error.start]:#04x}); "
+                          "save the config as UTF-8") from None
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """One YAML document, or a ConfigError naming `source`, the line and column and the problem.
+    Invalid dates (`2024-13-45`) and documents nested too deeply count as invalid YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = error.problem or error.context or "invalid syntax"
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    except (yaml.YAMLError, ValueError, OverflowError, TypeError) as error:
+        raise ConfigError(f"{source}: not valid YAML: {str(error).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.sub=value` from the command line; the value is parsed as YAML (numbers, lists...)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. training.seeds=[0,1,2]")
+        raise ConfigError(f"override {shown(text)}: expected KEY=VALUE, e.g. training.seeds=[0,1,2]")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    key = key.strip()
+    if len(key) > 200 or not _DOTTED_KEY.fullmatch(key):
+        raise ConfigError(f"override {shown(text)}: {shown(key)} is not a dotted config key such as training.seeds")
+    return key, read_yaml(value, f"override {key}")
+
+
+_DOTTED_KEY = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def dump_config(config: StudyConfig) -> str:
@@ -369,13 +445,14 @@ def build(cls: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         item_type = typing.get_args(cls)[0]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         return tuple(build(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
     if origin is dict:
         _, item_type = typing.get_args(cls)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): build(item_type, v, f"{where}.{k}") for k, v in value.items()}
+            raise ConfigError(f"{where}: expected a mapping, got {shown(value)}")
+        _check_keys(value, where)
+        return {k: build(item_type, v, f"{where}.{k}") for k, v in value.items()}
     return _build_scalar(cls, value, where)
 
 
@@ -383,7 +460,8 @@ def _build_dataclass(cls: Any, value: Any, where: str) -> Any:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {value!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {shown(value)}")
+    _check_keys(value, where)
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
     for key in value:
@@ -406,7 +484,7 @@ def _build_dataclass(cls: Any, value: Any, where: str) -> Any:
 def _build_literal(cls: Any, value: Any, where: str) -> Any:
     allowed = typing.get_args(cls)
     if isinstance(value, bool) or value not in allowed:
-        raise ConfigError(f"{where}: {value!r} is not allowed; use one of {', '.join(repr(a) for a in allowed)}")
+        raise ConfigError(f"{where}: {shown(value)} is not allowed; use one of {', '.join(repr(a) for a in allowed)}")
     return value
 
 
@@ -424,7 +502,7 @@ def _build_union(cls: Any, value: Any, where: str) -> Any:
         except ConfigError:
             pass
     allowed = " or ".join(_describe(option) for option in options if option is not type(None))
-    raise ConfigError(f"{where}: {value!r} is not valid; use {allowed}")
+    raise ConfigError(f"{where}: {shown(value)} is not valid; use {allowed}")
 
 
 def _describe(option: Any) -> str:
@@ -438,33 +516,48 @@ def _describe(option: Any) -> str:
 def _build_scalar(cls: Any, value: Any, where: str) -> Any:
     if cls is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_given(value)}")
         return value
     if cls is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_given(value)}")
         return value
     if cls is float:
-        if isinstance(value, str) and _DECIMAL.match(value.strip()):
+        if isinstance(value, str) and len(value) < 100 and _DECIMAL.match(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 and 1.0e6 (no dot, or no sign) as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_given(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {shown(value)}")
         return float(value)
     if cls is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_given(value)}")
+        if not value.isprintable():
+            raise ConfigError(f"{where}: {shown(value)} holds control characters; use printable text")
         return value
     raise TypeError(f"config schema uses an unsupported type {cls!r} at {where}")
 
 
-_DECIMAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_DECIMAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$", re.ASCII)
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {value!r} is not valid; use {allowed}")
+def _given(value: Any) -> str:
+    """A wrong value as the user wrote it, with a hint where YAML read it as something else."""
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return f"the date {value.isoformat()} (YAML reads an unquoted date as a date: quote it)"
+    return shown(value)
+
+
+def _check_keys(mapping: dict, where: str) -> None:
+    """Keys are strings; YAML also makes integers, booleans, dates and nulls of unquoted keys."""
+    for key in mapping:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where or 'config'}: the key {shown(key)} is a {type(key).__name__}, not a "
+                              "name; config keys are names (quote it if it is meant as one)")
+        if len(key) > 100 or not key.isprintable():
+            raise ConfigError(f"{where or 'config'}: the key {shown(key)} is not a config key name "
+                              "(too long, or holds control characters)")
 
 
 def _suggest(key: str, allowed: list[str]) -> str:
@@ -480,7 +573,9 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     *parents, last = dotted.split(".")
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`data:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part!r} is not a section")
     node[last] = value

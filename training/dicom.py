@@ -27,8 +27,12 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 JPEG_QUALITY = 95
 
-# What a truncated or garbled file raises inside pydicom and its JPEG plugins.
-_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError)
+# What a truncated or garbled file raises inside pydicom and its JPEG plugins (AttributeError:
+# an element the decoder needs is missing, e.g. PlanarConfiguration).
+_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError,
+                AttributeError, IndexError, OverflowError)
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+MAX_SIDE = 16_384  # pixels per side; SIIM images are 1024
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,11 @@ def read_header(path: str | Path) -> DicomHeader:
     if missing:
         raise DataError(f"{path}: DICOM header lacks {', '.join(missing)}; "
                         "re-export the file with a complete image header or remove it")
-    return DicomHeader(str(ds.SOPInstanceUID), int(ds.Rows), int(ds.Columns))
+    rows, columns = ds.Rows, ds.Columns
+    if not all(isinstance(side, int) and 1 <= side <= MAX_SIDE for side in (rows, columns)):
+        raise DataError(f"{path}: DICOM header gives a {rows!r} x {columns!r} image; expected 1 to "
+                        f"{MAX_SIDE} rows and columns: the header is damaged, re-export or remove the file")
+    return DicomHeader(str(ds.SOPInstanceUID), rows, columns)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -119,6 +127,7 @@ def read_image(path: str | Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data (truncated, or not an image); "
                         "re-download it, or remove it if it is not an image")
+    _check_greyscale(ds, path)
     stored = _decode(ds, path)
     display = _apply_luts(stored, ds)
     if display is stored and stored.dtype.kind == "u":
@@ -134,6 +143,20 @@ def _dcmread(path: str | Path, **kwargs) -> Dataset:
     except _READ_ERRORS as error:
         raise DataError(f"{path}: not a readable DICOM file ({error}); "
                         "re-download or replace it, or remove it from the data folder") from None
+
+
+def _check_greyscale(ds: Dataset, path: str | Path) -> None:
+    """Only what the study can use: one greyscale frame, so an RGB, palette or multi-frame file is
+    named before a decoder fails on it with a message about a missing element."""
+    photometric = str(ds.get("PhotometricInterpretation", "(none)")).strip()
+    samples, frames = ds.get("SamplesPerPixel", 1), ds.get("NumberOfFrames", 1)
+    if photometric not in GREYSCALE or samples != 1:
+        raise DataError(f"{path}: a {photometric} DICOM with {samples} sample(s) per pixel; camstudy reads "
+                        "greyscale X-rays (MONOCHROME1 or MONOCHROME2, 1 sample per pixel): convert it to "
+                        "greyscale or remove it")
+    if str(frames).strip() not in ("1", ""):
+        raise DataError(f"{path}: a DICOM with {frames} frames; camstudy reads single-frame X-rays: "
+                        "export the frame you want or remove the file")
 
 
 def _decode(ds: Dataset, path: str | Path) -> np.ndarray:

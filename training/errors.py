@@ -23,3 +23,23 @@ class WeightsError(CamstudyError):
 
 class TrainingError(CamstudyError):
     """A training run cannot continue (e.g. a non-finite loss)."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters: a hostile input (a megabyte string, a deeply
+    aliased YAML document) never floods or stalls an error message."""
+    import reprlib
+
+    brief = reprlib.Repr()  # keyword arguments need Python 3.12
+    brief.maxlevel, brief.maxdict = 3, 6
+    brief.maxlist = brief.maxtuple = brief.maxset = 6
+    brief.maxstring = brief.maxother = limit
+    brief.maxlong = 40
+    short = brief.repr(value)
+    return short if len(short) <= limit else short[:limit] + "..."
+
+
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """A ConfigError naming `key`, the value given and what is allowed, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: {shown(value)} is not valid; use {allowed}")

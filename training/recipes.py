@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from training.errors import ConfigError
+from training.errors import require
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,11 @@ class Recipe:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"recipes.*.lr: {self.lr!r} is not valid; use a learning rate > 0")
-        if self.epochs < 1:
-            raise ConfigError(f"recipes.*.epochs: {self.epochs!r} is not valid; use an integer >= 1")
+        # no upper bound on lr: a diverging one is caught at its first non-finite loss
+        require(self.lr > 0, "recipes.*.lr", self.lr, "a learning rate > 0")
+        require(1 <= self.epochs <= 100_000, "recipes.*.epochs", self.epochs, "an integer in [1, 100000]")
+        require(0 <= self.momentum < 1, "recipes.*.momentum", self.momentum, "a value in [0, 1)")
+        require(0 <= self.weight_decay < 1, "recipes.*.weight_decay", self.weight_decay, "a value in [0, 1)")
 
 
 # STUDY.md §3 / the paper, §3.3: VGG and ResNet Adam 1e-4 for 50 epochs; ViT SGD 1e-4 for 300.
