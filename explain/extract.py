@@ -34,7 +34,7 @@ from training.atomic import atomic_dir
 from training.cache import read_index
 from training.contract import StudyStore, explain_inputs, record_reason, run_key, write_record
 from training.errors import DataError
-from training.ray_data import without_budget_backpressure
+from training.ray_data import reraise_own, without_budget_backpressure
 
 DONE = StudyStore.CAM_DONE  # written last into a run's CAM folder: the inputs it was made from
 # Rows per Ray Data block, one run per block. A block is one task on one actor, which builds the
@@ -165,7 +165,11 @@ def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_
         del work[plan.key]
     if not todo:
         return
-    collected = _stream(config, store, work, todo, actors, gpus_per_actor, cpus_per_actor)
+    try:
+        collected = _stream(config, store, work, todo, actors, gpus_per_actor, cpus_per_actor)
+    except Exception as error:
+        reraise_own(error)
+        raise
     if collected:  # only if rows were lost on the way: say so rather than write a short run
         raise RuntimeError(f"[explain] incomplete CAM output for {sorted(collected)}; rerun `camstudy explain`")
 

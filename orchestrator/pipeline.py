@@ -23,6 +23,7 @@ from orchestrator.ray_setup import init_ray
 from orchestrator.stages import prepare_stage
 from orchestrator.train_runs import RunPlan, is_finished, placement, plan_runs, train_stage
 from training.contract import StudyStore, analyze_inputs, read_record, record_reason, write_record
+from training.ray_data import study_log
 
 STAGES = ("prepare", "train", "explain", "analyze")
 
@@ -43,7 +44,8 @@ def open_study(config, command: str | None = None) -> Iterator[tuple[StudyStore,
         tracker = tracking.StudyTracker(config, store)
         tracker.start(command or command_line())
         try:
-            yield store, tracker
+            with study_log(store.log_path):
+                yield store, tracker
         except KeyboardInterrupt:
             tracker.finish("KILLED", "interrupted")
             raise

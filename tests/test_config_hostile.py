@@ -8,7 +8,6 @@ ConfigError, nothing else.
 
 from __future__ import annotations
 
-import datetime
 import subprocess
 import sys
 import tempfile

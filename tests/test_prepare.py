@@ -244,3 +244,29 @@ def test_source_kind_must_match_the_layout_found(tmp_path):
                                                         "data.root": str(synthetic.source_dir)}))
     with pytest.raises(ConfigError, match="data.source is 'siim-png' but .* holds the dicom layout"):
         prepare_stage(config)
+
+
+@pytest.mark.slow
+def test_a_corrupt_dicom_under_ray_data_is_one_line_and_its_trace_is_in_the_study_log(tmp_path):
+    """Through the real CLI: no Ray traceback on the console, the full one in <study>/camstudy.log."""
+    import subprocess
+    import sys
+
+    from training.synth import generate
+
+    source = tmp_path / "siim"
+    generate(source, n=24, size=64, seed=0)
+    broken = sorted(source.rglob("*.dcm"))[3]
+    broken.write_bytes(broken.read_bytes()[:len(broken.read_bytes()) // 2])  # truncated at half
+    overrides = {**_tiny(tmp_path / "store"), "data.source": "siim-dicom", "data.root": str(source)}
+    command = [sys.executable, "-m", "orchestrator", "prepare", str(DEMO)]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    done = subprocess.run(command, cwd=DEMO.parents[1], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"camstudy: error: {broken}: DICOM file has no pixel data (truncated, or not an image); "
+                      "re-download it, or remove it if it is not an image"], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and done.stderr.rstrip().endswith("not an image")
+    log = (tmp_path / "store" / "demo" / "camstudy.log").read_text()
+    assert "Traceback" in log and str(broken) in log

@@ -10,16 +10,15 @@ import json
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mlflow_server import free_port, mlflow_server
 from orchestrator import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,41 +135,15 @@ def test_sigterm_stops_the_study_in_seconds_and_the_rerun_resumes_the_same_child
     assert again.returncode == 0 and "[analyze] up to date" in again.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_server(url: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert server.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"mlflow server at {url} did not come up:\n{log.read_text()[-3000:]}")
-
-
 def test_an_unreachable_tracking_server_never_stops_the_study_and_catches_up_later(tmp_path):
-    storage, port = tmp_path / "store", _free_port()
+    storage, port = tmp_path / "store", free_port()
     url = f"http://127.0.0.1:{port}"
     offline = _camstudy("train", storage, **{"tracking.uri": url})
     assert offline.returncode == 0, offline.stdout[-3000:] + offline.stderr[-3000:]
     assert offline.stdout.count(f"[mlflow] {url} cannot be reached") == 1
     assert (storage / "demo" / "train" / "resnet18-seed0" / "done.json").is_file()
 
-    log = tmp_path / "mlflow.log"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_server(url, server, log)
+    with mlflow_server(tmp_path, port):
         online = _camstudy("train", storage, **{"tracking.uri": url})
         assert online.returncode == 0, online.stdout[-3000:] + online.stderr[-3000:]
         assert "cannot be reached" not in online.stdout and "resnet18-seed0: finished earlier, skipped" in online.stdout
@@ -179,9 +152,3 @@ def test_an_unreachable_tracking_server_never_stops_the_study_and_catches_up_lat
         (child,) = client.search_runs([experiment], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'child'")
         assert child.info.status == "FINISHED" and "test_auc" in child.data.metrics
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1, 2]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)

@@ -110,3 +110,29 @@ def test_without_network_or_cache_the_error_says_how_to_provide_weights(tmp_path
     assert out["missing"] == [f"resnet18: resnet18.tv_in1k (not in {tmp_path / 'hf' / 'hub'})",
                               "vit_small: file /x.pth"]
     assert "resnet18.tv_in1k" in out["fetch"]
+
+
+class _RunsCode:
+    """A pickle payload that would run code when loaded without weights_only."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["CAMSTUDY_PICKLE_MARKER"]),))
+
+
+def test_a_malicious_pickle_is_refused_in_one_line_and_never_runs(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CAMSTUDY_PICKLE_MARKER", str(marker))
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": _RunsCode()}, path)
+    spec = registry.get("resnet18")
+    with pytest.raises(WeightsError, match=r"resnet18.pth is refused: it holds Python objects besides tensors") as caught:
+        registry.build_model(spec, init="imagenet", image_size=32, weights_file=str(path))
+    assert "\n" not in str(caught.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("payload", [[torch.zeros(1)], {"a": 1}, {3: torch.zeros(1)}])
+def test_a_file_that_is_not_a_state_dict_is_named(tmp_path, payload):
+    path = tmp_path / "w.pth"
+    torch.save(payload, path)
+    with pytest.raises(WeightsError, match="is not a state dict"):
+        registry.build_model(registry.get("resnet18"), init="imagenet", image_size=32, weights_file=str(path))

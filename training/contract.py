@@ -169,6 +169,7 @@ class StudyStore:
         cams/<run key>/                  part-00000.parquet, _done.json (last)
         analysis/                        tables, statistics, figures, report.html
         stages/<stage>.json              completion records of prepare and analyze
+        camstudy.log                     full traces of failed Ray tasks (the console gets one line)
         .lock                            held by the one command writing the study
     """
 
@@ -194,6 +195,7 @@ class StudyStore:
     data_report_path = property(lambda self: self.root / "data" / "report.json")
     analysis_dir = property(lambda self: self.root / "analysis")
     mlflow_db = property(lambda self: self.root / "mlflow.db")
+    log_path = property(lambda self: self.root / "camstudy.log")
     lock_path = property(lambda self: self.root / ".lock")
     ray_dir = property(lambda self: self.root / "ray")  # Ray Train's own run state (storage_path)
 

@@ -15,8 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from training.errors import CamstudyError, DataError
-from training.ray_data import without_budget_backpressure
+from training.ray_data import reraise_own, without_budget_backpressure
 
 
 BATCH_SIZE = 16  # images per Ray Data block and batch: ~1.6 MB of 224-px float16 output
@@ -82,7 +81,6 @@ def _map_serial(rows: pd.DataFrame, fn: Callable, label: str, fn_kwargs: dict) -
 
 def _map_ray(rows: pd.DataFrame, fn: Callable, workers: Workers, label: str, fn_kwargs: dict) -> list[dict]:
     import ray.data
-    from ray.exceptions import RayTaskError
 
     context = ray.data.DataContext.get_current()
     # a worker's DataError should reach the driver as itself, not wrapped in UserCodeException
@@ -101,9 +99,8 @@ def _map_ray(rows: pd.DataFrame, fn: Callable, workers: Workers, label: str, fn_
                 parts.append(part)
                 progress.advance(len(part["image_id"]))
         return parts
-    except RayTaskError as error:
-        if isinstance(error.cause, CamstudyError):
-            raise error.cause from None  # its message names the file and the remedy
+    except Exception as error:
+        reraise_own(error)
         raise
 
 

@@ -13,11 +13,14 @@ provide them; nothing ever falls back to random weights.
 from __future__ import annotations
 
 import inspect
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import timm
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
@@ -144,11 +147,36 @@ def _missing_message(pretrained_name: str, cfg: Any, model_key: str, error: Exce
 
 
 def _read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a torch.save file read with weights_only=True
+    (stated here, not left to a library default: unpickling anything else runs code from the file)."""
+    save_hint = "save one with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
     try:
-        return timm.models.load_state_dict(str(path))  # .safetensors or torch.save; unwraps state_dict/model
-    except (OSError, RuntimeError, ValueError) as error:  # also safetensors' and torch.load's format errors
-        raise WeightsError(f"{where}: {path} is not a readable state dict ({error}); save one with "
-                           f"torch.save(model.state_dict(), path) or safetensors.torch.save_file") from None
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):  # torch refused to import a class or function
+            raise WeightsError(f"{where}: {path} is refused: it holds Python objects besides tensors, and "
+                               f"loading them could run code from the file; {save_hint}") from None
+        raise WeightsError(f"{where}: {path} is not a readable state dict (not a torch.save file); {save_hint}") from None
+    except (OSError, RuntimeError, ValueError, EOFError, safetensors.SafetensorError) as error:
+        raise WeightsError(f"{where}: {path} is not a readable state dict ({str(error).splitlines()[0][:200]}); "
+                           f"{save_hint}") from None
+    return _unwrapped(state, path, where, save_hint)
+
+
+def _unwrapped(state: Any, path: Path, where: str, save_hint: str) -> dict[str, torch.Tensor]:
+    """{"state_dict": ...} or {"model": ...} unwrapped, DataParallel's "module." prefix dropped."""
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise WeightsError(f"{where}: {path} is not a state dict (a mapping of names to tensors); {save_hint}")
+    return {key.removeprefix("module."): value for key, value in state.items()}
 
 
 def _timm_filter(model: nn.Module):
