@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from analysis import figures, paper_values, stats, tables
+from analysis import figures, paper_values, stats, tables, validity
 from analysis.inputs import StudyInputs, read_backgrounds, read_heatmaps
 
 
@@ -29,10 +29,12 @@ class AnalysisOutputs:
     statistics: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     run_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    excluded: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=validity.EXCLUDED_COLUMNS))
     notes: list[str] = field(default_factory=list)  # figures or analyses that could not be made, and why
 
     statistics_path = property(lambda self: self.directory / "statistics.json")
     report_path = property(lambda self: self.directory / "report.html")
+    scores_path = property(lambda self: self.directory / "scores.parquet")
 
 
 # ----------------------------------------------------------------------------- computing
@@ -52,48 +54,71 @@ def _ordered(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 
 def build_outputs(inputs: StudyInputs, directory: Path) -> AnalysisOutputs:
-    """Every table, statistic and figure, written under `directory` (CSV, JSON, PNG)."""
+    """Every table, statistic and figure, written under `directory` (CSV, JSON, PNG).
+
+    Degenerate map sets (`analysis.validity`) stay in the per-model tables with their reason and
+    are left out of every comparison, chance level, sanity verdict and conclusion: `valid`."""
     alpha, order = alpha_of(inputs.config), inputs.model_order
     method = tables.primary_method(inputs.cams)
     trained = _ordered(tables.trained_rows(inputs.cams, method), order) if method else inputs.cams.iloc[0:0]
     outputs = AnalysisOutputs(directory=directory)
-    outputs.tables = _tables(inputs, trained, method, alpha)
-    outputs.statistics = _statistics(trained, method, alpha, outputs)
-    outputs.run_summary = tables.run_summary(trained) if len(trained) else pd.DataFrame()
+    outputs.excluded = validity.degenerate_sets(inputs.cams, inputs.test_metrics)
+    valid = validity.without(trained, outputs.excluded)
+    outputs.tables = _tables(inputs, trained, valid, method, alpha, outputs.excluded)
+    outputs.statistics = _statistics(trained, valid, method, alpha, outputs)
+    outputs.run_summary = tables.run_summary(trained, outputs.excluded) if len(trained) else pd.DataFrame()
     outputs.tables.update(_statistics_tables(outputs.statistics))
     outputs.figures = _figures(inputs, trained, outputs, method)
     _write_tables(outputs)
+    scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha)
+    scores.to_parquet(outputs.scores_path, index=False)
     outputs.statistics_path.write_text(json.dumps(_jsonable(outputs.statistics), indent=1))
     return outputs
 
 
-def _tables(inputs: StudyInputs, trained: pd.DataFrame, method: Optional[str], alpha: float) -> dict[str, pd.DataFrame]:
+def _tables(inputs: StudyInputs, trained: pd.DataFrame, valid: pd.DataFrame, method: Optional[str], alpha: float,
+            excluded: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per-model tables over every map set, each with a `degenerate` column (the reason, or
+    empty); the sanity comparison over the valid sets only."""
     models = inputs.models
+    seeds = trained.groupby("model", observed=True)["seed"].nunique().to_dict() if len(trained) else {}
+    flags = validity.flags_by_model(excluded, method, {str(m): n for m, n in seeds.items()})
     result = {"table1": tables.table1(inputs.test_metrics, models)}
     if len(trained):
         result.update(table2=tables.table2(trained, models),
                       localisation=tables.localisation_table(trained, models, alpha),
-                      sanity=tables.sanity_table(inputs.cams, method, models, alpha))
+                      sanity=tables.sanity_table(validity.without(inputs.cams, excluded), method, models, alpha))
         if "ehr_auc" in trained:
             result["ehr"] = tables.ehr_table(trained, models, alpha)
         if inputs.cams["cam_method"].nunique() > 1:
             result["methods"] = tables.methods_table(inputs.cams, models)
+    for name in ("table1", "table2", "localisation", "ehr"):
+        if name in result:
+            result[name] = tables.with_flags(result[name], flags)
     predictions = _ordered(inputs.predictions, inputs.model_order)
     result["classification_pairs"] = stats.classification_comparisons(predictions, threshold_of(inputs.config), alpha)
     return result
 
 
-def _statistics(trained: pd.DataFrame, method: Optional[str], alpha: float,
+def _statistics(trained: pd.DataFrame, valid: pd.DataFrame, method: Optional[str], alpha: float,
                 outputs: AnalysisOutputs) -> dict[str, Any]:
+    """Every comparison over the valid map sets; beside it, the paper's own analysis (one-way
+    ANOVA and Tukey) over every model as the paper did it; the excluded sets with reasons."""
     verdict = stats.classification_verdict(outputs.tables["classification_pairs"])
     result: dict[str, Any] = {"alpha": alpha, "cam_method": method, "comparisons": {},
-                              "classification_verdict": verdict}
-    scored_models = trained["model"].nunique() if len(trained) else 0
-    if scored_models < 2:
-        outputs.notes.append(f"Model comparisons need CAM scores of at least two models; {scored_models} available.")
-        return result
+                              "paper_all_models": {}, "classification_verdict": verdict,
+                              "excluded": outputs.excluded.to_dict(orient="records")}
     for metric in (m for m in STATS_METRICS if m in trained and trained[m].notna().any()):
-        result["comparisons"][metric] = stats.compare_models(trained.dropna(subset=[metric]), metric, alpha=alpha)
+        if trained["model"].nunique() >= 2:
+            anova, tukey = stats.paper_anova_tukey(trained.dropna(subset=[metric]), metric, alpha=alpha)
+            result["paper_all_models"][metric] = {"anova": anova, "tukey": tukey}
+    scored_models = valid["model"].nunique() if len(valid) else 0
+    if scored_models < 2:
+        outputs.notes.append(f"Model comparisons need valid CAM scores of at least two models; {scored_models} "
+                             f"available ({len(outputs.excluded)} degenerate map set(s) left out).")
+        return result
+    for metric in (m for m in STATS_METRICS if m in valid and valid[m].notna().any()):
+        result["comparisons"][metric] = stats.compare_models(valid.dropna(subset=[metric]), metric, alpha=alpha)
     return result
 
 
@@ -101,7 +126,8 @@ def _statistics_tables(statistics: dict[str, Any]) -> dict[str, pd.DataFrame]:
     """The pair tables and model estimates of every comparison, for CSV and MLflow."""
     found: dict[str, pd.DataFrame] = {}
     for metric, comparison in statistics["comparisons"].items():
-        found[f"{metric}_paper_tukey"] = comparison["paper"]["tukey"]
+        if statistics["excluded"]:  # else it equals the paper's analysis over every model below
+            found[f"{metric}_paper_tukey_valid"] = comparison["paper"]["tukey"]
         found[f"{metric}_mixed_model"] = comparison["mixed_model"]["estimates"]
         found[f"{metric}_block_tukey"] = comparison["block_tukey"]
         found[f"{metric}_wilcoxon_holm"] = comparison["wilcoxon_holm"]
@@ -109,8 +135,12 @@ def _statistics_tables(statistics: dict[str, Any]) -> dict[str, pd.DataFrame]:
             found[f"{metric}_run_level_tukey"] = comparison["run_level"]["tukey"]
         if "crossed" in comparison:
             found[f"{metric}_crossed_model"] = comparison["crossed"]["estimates"]
+    for metric, paper in statistics["paper_all_models"].items():
+        found[f"{metric}_paper_tukey"] = paper["tukey"]  # every model, degenerate sets included, as the paper did
     if "diff_gradcam" in statistics["comparisons"]:
         found["tukey_vs_paper"] = tables.tukey_vs_paper(statistics["comparisons"]["diff_gradcam"])
+    if len(statistics["excluded"]):
+        found["excluded"] = pd.DataFrame(statistics["excluded"])
     return found
 
 

@@ -1,4 +1,7 @@
-"""The report's conclusions: plain sentences derived from the computed tables and statistics."""
+"""The report's conclusions: plain sentences derived from the computed tables and statistics.
+
+Every sentence is about the valid map sets only (STUDY.md §8): a degenerate set is named once, in
+the note before the list, and in no conclusion. No sentence ranks models whose CIs overlap."""
 
 from __future__ import annotations
 
@@ -17,8 +20,24 @@ from analysis.compute import AnalysisOutputs
 
 def conclusions_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     items = conclusions(inputs, outputs)
-    return "<h2>9. Conclusions the numbers support</h2><ul>" + "".join(
+    left_out = excluded_sentence(outputs)
+    note = f"<p class='note'>{html.escape(left_out)}</p>" if left_out else ""
+    return "<h2 id='conclusions'>9. Conclusions the numbers support</h2>" + note + "<ul>" + "".join(
         f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
+
+
+def excluded_sentence(outputs: AnalysisOutputs) -> str:
+    """The degenerate map sets, each with its reason, in one sentence ("" when there is none)."""
+    if outputs.excluded.empty:
+        return ""
+    sets = [f"{figures.label(r.model)} (seed {r.seed}, {r.method}): {r.reason}" for r in outputs.excluded.itertuples()]
+    return ("Left out of every comparison, chance level, sanity verdict and conclusion as degenerate map sets "
+            "(STUDY.md §8): " + "; ".join(sets) + ".")
+
+
+def _valid(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a per-model table whose map set is not degenerate."""
+    return table[table["degenerate"] == ""] if "degenerate" in table else table
 
 
 def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
@@ -42,19 +61,28 @@ def _classification_conclusion(outputs: AnalysisOutputs) -> str:
     table1 = outputs.tables["table1"]
     if table1.empty:
         return "No finished run has test metrics: no classification conclusion."
-    best = table1.loc[table1["auc"].idxmax()]
-    return (f"Test AUC ranges {table1['auc'].min():.3f}–{table1['auc'].max():.3f} "
-            f"(highest: {figures.label(best['model'])}). " + outputs.statistics["classification_verdict"])
+    table1 = _valid(table1)
+    if table1.empty:
+        return ""
+    return (f"Test AUC of the classifiers whose maps are analysed ranges {table1['auc'].min():.3f}–"
+            f"{table1['auc'].max():.3f}; every one is shown to work (AUC CI above 0.5).")
 
 
 def _localisation_conclusion(comparison: dict[str, Any]) -> str:
-    estimates = comparison["mixed_model"]["estimates"]
-    top = estimates.loc[estimates["estimate"].idxmax()]
+    estimates = comparison["mixed_model"]["estimates"].sort_values("estimate", ascending=False)
+    top, runner_up = estimates.iloc[0], estimates.iloc[1]
+    if top["lower"] > estimates["upper"].iloc[1:].max():
+        lead = (f"Diff_GradCAM is highest for {figures.label(top['model'])} (mixed-model mean {top['estimate']:.3f} "
+                f"[{top['lower']:.3f}, {top['upper']:.3f}], its CI clear of every other model's)")
+    else:
+        lead = (f"No model's Diff_GradCAM stands out as highest: the mixed-model CIs of the top models overlap "
+                f"({figures.label(top['model'])} {top['estimate']:.3f} [{top['lower']:.3f}, {top['upper']:.3f}], "
+                f"{figures.label(runner_up['model'])} {runner_up['estimate']:.3f} "
+                f"[{runner_up['lower']:.3f}, {runner_up['upper']:.3f}])")
     pairs = [_pair_label(p) for p in comparison["significant_pairs"]]
     tail = (f"{len(pairs)} pair(s) differ significantly ({comparison['trusted_basis']}): " + ", ".join(pairs) + "."
             if pairs else f"no model differs significantly from another ({comparison['trusted_basis']}).")
-    return (f"Diff_GradCAM is highest for {figures.label(top['model'])} (mixed-model mean {top['estimate']:.3f}); "
-            f"after multiple-comparison correction {tail}")
+    return f"{lead}; after multiple-comparison correction {tail}"
 
 
 def _pair_label(pair: str) -> str:
@@ -85,16 +113,19 @@ def _depth_text(part: pd.DataFrame, significant: set[str]) -> str:
 
 
 def _ehr_conclusion(ehr: pd.DataFrame) -> str:
-    if not {"ehr_auc_norm", "ehr_auc_chance"} <= set(ehr.columns):
+    ehr = _valid(ehr)
+    if ehr.empty or not {"ehr_auc_norm", "ehr_auc_chance"} <= set(ehr.columns):
         return ""
     above = int((ehr["ehr_auc_norm_lo"] > 0).sum())
-    return (f"EHR AUC: {above} of {len(ehr)} models localise above chance (normalised EHR CI above 0); raw EHR "
-            f"values near the chance level {ehr['ehr_auc_chance'].mean():.4f} must not be read as localisation "
-            "quality.")
+    return (f"EHR AUC: {above} of {len(ehr)} valid map sets localise above chance (normalised EHR CI above 0); "
+            f"raw EHR values near their chance level (mean {ehr['ehr_auc_chance'].mean():.4f} over these sets) must "
+            "not be read as localisation quality.")
 
 
 def _sanity_conclusion(sanity: pd.DataFrame) -> str:
-    part = sanity[sanity["metric"] == "diff_gradcam"]
+    part = sanity[sanity["metric"] == "diff_gradcam"]  # valid sets only (compute.py leaves the others out)
+    if part.empty:
+        return ""
     passed = part[part["reject"] & (part["difference"] > 0)]["model"].map(figures.label).tolist()
     failed = [figures.label(m) for m in part["model"] if figures.label(m) not in passed]
     return (f"Sanity check: trained heatmaps beat weight-randomised ones (Holm) for {len(passed)} of {len(part)} models"
@@ -108,3 +139,82 @@ def _paper_claims_conclusion(outputs: AnalysisOutputs) -> str:
         return ""
     return (f"Of the paper's {len(claims)} pairwise Tukey claims that this study can check, "
             f"{int(claims['agrees'].sum())} agree with the trusted paired result.")
+
+
+# ----------------------------------------------------------------------------- the summary (report top)
+
+
+def summary_items(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
+    """The report's first screen: what ran, which classifiers work, which map sets localise above
+    chance, the sanity verdict, where the paper's claims hold or fail, what was left out."""
+    items = [_what_ran(inputs, outputs), _classifiers_summary(outputs), _localisation_summary(outputs),
+             _sanity_summary(outputs), _paper_summary(outputs), excluded_sentence(outputs)]
+    if inputs.missing or outputs.notes:
+        items.append(f"{len(inputs.missing) + len(outputs.notes)} expected input(s) or analyses are missing; "
+                     "see 'Missing or incomplete inputs'.")
+    return [item for item in items if item]
+
+
+def _what_ran(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
+    config, runs = inputs.config, inputs.runs
+    seeds = (config.get("training") or {}).get("seeds") or []
+    scored = outputs.tables.get("table2")
+    images = int(scored["n"].max()) if scored is not None and not scored.empty else 0
+    method = outputs.statistics.get("cam_method") or "no CAM method"
+    return (f"What ran: {len(inputs.model_order)} model(s) × {len(seeds)} seed(s), {int(runs['finished'].sum())} of "
+            f"{len(runs)} runs finished; {method} heatmaps scored on up to {images} positive test images per run "
+            f"({(config.get('data') or {}).get('source', '?')} data, "
+            f"{(config.get('preprocess') or {}).get('image_size', '?')} px).")
+
+
+def _ci(row: Any, column: str, digits: int = 2) -> str:
+    return f"{row[column]:.{digits}f} [{row[f'{column}_lo']:.{digits}f}, {row[f'{column}_hi']:.{digits}f}]"
+
+
+def _classifiers_summary(outputs: AnalysisOutputs) -> str:
+    table1 = outputs.tables["table1"]
+    if table1.empty or "auc_lo" not in table1:
+        return "Classifiers: no test metrics."
+    rows = list(table1.itertuples(index=False))
+    working = [r for r in rows if r.auc_lo > 0.5]
+    failing = [r for r in rows if not r.auc_lo > 0.5]
+    text = "Classifiers shown to work (test AUC 95% CI above 0.5): " + (
+        ", ".join(f"{figures.label(r.model)} {_ci(r._asdict(), 'auc')}" for r in working) if working else "none")
+    if failing:
+        text += "; not shown to work: " + ", ".join(f"{figures.label(r.model)} {_ci(r._asdict(), 'auc')}"
+                                                   for r in failing)
+    return text + "."
+
+
+def _localisation_summary(outputs: AnalysisOutputs) -> str:
+    ehr = outputs.tables.get("ehr")
+    if ehr is None or ehr.empty or "ehr_auc_norm_lo" not in ehr:
+        return ""
+    valid = _valid(ehr)
+    above = [r for r in valid.to_dict(orient="records") if r["ehr_auc_norm_lo"] > 0]
+    listed = ", ".join(f"{figures.label(r['model'])} {_ci(r, 'ehr_auc_norm', 3)}" for r in above)
+    return (f"Localisation: {len(above)} of {len(valid)} valid map sets localise above chance (normalised EHR AUC, "
+            f"95% CI above 0{': ' + listed if listed else ''}). A location-prior baseline is not part of this "
+            "analysis, so 'above chance' is not yet 'above where lesions usually are'.")
+
+
+def _sanity_summary(outputs: AnalysisOutputs) -> str:
+    sanity = outputs.tables.get("sanity")
+    if sanity is None or sanity.empty:
+        return ""
+    return _sanity_conclusion(sanity)
+
+
+def _paper_summary(outputs: AnalysisOutputs) -> str:
+    claims = outputs.tables.get("tukey_vs_paper")
+    parts = []
+    if claims is not None and not claims.empty:
+        parts.append(f"{int(claims['agrees'].sum())} of the paper's {len(claims)} checkable pairwise Tukey claims "
+                     "agree with the trusted paired result (pairs with a degenerate set cannot be checked)")
+    every = outputs.statistics.get("paper_all_models", {}).get("diff_gradcam")
+    if every is not None:
+        parts.append(f"the paper's one-way ANOVA over every model gives p = {every['anova']['p']:.3g}")
+    if "ehr" in outputs.tables:
+        parts.append("its EHR AUC values (0.0145–0.0319) sit at the chance level of lesions of that size, "
+                     "so they cannot show localisation")
+    return ("The paper's claims: " + "; ".join(parts) + ".") if parts else ""

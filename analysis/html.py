@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,7 +17,7 @@ import pandas as pd
 from analysis import figures, paper_values, tables
 from analysis.inputs import StudyInputs
 from analysis.compute import AnalysisOutputs, alpha_of, threshold_of
-from analysis.conclusions import conclusions_section
+from analysis.conclusions import conclusions_section, summary_items
 
 
 # ----------------------------------------------------------------------------- the HTML report
@@ -24,7 +25,11 @@ from analysis.conclusions import conclusions_section
 
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1150px; margin: 2em auto;
-       padding: 0 1em; color: #222; line-height: 1.45; }
+       padding: 0 1em; color: #222; line-height: 1.45; overflow-wrap: anywhere; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.summary { background: #f4f8f4; border: 1px solid #cfe3cf; padding: .4em 1.2em; }
+.summary li { margin: .3em 0; } nav.toc { columns: 2; font-size: .9em; } nav.toc a { text-decoration: none; }
+figure { margin: 1em 0; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 h3 { margin-top: 1.5em; }
 table { border-collapse: collapse; font-size: .82em; margin: .6em 0 1.2em; }
@@ -41,18 +46,38 @@ img { max-width: 100%; border: 1px solid #eee; } caption { caption-side: top; te
 
 def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
     """report.html: setup, data, Table 1, Table 2, EHR, statistics, figures, conclusions."""
-    sections = [_missing_section(inputs, outputs), _setup_section(inputs), _data_section(inputs),
+    sections = [summary_section(inputs, outputs), _missing_section(inputs, outputs), _setup_section(inputs),
+                _data_section(inputs),
                 _classification_section(outputs), _table2_section(outputs), _ehr_section(outputs),
                 _localisation_section(outputs), _statistics_section(outputs), _figures_section(outputs),
                 conclusions_section(inputs, outputs)]
     title = f"camstudy report: {html.escape(str(inputs.config.get('study') or inputs.root.name))}"
     body = "\n".join(s for s in sections if s)
+    body = body.replace("<!--toc-->", _toc(body), 1)
     document = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
                 f"<style>{CSS}</style></head><body><h1>{title}</h1>"
                 f"<p class='small'>Generated {time.strftime('%Y-%m-%d %H:%M')} from {html.escape(str(inputs.root))}. "
                 f"Reproduction of {html.escape(paper_values.CITATION)}.</p>\n{body}</body></html>\n")
     outputs.report_path.write_text(document, encoding="utf-8")
     return outputs.report_path
+
+
+def summary_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
+    """One screen first: what ran, which classifiers work, which map sets localise, the sanity
+    verdict, the paper's claims; then the table of contents."""
+    items = "".join(f"<li>{html.escape(item)}</li>" for item in summary_items(inputs, outputs))
+    excluded = ("" if outputs.excluded.empty else _table_html(
+        outputs.excluded, "Degenerate map sets (STUDY.md §8): kept in the per-model tables with this reason, left "
+                          "out of every comparison, chance level, sanity verdict and conclusion", "excluded"))
+    return (f"<h2 id='summary'>Summary</h2><div class='summary'><ul>{items}</ul></div>{excluded}"
+            "<h2 id='contents'>Contents</h2><!--toc-->")
+
+
+def _toc(body: str) -> str:
+    headings = re.findall(r"<h2 id='([^']+)'>(.*?)</h2>", body)
+    links = "".join(f"<li><a href='#{anchor}'>{title}</a></li>" for anchor, title in headings
+                    if anchor not in ("summary", "contents"))
+    return f"<nav class='toc'><ul>{links}</ul></nav>"
 
 
 def _table_html(table: Optional[pd.DataFrame], caption: str, name: Optional[str] = None, digits: int = 4) -> str:
@@ -65,7 +90,8 @@ def _table_html(table: Optional[pd.DataFrame], caption: str, name: Optional[str]
                             for c in ("model", "group1", "group2", "model_a", "model_b") if c in shown})
     text = shown.to_html(index=False, na_rep="—", border=0, float_format=lambda v: f"{v:.{digits}g}")
     # to_html starts with '<table border="0" class="dataframe">': the caption follows its first '>'
-    return f"<div{anchor}>" + text.replace(">", f"><caption>{html.escape(caption)}</caption>", 1) + "</div>"
+    # wide tables scroll inside their own box: the page never gets wider than the window
+    return f"<div class='scroll'{anchor}>" + text.replace(">", f"><caption>{html.escape(caption)}</caption>", 1) + "</div>"
 
 
 def _figure_html(outputs: AnalysisOutputs, name: str, caption: str) -> str:
@@ -86,7 +112,7 @@ def _missing_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     if not items:
         return ""
     listed = "".join(f"<li>{html.escape(item)}</li>" for item in items)
-    return (f"<h2>Missing or incomplete inputs</h2>" +
+    return (f"<h2 id='missing'>Missing or incomplete inputs</h2>" +
             _box("missing", f"<p>The results below use only what exists. Left out:</p><ul>{listed}</ul>"))
 
 
@@ -103,22 +129,36 @@ def _setup_section(inputs: StudyInputs) -> str:
             ("runs finished", f"{int(inputs.runs['finished'].sum())} of {len(inputs.runs)}")]
     table = pd.DataFrame(rows, columns=["setting", "value"]).astype(str)
     full = html.escape(json.dumps(config, indent=1, default=str))
-    return (f"<h2>1. Setup</h2>{_table_html(table, 'Configuration summary')}"
+    return (f"<h2 id='setup'>1. Setup</h2>{_table_html(table, 'Configuration summary')}"
             f"<details><summary>Full resolved configuration</summary><pre>{full}</pre></details>")
 
 
 def _data_section(inputs: StudyInputs) -> str:
-    parts = ["<h2>2. Data</h2>"]
+    parts = ["<h2 id='data'>2. Data</h2>"]
     if inputs.manifest is not None and {"split", "label"} <= set(inputs.manifest.columns):
         counts = pd.crosstab(inputs.manifest["split"], inputs.manifest["label"]).reset_index()
         counts.columns = [str(c) for c in counts.columns]
         parts.append(_table_html(counts, "Images per split and label (1 = pneumothorax)"))
         parts.append(_mask_fraction_html(inputs.manifest))
     if inputs.data_report:
-        flat = pd.json_normalize(inputs.data_report, sep=".").T.reset_index()
-        flat.columns = ["item", "value"]
-        parts.append(_table_html(flat.astype(str), "Data report (data/report.json)"))
+        rows = [(key.replace("_", " ").replace(".", ": "), _readable(value))
+                for key, value in pd.json_normalize(inputs.data_report, sep=".").iloc[0].items()
+                if not key.startswith("counts.")]  # the counts are the table above
+        parts.append(_table_html(pd.DataFrame(rows, columns=["item", "value"]), "Data report (data/report.json)"))
     return "".join(parts) if len(parts) > 1 else parts[0] + "<p class='note'>No manifest or data report.</p>"
+
+
+def _readable(value: Any) -> str:
+    """A data-report value for a reader: numbers to 4 significant digits, lists as a count and
+    their first items."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "none"
+        head = ", ".join(str(v) for v in value[:3])
+        return head + (f" ... ({len(value)} in all)" if len(value) > 3 else "")
+    return str(value)
 
 
 def _mask_fraction_html(manifest: pd.DataFrame) -> str:
@@ -133,7 +173,7 @@ def _mask_fraction_html(manifest: pd.DataFrame) -> str:
 def _classification_section(outputs: AnalysisOutputs) -> str:
     table = tables.merge_intervals(outputs.tables["table1"])
     pairs = outputs.tables["classification_pairs"]
-    return ("<h2>3. Classification (Table 1)</h2>"
+    return ("<h2 id='classification'>3. Classification (Table 1)</h2>"
             + _table_html(table, "Table 1: test accuracy, precision, recall (Wilson 95% CI) and AUC (DeLong 95% CI); "
                                  "several seeds: mean ± SD across seeds. paper_*: the paper's Table 1 (no CIs given).",
                           "table1")
@@ -144,8 +184,8 @@ def _classification_section(outputs: AnalysisOutputs) -> str:
 
 def _table2_section(outputs: AnalysisOutputs) -> str:
     if "table2" not in outputs.tables:
-        return "<h2>4. Diff_GradCAM (Table 2)</h2><p class='note'>No CAM scores.</p>"
-    return ("<h2>4. Diff_GradCAM (Table 2)</h2>"
+        return "<h2 id='table2'>4. Diff_GradCAM (Table 2)</h2><p class='note'>No CAM scores.</p>"
+    return ("<h2 id='table2'>4. Diff_GradCAM (Table 2)</h2>"
             + _table_html(outputs.tables["table2"], "Table 2: mean heat inside minus outside the mask, over every "
                           "scored positive test image (and seed); paper_*: the paper's Table 2.", "table2")
             + _figure_html(outputs, "distributions", "Diff_GradCAM per model; red x: the paper's Table 2 mean."))
@@ -157,7 +197,7 @@ def _ehr_section(outputs: AnalysisOutputs) -> str:
     ehr = outputs.tables["ehr"]
     shown = tables.merge_intervals(ehr.drop(columns=["paper_ehr_source", "paper_ehr_low", "paper_ehr_high"]), 4)
     sources = ehr[["model", "paper_ehr_auc", "paper_ehr_exact", "paper_ehr_source"]].dropna(subset=["paper_ehr_auc"])
-    return ("<h2>5. EHR AUC with chance level and oracle</h2>" + _box("note", _chance_text(ehr))
+    return ("<h2 id='ehr'>5. EHR AUC with chance level and oracle</h2>" + _box("note", _chance_text(ehr))
             + _table_html(shown, "EHR AUC per model (mean, 95% CI over images), its chance level (a heatmap that "
                                  "ignores the lesion), oracle (heatmap = mask) and normalised score "
                                  "(ehr - chance) / (oracle - chance); *_inputiba: the original EHR of "
@@ -174,19 +214,22 @@ def _chance_text(ehr: pd.DataFrame) -> str:
     text = ("<p><b>Read EHR AUC against its chance level.</b> A heatmap that ignores the lesion scores about the "
             "lesion's share f of the image. The paper's values (0.0145–0.0319) are the chance level of lesions "
             "covering 1.5–3.2% of the image, so by themselves they do not show localisation.")
-    fraction, chance = ehr["mask_fraction"].mean(), ehr["ehr_auc_chance"].mean()
-    if np.isfinite(fraction) and np.isfinite(chance) and chance > 0:
-        low, high = ehr["ehr_auc"].min(), ehr["ehr_auc"].max()
-        text += (f" Here the scored lesions cover {fraction:.2%} of the image on average, the chance level is "
-                 f"{chance:.4f}, and the models score {low:.4f}–{high:.4f} "
-                 f"({low / chance:.2g}–{high / chance:.2g}× chance).")
+    valid = ehr[ehr["degenerate"] == ""] if "degenerate" in ehr else ehr
+    fraction, chance = valid["mask_fraction"].mean(), valid["ehr_auc_chance"].mean()
+    if len(valid) and np.isfinite(fraction) and np.isfinite(chance) and chance > 0:
+        low, high = valid["ehr_auc"].min(), valid["ehr_auc"].max()
+        left_out = len(ehr) - len(valid)
+        text += (f" Here the scored lesions cover {fraction:.2%} of the image on average, the chance level "
+                 f"(mean over the {len(valid)} valid map sets) is {chance:.4f}, and those sets score "
+                 f"{low:.4f}–{high:.4f} ({low / chance:.2g}–{high / chance:.2g}× chance)"
+                 + (f"; {left_out} degenerate set(s) are left out of these numbers." if left_out else "."))
     return text + " The normalised score puts chance at 0 and the oracle at 1.</p>"
 
 
 def _localisation_section(outputs: AnalysisOutputs) -> str:
     if "localisation" not in outputs.tables:
         return ""
-    parts = ["<h2>6. Energy, pointing game, IoU</h2>",
+    parts = ["<h2 id='localisation'>6. Energy, pointing game, IoU</h2>",
              _table_html(tables.merge_intervals(outputs.tables["localisation"]),
                          "Energy inside the mask, pointing-game hit rate, IoU of the Otsu-thresholded heatmap "
                          "(mean, 95% CI over images); cam_all_zero: heatmaps that are exactly zero (kept, counted).",
@@ -199,8 +242,8 @@ def _localisation_section(outputs: AnalysisOutputs) -> str:
 def _statistics_section(outputs: AnalysisOutputs) -> str:
     comparisons = outputs.statistics["comparisons"]
     if not comparisons:
-        return "<h2>7. Statistics</h2><p class='note'>Not enough models with CAM scores to compare.</p>"
-    parts = ["<h2>7. Statistics</h2>"]
+        return "<h2 id='statistics'>7. Statistics</h2><p class='note'>Not enough models with CAM scores to compare.</p>"
+    parts = ["<h2 id='statistics'>7. Statistics</h2>"]
     for metric, comparison in comparisons.items():
         body = _paper_analysis_html(metric, comparison, outputs) + _our_analysis_html(metric, comparison)
         parts.append(body if metric == "diff_gradcam" else
@@ -217,10 +260,17 @@ def _paper_analysis_html(metric: str, comparison: dict[str, Any], outputs: Analy
             f"{published}). {html.escape(anova['verdict'])} {html.escape(comparison['paper']['note'])} "
             f"Checks: Shapiro p = {checks['shapiro_p']:.2g}, Levene p = {checks['levene_p']:.2g}.</p>")
     claims = outputs.tables.get("tukey_vs_paper") if metric == "diff_gradcam" else None
+    every = outputs.statistics["paper_all_models"].get(metric)
+    as_published = ("" if every is None or outputs.excluded.empty else _table_html(
+        every["tukey"], f"Tukey HSD on {metric} over every model, degenerate map sets included, as the paper did it "
+                        f"(one-way ANOVA p = {every['anova']['p']:.3g}; meandiff = group2 − group1)",
+        f"{metric}_paper_tukey"))
     return (f"<h3>7.1 {metric}: the paper's analysis (for comparison only)</h3>" + _box("paper", text)
+            + as_published
             + _table_html(comparison["paper"]["tukey"],
-                          f"Tukey HSD on {metric} (paper's method; meandiff = group2 − group1)",
-                          f"{metric}_paper_tukey")
+                          f"Tukey HSD on {metric}, the paper's method over the valid map sets "
+                          f"(meandiff = group2 − group1)",
+                          f"{metric}_paper_tukey_valid" if as_published else f"{metric}_paper_tukey")
             + (_table_html(claims, "The paper's Tukey claims (§4.3) beside this study", "tukey_vs_paper")
                if claims is not None else ""))
 
@@ -272,6 +322,6 @@ def _figures_section(outputs: AnalysisOutputs) -> str:
     if sanity is not None and not sanity.empty:
         parts.append(_table_html(sanity, "Trained vs randomised (paired Wilcoxon over images, Holm over models)",
                                  "sanity"))
-    return "<h2>8. Figures</h2>" + "".join(p for p in parts if p)
+    return "<h2 id='figures'>8. Figures</h2>" + "".join(p for p in parts if p)
 
 

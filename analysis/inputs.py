@@ -1,7 +1,8 @@
 """Reading the study store for the analyze stage (ARCHITECTURE.md, "Stages and the study store").
 
     train/<model>-seed<k>/  done.json (finished), predictions.parquet, test_metrics.json
-    cams/<model>-seed<k>/   Parquet parts, one row per scored image × {trained, randomised} × method
+    cams/<model>-seed<k>/   Parquet parts, one row per scored image × method (trained model)
+    sanity/<model>-seed<k>/ the same for the weight-randomised twin (`randomized` true)
     data/                   manifest.parquet, report.json, cache/ (Figure 1 backgrounds)
 
 Plain pandas and pyarrow only: the analysis runs without torch, timm or Ray, and finds every
@@ -32,7 +33,7 @@ CAM_REQUIRED = ["image_id", "model", "seed", "diff_gradcam", "randomized", "cam_
 CAM_OPTIONAL = ["label", "probability", "correct", "mask_fraction", "ehr_auc", "ehr_auc_chance",
                 "ehr_auc_oracle", "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
                 "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit",
-                "iou_otsu", "cam_all_zero", "cam_layer"]
+                "iou_otsu", "cam_all_zero", "cam_constant", "cam_layer"]
 def model_table(models: list[str], known: Optional[Mapping[str, tuple[str, int]]] = None) -> pd.DataFrame:
     """model, family, depth, in plot order: by family (VGG, ResNet, ViT, others), then depth.
 
@@ -159,7 +160,11 @@ def _read_predictions(store: StudyStore, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_all_cams(store: StudyStore, runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
-    frames = [read_cams(store.cams_dir(run.model, run.seed), missing) for run in runs.itertuples()]
+    """Trained (cams/) and weight-randomised (sanity/) rows of every run, told apart by `randomized`."""
+    folders = [folder for run in runs.itertuples()
+               for folder in (store.cams_dir(run.model, run.seed), store.sanity_dir(run.model, run.seed))
+               if _has_parquet(folder)]
+    frames = [read_cams(folder, missing) for folder in folders]
     frames = [f for f in frames if f is not None]
     if not frames:
         return pd.DataFrame(columns=CAM_REQUIRED)

@@ -67,12 +67,16 @@ def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, s
         _log_table(client, parent_run_id, _loggable(table), f"{name}.json", replace=f"{name}.json" in logged)
     for path in outputs.figures.values():
         client.log_artifact(parent_run_id, str(path), "analysis/figures")
-    for path in (outputs.statistics_path, outputs.report_path):
+    for path in (outputs.statistics_path, outputs.report_path, outputs.scores_path):
         client.log_artifact(parent_run_id, str(path), "analysis")
     _log_metrics(client, parent_run_id, _headline_metrics(outputs.statistics))
     for row in outputs.run_summary.to_dict(orient="records"):
         if row["run_key"] in child_run_ids:
-            _log_metrics(client, child_run_ids[row["run_key"]], {k: row[k] for k in tables.RUN_SUMMARY if k in row})
+            child = child_run_ids[row["run_key"]]
+            _log_metrics(client, child, {k: row[k] for k in tables.RUN_SUMMARY if k in row})
+            # STUDY.md §8: a degenerate map set is flagged where a reader compares runs
+            _log_metrics(client, child, {"cam_degenerate": float(bool(row["degenerate"]))})
+            client.set_tag(child, "camstudy.degenerate", row["degenerate"] or "false")
 
 
 def _log_table(client: Any, run_id: str, table: pd.DataFrame, name: str, replace: bool) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from analysis import paper_values, stats
+from analysis import paper_values, stats, validity
 from analysis.inputs import PRIMARY_CAM_METHOD
 
 CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "auc"]
@@ -171,14 +171,58 @@ def sanity_table(cams: pd.DataFrame, method: Optional[str], models: pd.DataFrame
                                                          "difference", "n", "p", "p_adj", "reject"]]
 
 
-def run_summary(trained: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: run_key, model, seed and the summary metrics logged to its MLflow child run."""
+def run_summary(trained: pd.DataFrame, excluded: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per run: run_key, model, seed, the summary metrics logged to its MLflow child run,
+    and `degenerate` (the reason its primary map set is left out of comparisons, or empty)."""
+    reasons = {} if excluded is None or excluded.empty else {
+        (str(r.model), int(r.seed)): r.reason for r in excluded.itertuples()
+        if r.method in set(trained["cam_method"])}
     rows = []
     for (model, seed), part in trained.groupby(["model", "seed"], observed=True):
-        row = {"run_key": f"{model}-seed{seed}", "model": model, "seed": seed, "n_images": len(part)}
+        row = {"run_key": f"{model}-seed{seed}", "model": model, "seed": seed, "n_images": len(part),
+               "degenerate": reasons.get((str(model), int(seed)), "")}
         row.update({name: float(part[column].astype(float).mean())
                     for name, column in RUN_SUMMARY.items() if column in part})
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def with_flags(table: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
+    """`table` with a `degenerate` column after `model`: why the model's map set is left out of
+    comparisons (STUDY.md §8), or empty."""
+    if table.empty:
+        return table.assign(degenerate=pd.Series(dtype=str))
+    merged = table.merge(flags, on="model", how="left")
+    merged["degenerate"] = merged["degenerate"].fillna("")
+    columns = list(table.columns)
+    at = columns.index("model") + 1
+    return merged[columns[:at] + ["degenerate"] + columns[at:]]
+
+
+SCORE_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_chance", "ehr_auc_norm", "ehr_auc_inputiba",
+                 "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit", "iou_otsu"]
+
+
+def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """analysis/scores.parquet: one row per (model, seed, method, layer, set) with n, each metric's
+    mean and 95% CI over images (pointing_hit as a rate), and the degenerate flag with its reason:
+    the table a reader would otherwise build from cams/ and sanity/ by hand."""
+    if cams.empty:
+        return pd.DataFrame(columns=["model", "seed", "method", "layer", "set", "n", "degenerate", "reason"])
+    flagged = pd.concat([validity.degenerate_sets(cams, test_metrics, randomized=flag).assign(
+        set="randomized" if flag else "trained") for flag in (False, True)], ignore_index=True)
+    reason = {(r.model, r.seed, r.method, r.layer, r.set): r.reason for r in flagged.itertuples()}
+    layer = cams["cam_layer"] if "cam_layer" in cams else pd.Series("", index=cams.index)
+    keys = [cams["model"].astype(str), cams["seed"], cams["cam_method"], layer,
+            cams["randomized"].map({False: "trained", True: "randomized"})]
+    rows = []
+    for (model, seed, method, name, kind), part in cams.groupby(keys, sort=True):
+        row: dict[str, Any] = {"model": model, "seed": int(seed), "method": method, "layer": name, "set": kind,
+                               "n": len(part)}
+        for metric in (m for m in SCORE_METRICS if m in part):
+            row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"] = stats.mean_ci(part[metric].astype(float), alpha)
+        why = reason.get((model, int(seed), method, name, kind), "")
+        rows.append({**row, "degenerate": bool(why), "reason": why})
     return pd.DataFrame(rows)
 
 

@@ -38,6 +38,9 @@ class _ScratchCams(StudyStore):
     def cams_dir(self, model: str, seed: int) -> Path:
         return self.scratch / f"{model}-seed{seed}"
 
+    def sanity_dir(self, model: str, seed: int) -> Path:
+        return self.scratch / "sanity" / f"{model}-seed{seed}"
+
 
 def plain_loop(config, store, plans) -> tuple[float, int]:
     """Seconds and heatmaps for scoring every plan's rows in this process."""

@@ -17,11 +17,16 @@ blocks on every actor rather than one actor busy with ViT-L while the other idle
 
 Columns: image_id, model, seed, label, probability, correct, mask_fraction, randomized,
 cam_method, cam_layer, heatmap (float16 FixedShapeTensorArray, readable by plain pyarrow via
-`.to_numpy_ndarray()`), and every metric of `explain.metrics.score_batch`.
+`.to_numpy_ndarray()`), cam_constant (max = min: all-zero or flat), and every metric of
+`explain.metrics.score_batch`. The metrics are computed from the float16 map exactly as stored, so
+re-scoring the Parquet reproduces them. `cams/<run>/` holds the trained model's maps only; the
+weight-randomised twin's rows (same columns, `randomized` true) go to `sanity/<run>/`, so a
+reader who globs `cams/` gets the report's numbers.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -112,10 +117,13 @@ class CamScorer:
         take = rows["row"].to_numpy()
         images = torch.from_numpy(np.ascontiguousarray(self.images[take])).to(self.device)
         images = prepare_input(images[:, None], self.config.preprocess.channels, channels_last=False)
-        heat = compute(model, spec, images, target_class=1, method=method)
+        # scored as stored: float16 (max 1 rounds to exactly 1.0; every map value is what a reader gets)
+        stored = compute(model, spec, images, target_class=1, method=method).to(torch.float16)
         masks = torch.from_numpy(np.ascontiguousarray(self.masks[take])).to(self.device).bool()
-        scores = score_batch(heat, masks, self.config.metrics)
-        return _rows_table(rows, spec, seed, method, heat.float().cpu().numpy(), scores)
+        scores = score_batch(stored, masks, self.config.metrics)
+        flat = stored.flatten(1)
+        scores["cam_constant"] = (flat.amax(1) == flat.amin(1)).cpu().numpy()
+        return _rows_table(rows, spec, seed, method, stored.cpu().numpy(), scores)
 
 
 def _rows_table(rows, spec, seed, method, heat: np.ndarray, scores: dict) -> pa.Table:
@@ -128,7 +136,7 @@ def _rows_table(rows, spec, seed, method, heat: np.ndarray, scores: dict) -> pa.
         **{name: np.asarray(values) for name, values in scores.items()},
     }
     table = pa.table(columns)
-    heatmaps = pa.FixedShapeTensorArray.from_numpy_ndarray(heat.astype(np.float16))
+    heatmaps = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(heat, dtype=np.float16))
     return table.append_column("heatmap", heatmaps)
 
 
@@ -216,9 +224,20 @@ def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
 def _write_run(config, store, plan, table: pa.Table | None) -> Path:
     import pyarrow.parquet as pq
 
-    out = store.cams_dir(plan.spec.name, plan.seed)
+    import pyarrow.compute as pc
+
+    out, sanity = store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
+    trained = None if table is None else table.filter(pc.invert(table["randomized"]))
+    randomised = None if table is None else table.filter(table["randomized"])
+    if randomised is not None and len(randomised):  # before cams/: its _done.json vouches for both
+        with atomic_dir(sanity) as tmp:
+            pq.write_table(randomised, tmp / StudyStore.CAM_PART)
+    else:  # cam.sanity_randomized turned off: no stale twin maps beside the new ones
+        shutil.rmtree(sanity, ignore_errors=True)
     with atomic_dir(out) as tmp:
-        if table is not None:
-            pq.write_table(table, tmp / StudyStore.CAM_PART)
-        write_record(tmp / DONE, explain_inputs(config, plan.fingerprint), rows=0 if table is None else len(table))
+        if trained is not None:
+            pq.write_table(trained, tmp / StudyStore.CAM_PART)
+        write_record(tmp / DONE, explain_inputs(config, plan.fingerprint),
+                     rows=0 if trained is None else len(trained),
+                     sanity_rows=0 if randomised is None else len(randomised))
     return out

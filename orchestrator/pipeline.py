@@ -81,6 +81,7 @@ def run_explain(config, store: StudyStore, force: bool = False) -> None:
     plans = plan_runs(config, store)
     if force:
         _remove_runs(plans, lambda plan: store.cams_dir(plan.spec.name, plan.seed))
+        _remove_runs(plans, lambda plan: store.sanity_dir(plan.spec.name, plan.seed))
     finished = [plan for plan in plans if is_finished(plan)]
     for plan in plans:
         if plan not in finished:

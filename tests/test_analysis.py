@@ -59,11 +59,13 @@ class SyntheticStudy:
         index = manifest.assign(row=np.arange(len(self.ids)))
         index[["row", "image_id", "split", "label", "mask_fraction"]].to_parquet(data / "cache" / "index.parquet")
 
-    def run(self, model: str, seed: int, done: bool = True, cams: bool = True) -> None:
+    def run(self, model: str, seed: int, done: bool = True, cams: bool = True, all_zero: bool = False,
+            classifier_works: bool = True) -> None:
         key = f"{model}-seed{seed}"
         train = self.root / "train" / key
         train.mkdir(parents=True)
-        probability = np.clip(self.labels * 0.35 + self.rng.uniform(0, 0.65, len(self.ids)), 0, 1)
+        signal = 0.35 if classifier_works else -0.05  # -0.05: a classifier slightly worse than chance
+        probability = np.clip(self.labels * signal + 0.05 + self.rng.uniform(0, 0.6, len(self.ids)), 0, 1)
         pd.DataFrame({"image_id": self.ids, "label": self.labels, "probability": probability}).to_parquet(
             train / "predictions.parquet")
         metrics = classification_report(self.labels, probability)
@@ -71,36 +73,39 @@ class SyntheticStudy:
         if done:
             (train / "done.json").write_text("{}")
         if cams:
-            self._cams(model, seed, probability[:N_POSITIVE])
+            self._cams(model, seed, probability[:N_POSITIVE], all_zero)
 
-    def _cams(self, model: str, seed: int, probability: np.ndarray) -> None:
+    def _cams(self, model: str, seed: int, probability: np.ndarray, all_zero: bool = False) -> None:
         run_effect = self.rng.normal(0, self.run_sd) if self.run_sd else 0.0
         shift = SHIFT if model == SHIFTED else 0.0
         trained = self.image_effect + shift + run_effect + self.rng.normal(0, 0.05, N_POSITIVE)
         randomized = self.rng.normal(0.0, 0.05, N_POSITIVE)
-        tables = [self._cam_table(model, seed, probability, diff, flag)
-                  for diff, flag in ((trained, False), (randomized, True))]
-        out = self.root / "cams" / f"{model}-seed{seed}"
-        out.mkdir(parents=True)
-        pq.write_table(pa.concat_tables(tables), out / "part-00000.parquet")
-        (out / "_done.json").write_text("{}")
+        if all_zero:
+            trained = np.zeros(N_POSITIVE)
+        for diff, flag, folder in ((randomized, True, "sanity"), (trained, False, "cams")):  # the store's layout
+            out = self.root / folder / f"{model}-seed{seed}"
+            out.mkdir(parents=True)
+            zero = all_zero and not flag
+            pq.write_table(self._cam_table(model, seed, probability, diff, flag, zero), out / "part-00000.parquet")
+        (self.root / "cams" / f"{model}-seed{seed}" / "_done.json").write_text("{}")
 
-    def _cam_table(self, model, seed, probability, diff, randomized) -> pa.Table:
+    def _cam_table(self, model, seed, probability, diff, randomized, all_zero=False) -> pa.Table:
         f = self.fraction
-        ehr = f * (1 + 4 * np.clip(diff, 0, None))
+        ehr = f / 200 if all_zero else f * (1 + 4 * np.clip(diff, 0, None))  # all-zero: f/(2n) = its chance
         oracle = np.full(N_POSITIVE, 0.99)
         noise = self.rng.uniform(0, 0.3, (N_POSITIVE, SIZE, SIZE))
-        heat = np.clip(self.masks[:N_POSITIVE] * diff[:, None, None] + noise, 0, 1)
+        heat = np.zeros_like(noise) if all_zero else np.clip(self.masks[:N_POSITIVE] * diff[:, None, None] + noise, 0, 1)
         columns = {"image_id": self.ids[:N_POSITIVE], "model": [model] * N_POSITIVE, "seed": [seed] * N_POSITIVE,
                    "label": np.ones(N_POSITIVE, int), "probability": probability, "correct": probability >= 0.5,
                    "mask_fraction": f, "diff_gradcam": diff,
-                   "ehr_auc": ehr, "ehr_auc_chance": f, "ehr_auc_oracle": oracle,
-                   "ehr_auc_norm": (ehr - f) / (oracle - f), "ehr_auc_inputiba": ehr * 0.8,
+                   "ehr_auc": ehr, "ehr_auc_chance": f / 200 if all_zero else f, "ehr_auc_oracle": oracle,
+                   "ehr_auc_norm": np.zeros(N_POSITIVE) if all_zero else (ehr - f) / (oracle - f), "ehr_auc_inputiba": ehr * 0.8,
                    "ehr_auc_inputiba_chance": f * 0.8, "ehr_auc_inputiba_oracle": oracle * 0.9,
                    "ehr_auc_inputiba_norm": (ehr - f) * 0.8 / (oracle * 0.9 - f * 0.8),
                    "energy_in_mask": np.clip(f + diff / 4, 0, 1), "pointing_hit": diff > 0.2,
                    "iou_otsu": np.clip(diff / 2, 0, 1),
-                   "cam_all_zero": np.zeros(N_POSITIVE, bool), "cam_method": ["gradcam"] * N_POSITIVE,
+                   "cam_all_zero": np.full(N_POSITIVE, all_zero), "cam_constant": np.full(N_POSITIVE, all_zero),
+                   "cam_method": ["gradcam"] * N_POSITIVE,
                    "cam_layer": ["layer4.-1"] * N_POSITIVE, "randomized": [randomized] * N_POSITIVE}
         table = pa.table(columns)
         return table.append_column("heatmap", pa.FixedShapeTensorArray.from_numpy_ndarray(heat.astype(np.float16)))
@@ -256,3 +261,100 @@ def test_load_study_ignores_unfinished_runs(tmp_path):
     assert set(inputs.cams["model"]) == {"resnet18"} and set(inputs.predictions["model"]) == {"resnet18"}
     assert "heatmap" not in inputs.cams.columns
     assert stats.levels(inputs.cams["model"]) == ["resnet18"]
+
+
+# --- STUDY.md §8: degenerate map sets are named and left out ------------------------------------
+
+ALL_ZERO, NO_CLASSIFIER = "vgg16", "vit_small"
+
+
+@pytest.fixture(scope="module")
+def degenerate(tmp_path_factory):
+    """Four models: VGG16's maps are all zero, ViT-S's classifier is worse than chance."""
+    root = tmp_path_factory.mktemp("degenerate") / "study"
+    study = SyntheticStudy(root, rng_seed=3)
+    for model in MODELS:
+        study.run(model, 0, all_zero=model == ALL_ZERO, classifier_works=model != NO_CLASSIFIER)
+    tracker, children = mlflow_tracker(root.parent, [f"{m}-seed0" for m in MODELS])
+    path = report.analyze(root, config_for(MODELS, [0]), tracker=tracker)
+    return SimpleNamespace(root=root, report=path, inputs=load_study(root, config_for(MODELS, [0])),
+                           tracker=tracker, children=children)
+
+
+def test_mlflow_children_carry_the_degenerate_flag(degenerate):
+    client = degenerate.tracker.client
+    for model in MODELS:
+        run = client.get_run(degenerate.children[f"{model}-seed0"])
+        flagged = model in (ALL_ZERO, NO_CLASSIFIER)
+        assert run.data.metrics["cam_degenerate"] == float(flagged)
+        assert (run.data.tags["camstudy.degenerate"] != "false") == flagged
+    logged = {a.path for a in client.list_artifacts(degenerate.tracker.parent_run(), "analysis")}
+    assert "analysis/scores.parquet" in logged
+
+
+def test_degenerate_sets_are_listed_with_their_reasons(degenerate):
+    excluded = {row["model"]: row for row in statistics(degenerate.root)["excluded"]}
+    assert set(excluded) == {ALL_ZERO, NO_CLASSIFIER}
+    assert excluded[ALL_ZERO]["reason"] == f"{N_POSITIVE} of {N_POSITIVE} maps are all-zero or constant"
+    assert excluded[NO_CLASSIFIER]["reason"].startswith("classifier not shown to work (test AUC 0.")
+    assert {k: excluded[ALL_ZERO][k] for k in ("seed", "method", "layer")} == {"seed": 0, "method": "gradcam",
+                                                                               "layer": "layer4.-1"}
+    table2 = pd.read_csv(degenerate.root / "analysis" / "tables" / "table2.csv", keep_default_na=False)
+    flags = dict(zip(table2["model"], table2["degenerate"]))
+    assert flags[ALL_ZERO] and flags[NO_CLASSIFIER] and not flags["resnet18"] and not flags[SHIFTED]
+
+
+def test_degenerate_sets_appear_in_no_comparison_or_conclusion(degenerate):
+    from analysis.compute import build_outputs
+    from analysis.conclusions import conclusions
+
+    stats_json = statistics(degenerate.root)
+    valid = {"resnet18", SHIFTED}
+    for metric, comparison in stats_json["comparisons"].items():
+        assert {row["model"] for row in comparison["mixed_model"]["estimates"]} == valid, metric
+        pairs = {row[k] for row in comparison["block_tukey"] for k in ("group1", "group2")}
+        assert pairs == valid, metric
+    # the paper's own analysis is still shown over every model, as the paper did it
+    assert {row[k] for row in stats_json["paper_all_models"]["diff_gradcam"]["tukey"]
+            for k in ("group1", "group2")} == set(MODELS)
+    sanity = pd.read_csv(degenerate.root / "analysis" / "tables" / "sanity.csv")
+    assert set(sanity["model"]) == valid
+    outputs = build_outputs(degenerate.inputs, degenerate.root / "scratch")
+    sentences = " ".join(conclusions(degenerate.inputs, outputs))
+    for model in (ALL_ZERO, NO_CLASSIFIER):
+        from analysis.figures import label
+        assert label(model) not in sentences
+
+
+def test_the_quoted_chance_level_is_the_mean_over_valid_sets(degenerate):
+    """Recomputed from the Parquet by hand: per valid model, the mean chance over its images."""
+    cams = pd.concat([pd.read_parquet(p) for p in (degenerate.root / "cams").glob("*/*.parquet")])
+    valid = cams[cams["model"].isin(["resnet18", SHIFTED])]
+    expected = valid.groupby("model")["ehr_auc_chance"].mean().mean()
+    quoted = re.search(r"the chance level \(mean over the 2 valid map sets\) is (0\.\d{4})",
+                       degenerate.report.read_text())
+    assert quoted and float(quoted.group(1)) == pytest.approx(expected, abs=5e-5)
+    assert abs(cams["ehr_auc_chance"].groupby(cams["model"]).mean().mean() - expected) > 1e-4  # it matters here
+
+
+def test_a_naive_read_of_cams_and_scores_parquet_give_table2(degenerate):
+    naive = pd.concat([pd.read_parquet(p) for p in (degenerate.root / "cams").glob("*/*.parquet")])
+    assert not naive["randomized"].any()  # cams/ holds trained maps only
+    by_model = naive.groupby("model")["diff_gradcam"].mean()
+    table2 = pd.read_csv(degenerate.root / "analysis" / "tables" / "table2.csv").set_index("model")["mean"]
+    pd.testing.assert_series_equal(by_model.sort_index(), table2.sort_index(), check_names=False)
+    scores = pd.read_parquet(degenerate.root / "analysis" / "scores.parquet")
+    trained = scores[scores["set"] == "trained"].set_index("model")
+    pd.testing.assert_series_equal(trained["diff_gradcam"].sort_index(), table2.sort_index(), check_names=False)
+    assert set(trained.index[trained["degenerate"]]) == {ALL_ZERO, NO_CLASSIFIER}
+    assert set(scores["set"]) == {"trained", "randomized"} and {"diff_gradcam_lo", "diff_gradcam_hi"} <= set(scores)
+
+
+def test_the_report_opens_with_the_summary_and_a_table_of_contents(degenerate):
+    text = degenerate.report.read_text()
+    assert text.index("id='summary'") < text.index("id='contents'") < text.index("<table class=") \
+        or text.index("id='summary'") < text.index("<table")
+    summary = text[text.index("id='summary'"):text.index("id='contents'")]
+    assert "Classifiers shown to work" in summary and "not shown to work: ViT" in summary
+    assert "Left out of every comparison" in summary
+    assert "<a href='#table2'>" in text and "<a href='#conclusions'>" in text

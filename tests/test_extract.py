@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,13 +14,14 @@ from training.config import load_config
 from training.contract import StudyStore
 from orchestrator.train_runs import plan_runs
 from tests.conftest import TINY_SIZE, make_tiny_cache
+from tests.test_metrics import naive_ehr, naive_row
 from training import registry
 from training.loop import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
 CAM_COLUMNS = ["image_id", "model", "seed", "label", "probability", "correct", "mask_fraction", "randomized",
-               "cam_method", "cam_layer", *COLUMNS, "heatmap"]
+               "cam_method", "cam_layer", *COLUMNS, "cam_constant", "heatmap"]
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +52,43 @@ def test_one_pipeline_writes_every_run_with_the_documented_columns(study, capsys
     positives = _positives_in_test(store)
     for plan in plans:
         out = store.cams_dir(plan.spec.name, plan.seed)
-        table = pq.read_table(out)  # plain pyarrow, no Ray
-        assert table.column_names == CAM_COLUMNS
-        assert table.num_rows == 2 * positives  # trained and randomised copy
-        frame = table.drop(["heatmap"]).to_pandas()
-        assert set(frame["seed"]) == {plan.seed} and set(frame["model"]) == {"resnet18"}
-        assert sorted(frame["randomized"].value_counts().to_dict().items()) == [(False, positives), (True, positives)]
-        heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
-        assert heat.shape == (2 * positives, TINY_SIZE, TINY_SIZE) and 0 <= heat.min() and heat.max() <= 1
+        for folder, randomized in ((out, False), (store.sanity_dir(plan.spec.name, plan.seed), True)):
+            table = pq.read_table(folder)  # plain pyarrow, no Ray
+            assert table.column_names == CAM_COLUMNS
+            assert table.num_rows == positives  # cams/: the trained model only; sanity/: its randomised twin
+            frame = table.drop(["heatmap"]).to_pandas()
+            assert set(frame["seed"]) == {plan.seed} and set(frame["model"]) == {"resnet18"}
+            assert set(frame["randomized"]) == {randomized}
+            heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
+            assert heat.shape == (positives, TINY_SIZE, TINY_SIZE) and 0 <= heat.min() and heat.max() <= 1
+            assert (frame["cam_constant"] == (heat.max(axis=(1, 2)) == heat.min(axis=(1, 2)))).all()
         record = json.loads((out / DONE).read_text())
-        assert record["rows"] == 2 * positives and record["inputs"]["train"] == {"fingerprint": plan.fingerprint}
+        assert record["rows"] == positives and record["sanity_rows"] == positives
+        assert record["inputs"]["train"] == {"fingerprint": plan.fingerprint}
         assert record["inputs"]["cam"]["methods"] == ["gradcam"]
+
+
+def test_rescoring_the_stored_heatmaps_with_naive_code_reproduces_every_stored_metric(study):
+    """STUDY.md §8: metrics come from the map as stored (float16), so a reader re-scoring the Parquet
+    with the definitions (tests/test_metrics.py's naive loops, float64) gets the stored numbers."""
+    config, store, plans = study
+    extract_runs(config, store, plans, actors=2, gpus_per_actor=0)
+    masks = np.load(store.cache_dir / StudyStore.CACHE_MASKS).astype(bool)
+    row_of = pq.read_table(store.cache_dir / StudyStore.CACHE_INDEX).to_pandas().set_index("image_id")["row"]
+    checked = 0
+    for plan in plans:
+        for folder in (store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)):
+            table = pq.read_table(folder)
+            heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
+            assert heat.dtype == np.float16
+            frame = table.drop(["heatmap"]).to_pandas()
+            for h, row in zip(heat, frame.itertuples()):
+                m = masks[row_of[row.image_id]]
+                expected = {**naive_row(h, m), "ehr_auc": naive_ehr(h, m, config.metrics.ehr_thresholds)}
+                for name, value in expected.items():
+                    np.testing.assert_allclose(getattr(row, name), value, rtol=0, atol=1e-12, err_msg=name)
+                checked += 1
+    assert checked == 2 * len(plans) * _positives_in_test(store)
 
 
 def test_a_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, capsys):
@@ -78,7 +106,7 @@ def test_a_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, capsys
     assert f"[explain] {plans[0].key}: up to date, skipped" in out and "1 run(s)" in out
     assert f"[explain] {plans[1].key}: not done yet; computing its heatmaps" in out
     assert kept.stat().st_mtime_ns == before
-    assert pq.read_table(lost).num_rows == 2 * _positives_in_test(store)
+    assert pq.read_table(lost).num_rows == _positives_in_test(store)
 
 
 def test_a_changed_explain_setting_recomputes_every_run_and_says_why(study, capsys):
@@ -92,7 +120,7 @@ def test_a_changed_explain_setting_recomputes_every_run_and_says_why(study, caps
     for plan in plans:
         assert f"[explain] {plan.key}: cam.methods changed; computing its heatmaps" in out
         frame = pq.read_table(store.cams_dir(plan.spec.name, plan.seed)).drop(["heatmap"]).to_pandas()
-        assert frame.groupby("cam_method").size().to_dict() == {"gradcam": 2 * positives, "gradcam++": 2 * positives}
+        assert frame.groupby("cam_method").size().to_dict() == {"gradcam": positives, "gradcam++": positives}
     capsys.readouterr()
     extract_runs(config, store, plans, actors=2, gpus_per_actor=0)  # back to the old setting: redone again
     assert capsys.readouterr().out.count("cam.methods changed") == len(plans)

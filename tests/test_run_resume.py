@@ -80,8 +80,8 @@ def test_killed_five_times_the_study_resumes_without_redoing_finished_work(tmp_p
         run_dir = study / "train" / f"{model}-seed0"
         summary = json.loads((run_dir / "done.json").read_text())
         assert len(summary["history"]) == summary["epochs"]
-        cams = pd.read_parquet(study / "cams" / f"{model}-seed0")
-        assert len(cams) > 0 and set(cams["randomized"]) == {False, True}
+        cams, sanity = (pd.read_parquet(study / folder / f"{model}-seed0") for folder in ("cams", "sanity"))
+        assert len(cams) == len(sanity) > 0 and set(cams["randomized"]) == {False} and set(sanity["randomized"]) == {True}
     assert not list(study.rglob(".*.tmp-*")), "a temporary output was left behind"
     assert (study / "analysis" / "report.html").is_file()
     assert "compare runs: mlflow ui --backend-store-uri sqlite:///" in last.stdout

@@ -30,9 +30,9 @@ from training.errors import ConfigError, TrainingError
 
 # Bump when a metric definition or the CAM post-processing changes (STUDY.md §4-5): every
 # run's CAM output is then recomputed, and the analysis after it.
-SCORING_VERSION = 1
+SCORING_VERSION = 2  # 2: metrics from the float16 map as stored; cam_constant; sanity/ apart
 # Bump when a table, statistic or the report changes: the analysis is redone.
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: degenerate map sets left out (STUDY.md §8), scores.parquet, summary first
 
 # --------------------------------------------------------------------------- run keys
 
@@ -166,7 +166,8 @@ class StudyStore:
         data/manifest.parquet, report.json, cache/{index.parquet, images.npy, masks.npy}
         train/<run key>/                 checkpoint.pt, best-eNNNN.pt, model.pt, predictions.parquet,
                                          test_metrics.json, attempt.json, error.json, done.json (last)
-        cams/<run key>/                  part-00000.parquet, _done.json (last)
+        cams/<run key>/                  part-00000.parquet (trained-model maps only), _done.json (last)
+        sanity/<run key>/                part-00000.parquet: the weight-randomised twin's maps, same columns
         analysis/                        tables, statistics, figures, report.html
         stages/<stage>.json              completion records of prepare and analyze
         camstudy.log                     full traces of failed Ray tasks (the console gets one line)
@@ -204,6 +205,9 @@ class StudyStore:
 
     def cams_dir(self, model: str, seed: int) -> Path:
         return self.root / "cams" / run_key(model, seed)
+
+    def sanity_dir(self, model: str, seed: int) -> Path:
+        return self.root / "sanity" / run_key(model, seed)
 
     def stage_record(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
