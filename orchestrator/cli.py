@@ -52,8 +52,18 @@ def _stop_ray() -> None:
         ray.shutdown()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("camstudy")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camstudy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"camstudy {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="write a synthetic dataset in the SIIM stage-1 layout")

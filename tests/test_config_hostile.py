@@ -8,6 +8,7 @@ ConfigError, nothing else.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -181,3 +182,9 @@ def test_random_set_values_load_or_raise_config_error(key, value):
         assert "\n" not in str(error)
         return
     _loads_or_config_error(DEMO.read_bytes(), {dotted: parsed})
+
+
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and re.fullmatch(r"camstudy \d+\.\d+\.\d+\n", capsys.readouterr().out)
