@@ -18,13 +18,14 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 
 from analysis import tables
 from analysis.inputs import load_study
 from analysis.compute import AnalysisOutputs, build_outputs
 from analysis.html import write_report
 from training.atomic import atomic_dir
+from training.contract import flatten
 
 
 def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = None,
@@ -46,7 +47,8 @@ def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = Non
         write_report(inputs, outputs)
     outputs = _moved(outputs, tmp, final)
     if tracker is not None:
-        tracker.call(lambda: log_to_mlflow(tracker.client, tracker.parent_run(), tracker.current_children(), outputs))
+        tracker.call(lambda: log_to_mlflow(tracker.client, tracker.parent_run(), tracker.current_children(), outputs,
+                                           config))
     return outputs.report_path
 
 
@@ -59,9 +61,12 @@ def _moved(outputs: AnalysisOutputs, old: Path, new: Path) -> AnalysisOutputs:
 # ----------------------------------------------------------------------------- MLflow
 
 
-def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, str], outputs: AnalysisOutputs) -> None:
-    """Tables (`log_table`), figures, statistics.json and report.html on the parent; the summary
-    metrics of each run (diff_gradcam_mean, ehr_auc_mean, ...) on its child."""
+def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, str], outputs: AnalysisOutputs,
+                  config: Optional[Mapping[str, Any]] = None) -> None:
+    """Tables (`log_table`), figures, statistics.json, scores.parquet and report.html on the
+    parent, with the study's settings as `camstudy.config.*` tags (tags, not params: a study's
+    settings may change between commands, and MLflow params cannot); the summary metrics of each
+    run (cam/diff_gradcam_mean, ...) and its degenerate flag on its child."""
     logged = {Path(a.path).name for a in client.list_artifacts(parent_run_id, "analysis/tables")}
     for name, table in outputs.tables.items():
         _log_table(client, parent_run_id, _loggable(table), f"{name}.json", replace=f"{name}.json" in logged)
@@ -70,12 +75,16 @@ def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, s
     for path in (outputs.statistics_path, outputs.report_path, outputs.scores_path):
         client.log_artifact(parent_run_id, str(path), "analysis")
     _log_metrics(client, parent_run_id, _headline_metrics(outputs.statistics))
+    if config is not None:
+        settings = flatten(config)
+        client.log_batch(parent_run_id, tags=[RunTag(f"camstudy.config.{k}", str(v)[:5000])
+                                              for k, v in settings.items()])
     for row in outputs.run_summary.to_dict(orient="records"):
         if row["run_key"] in child_run_ids:
             child = child_run_ids[row["run_key"]]
-            _log_metrics(client, child, {k: row[k] for k in tables.RUN_SUMMARY if k in row})
+            _log_metrics(client, child, {f"cam/{k}": row[k] for k in tables.RUN_SUMMARY if k in row})
             # STUDY.md §8: a degenerate map set is flagged where a reader compares runs
-            _log_metrics(client, child, {"cam_degenerate": float(bool(row["degenerate"]))})
+            _log_metrics(client, child, {"cam/degenerate": float(bool(row["degenerate"]))})
             client.set_tag(child, "camstudy.degenerate", row["degenerate"] or "false")
 
 
@@ -99,10 +108,11 @@ def _loggable(table: pd.DataFrame) -> pd.DataFrame:
 def _headline_metrics(statistics: Mapping[str, Any]) -> dict[str, float]:
     found = {}
     for metric, comparison in statistics.get("comparisons", {}).items():
-        found[f"{metric}_paper_anova_p"] = comparison["paper"]["anova"]["p"]
-        found[f"{metric}_mixed_model_p"] = comparison["mixed_model"]["equal_means"]["p"]
-        found[f"{metric}_friedman_p"] = comparison["friedman"]["p"]
-        found[f"{metric}_significant_pairs"] = len(comparison["significant_pairs"])
+        found[f"stats/{metric}_paper_anova_p"] = comparison["paper"]["anova"]["p"]
+        found[f"stats/{metric}_mixed_model_p"] = comparison["mixed_model"]["equal_means"]["p"]
+        found[f"stats/{metric}_friedman_p"] = comparison["friedman"]["p"]
+        found[f"stats/{metric}_significant_pairs"] = len(comparison["significant_pairs"])
+    found["stats/excluded_map_sets"] = len(statistics.get("excluded", []))
     return found
 
 

@@ -31,6 +31,7 @@ def init_ray(config: StudyConfig | None = None) -> None:
     """
     if ray.is_initialized():
         return
+    _quiet_known_notices()
     # Worker and controller logs stay in Ray's session log folder (and the dashboard): Ray
     # Train's controller repeats internal notices many times a second on small machines, and
     # the stages print their own progress and surface every run's error on the driver.
@@ -57,3 +58,28 @@ def local_data_context(progress: bool = True) -> None:
     context.enable_progress_bars = progress
     context.enable_operator_progress_bars = False  # one bar per pipeline is enough for map_batches
     context.print_on_execution_start = False  # the stage prints its own line per step
+
+
+# Ray notices that say nothing a camstudy user acts on, matched by logger and message start: the
+# local cluster's default token auth (the "disabled" warning, a security risk, still shows) and
+# Ray Data's note that its bars are off (camstudy turns them off off a terminal and prints its own).
+KNOWN_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+    "ray.data._internal.progress": "Progress bars disabled",
+}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _quiet_known_notices() -> None:
+    for name, prefix in KNOWN_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))

@@ -27,10 +27,13 @@ current folder (a Ray session temp dir inside workers), so the URI is always mad
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -52,6 +55,9 @@ RUN_KEY_TAG = "camstudy.run_key"
 SUPERSEDED_TAG = "camstudy.superseded"
 FINGERPRINT_TAG = "camstudy.fingerprint"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# test-set bookkeeping: counts and settings, kept as tags so the charts show only measurements
+BOOKKEEPING = ("model", "seed", "best_epoch", "selection", "n", "n_positive", "threshold", "tp", "fp", "tn", "fn")
 
 
 def tracking_uri(config) -> str:
@@ -108,6 +114,8 @@ class StudyTracker:
                     # a local backend would otherwise put artifacts in ./mlruns of whoever logs first
                     artifacts = (self.store.root / "mlartifacts").resolve().as_uri()
                 self._experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=artifacts)
+            # MLflow 3 opens an untagged experiment in its GenAI view; these are model-training runs
+            self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         return self._experiment_id
 
     # ------------------------------------------------------------------ the parent
@@ -121,7 +129,7 @@ class StudyTracker:
             else:
                 self._parent = self.client.create_run(self.experiment_id, run_name=self.study, tags={
                     STUDY_TAG: self.study, STUDY_ID_TAG: self.study_id, ROLE_TAG: "parent",
-                    "mlflow.user": _user(), "camstudy.store": str(self.store.root)}).info.run_id
+                    "camstudy.store": str(self.store.root), **source_tags()}).info.run_id
         return self._parent
 
     def start(self, command: str) -> None:
@@ -177,7 +185,7 @@ class StudyTracker:
         run = self.client.create_run(self.experiment_id, run_name=run_key, tags={
             STUDY_TAG: self.study, STUDY_ID_TAG: self.study_id, ROLE_TAG: "child", RUN_KEY_TAG: run_key,
             SUPERSEDED_TAG: "false", FINGERPRINT_TAG: fingerprint, PARENT_TAG: self.parent_run(),
-            "mlflow.user": _user()})
+            **source_tags()})
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
@@ -221,6 +229,36 @@ def is_outage(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, MlflowException) and "API request to" in text and (
         "failed with exception" in text or "error code 5" in text or "Max retries" in text)
+
+
+def metric_name(key: str) -> str:
+    """An epoch report's key as its MLflow metric, grouped by prefix so the UI charts sections:
+    train_loss -> train/loss, val_auc -> val/auc, lr -> train/lr, best_epoch -> val/best_epoch."""
+    for stage in ("train", "val", "test"):
+        if key.startswith(f"{stage}_"):
+            return f"{stage}/{key[len(stage) + 1:]}"
+    return "val/best_epoch" if key == "best_epoch" else f"train/{key}"
+
+
+def source_tags() -> dict[str, str]:
+    """Who ran what, from which commit: MLflow's own source tags, on the parent and every child."""
+    tags = {"mlflow.user": _user(), "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "camstudy " + " ".join(sys.argv[1:3])}
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> Optional[str]:
+    """HEAD of the checkout camstudy runs from, or None (an installed wheel, a job's copied folder)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _user() -> str:

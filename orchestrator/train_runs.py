@@ -190,7 +190,7 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
     an interrupt (Ctrl-C, SIGTERM from `ray job stop`) marks every run in flight KILLED."""
     pending = registry.largest_first(todo)
     progress, in_flight, failures, run_ids = Queue(), {}, {}, {}
-    started = time.time()
+    status = StageProgress(config, todo)
     try:
         while pending or in_flight:
             while pending and len(in_flight) < layout["concurrency"]:
@@ -198,9 +198,11 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
                 run_ids[plan.key] = _start_child(config, store, tracker, plan)
                 in_flight[_fit.remote(config, plan, str(store.root), progress, layout)] = plan
             finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
-            _log_progress(progress, started, tracker, run_ids)  # before any finished run is closed
+            _log_progress(progress, status, tracker, run_ids)  # before any finished run is closed
+            status.heartbeat(len(in_flight))
             for ref in finished:
                 plan = in_flight.pop(ref)
+                status.runs_done += 1
                 outcome = ray.get(ref)
                 if run_ids[plan.key]:
                     tracker.call(_close_child, tracker.client, run_ids[plan.key], plan, outcome.error)
@@ -238,7 +240,47 @@ def _stop_in_flight(tracker, in_flight: dict, run_ids: dict[str, Optional[str]],
         print(f"[train] {plan.key}: {reason}; it resumes from its last checkpoint on the next run")
 
 
-def _log_progress(progress: Queue, started: float, tracker, run_ids: dict[str, Optional[str]]) -> None:
+class StageProgress:
+    """Runs done of the stage's total and a time-left estimate: the elapsed time per finished
+    epoch times the epochs still to come (every run's recipe epochs; a resumed run's finished
+    epochs count as soon as its first report arrives). Rough while models differ in speed, so
+    it is printed as "~"; a line every minute even before the first epoch ends."""
+
+    HEARTBEAT_S = 60.0
+
+    def __init__(self, config, plans: list[RunPlan]):
+        self.runs, self.runs_done = len(plans), 0
+        self.epochs = sum(registry.recipe_for(plan.spec, config.recipes).epochs for plan in plans)
+        self.epochs_done, self.started, self.last_line = 0, time.time(), time.time()
+        self.reporting: set[str] = set()  # runs that sent a report already
+
+    def epoch_reported(self, key: str, epoch: int) -> None:
+        # a resumed run's first report also stands for the epochs it finished before
+        self.epochs_done += 1 if key in self.reporting else epoch
+        self.reporting.add(key)
+        self.last_line = time.time()
+
+    def line(self) -> str:
+        elapsed = time.time() - self.started
+        done = f"{self.runs_done}/{self.runs} runs done"
+        if not self.epochs_done:
+            return f"{done}, time left: estimating (no epoch finished yet)"
+        left = elapsed / self.epochs_done * max(0, self.epochs - self.epochs_done)
+        return f"{done}, ~{_duration(left)} left"
+
+    def heartbeat(self, in_flight: int) -> None:
+        if time.time() - self.last_line >= self.HEARTBEAT_S:
+            self.last_line = time.time()
+            print(f"[train {time.time() - self.started:6.0f}s] {self.line()}; {in_flight} in flight", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _log_progress(progress: Queue, status: StageProgress, tracker, run_ids: dict[str, Optional[str]]) -> None:
     """Each epoch report waiting in the queue: an MLflow step on its run's child, a progress line."""
     while True:
         try:
@@ -247,9 +289,11 @@ def _log_progress(progress: Queue, started: float, tracker, run_ids: dict[str, O
             return
         if run_ids[key]:
             tracker.call(_log_epoch, tracker.client, run_ids[key], report)
+        status.epoch_reported(key, int(report["epoch"]))
         numbers = " ".join(f"{k}={v:.4g}" for k, v in report.items()
                            if k != "epoch" and isinstance(v, (int, float)))
-        print(f"[train {time.time() - started:6.0f}s] {key} epoch {report['epoch']}: {numbers}", flush=True)
+        print(f"[train {time.time() - status.started:6.0f}s] {key} epoch {report['epoch']}: {numbers} "
+              f"({status.line()})", flush=True)
 
 
 def _reconcile_child(config, store, tracker, plan: RunPlan) -> None:
@@ -267,7 +311,7 @@ def _reconcile_child(config, store, tracker, plan: RunPlan) -> None:
 def _log_missing_epochs(client, run_id: str, plan: RunPlan) -> None:
     """Epochs whose report never reached MLflow (it was in the queue of a driver that died, before
     the run resumed or finished), from done.json's history."""
-    logged = {point.step for point in client.get_metric_history(run_id, "val_auc")}
+    logged = {point.step for point in client.get_metric_history(run_id, tracking.metric_name("val_auc"))}
     for epoch in json.loads((plan.run_dir / StudyStore.DONE).read_text())["history"]:
         if epoch["epoch"] not in logged:
             _log_epoch(client, run_id, epoch)
@@ -275,8 +319,19 @@ def _log_missing_epochs(client, run_id: str, plan: RunPlan) -> None:
 
 def _log_epoch(client, run_id: str, epoch: dict) -> None:
     """One epoch's metrics (a report, or a done.json history entry) as MLflow step `epoch`."""
-    tracking.log_metrics(client, run_id, {k: v for k, v in epoch.items() if k != "epoch"},
+    tracking.log_metrics(client, run_id, {tracking.metric_name(k): v for k, v in epoch.items() if k != "epoch"},
                          step=int(epoch["epoch"]))
+
+
+def _best_epoch_metrics(plan: RunPlan) -> dict:
+    """best/*: the selected epoch's validation metrics (the weights the test set saw), apart from
+    the last logged step."""
+    done = json.loads((plan.run_dir / StudyStore.DONE).read_text())
+    chosen = [e for e in done["history"] if e["epoch"] == done["best_epoch"]]
+    if not chosen:
+        return {}
+    return {"best/epoch": done["best_epoch"], **{f"best/{k}": v for k, v in chosen[0].items()
+                                                 if k.startswith("val_")}}
 
 
 def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
@@ -284,6 +339,11 @@ def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
     if error is None:
         _log_missing_epochs(client, run_id, plan)
         metrics = json.loads((plan.run_dir / StudyStore.TEST_METRICS).read_text())
-        tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in metrics.items()})
+        tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()
+                                              if k not in tracking.BOOKKEEPING})
+        tracking.log_metrics(client, run_id, _best_epoch_metrics(plan))
+        tracking.set_tags(client, run_id, {f"camstudy.test.{k}": metrics[k] for k in tracking.BOOKKEEPING
+                                           if k in metrics})
+        client.log_artifact(run_id, str(plan.run_dir / StudyStore.TEST_METRICS))
         client.log_artifact(run_id, str(plan.run_dir / StudyStore.PREDICTIONS))
     tracking.end_run(client, run_id, error)

@@ -188,12 +188,12 @@ def test_mlflow_logging_on_parent_and_children(single_seed):
     assert {"analysis/report.html", "analysis/statistics.json", "analysis/tables", "analysis/figures"} <= logged
     tables = {Path(a.path).name for a in client.list_artifacts(parent, "analysis/tables")}
     assert {"table1.json", "table2.json", "ehr.json", "diff_gradcam_block_tukey.json"} <= tables
-    assert "diff_gradcam_mixed_model_p" in client.get_run(parent).data.metrics
+    assert "stats/diff_gradcam_mixed_model_p" in client.get_run(parent).data.metrics
     for key, run_id in single_seed.children.items():
         metrics = client.get_run(run_id).data.metrics
-        assert set(report.tables.RUN_SUMMARY) <= set(metrics), key
-    shifted = client.get_run(single_seed.children[f"{SHIFTED}-seed0"]).data.metrics["diff_gradcam_mean"]
-    other = client.get_run(single_seed.children["vgg16-seed0"]).data.metrics["diff_gradcam_mean"]
+        assert {f"cam/{k}" for k in report.tables.RUN_SUMMARY} <= set(metrics), key
+    shifted = client.get_run(single_seed.children[f"{SHIFTED}-seed0"]).data.metrics["cam/diff_gradcam_mean"]
+    other = client.get_run(single_seed.children["vgg16-seed0"]).data.metrics["cam/diff_gradcam_mean"]
     assert shifted - other == pytest.approx(SHIFT, abs=0.05)
 
 
@@ -286,7 +286,7 @@ def test_mlflow_children_carry_the_degenerate_flag(degenerate):
     for model in MODELS:
         run = client.get_run(degenerate.children[f"{model}-seed0"])
         flagged = model in (ALL_ZERO, NO_CLASSIFIER)
-        assert run.data.metrics["cam_degenerate"] == float(flagged)
+        assert run.data.metrics["cam/degenerate"] == float(flagged)
         assert (run.data.tags["camstudy.degenerate"] != "false") == flagged
     logged = {a.path for a in client.list_artifacts(degenerate.tracker.parent_run(), "analysis")}
     assert "analysis/scores.parquet" in logged

@@ -200,5 +200,5 @@ def test_two_ray_train_workers_train_one_run_and_log_every_epoch(ray_session, tm
     child, = client.search_runs([client.get_experiment_by_name("camstudy").experiment_id],
                                 filter_string="tags.`camstudy.role` = 'child'")
     assert child.info.status == "FINISHED" and child.data.params["workers_per_run"] == "2"
-    assert [p.step for p in client.get_metric_history(child.info.run_id, "train_loss")] == [1, 2]
-    assert "test_auc" in child.data.metrics
+    assert [p.step for p in client.get_metric_history(child.info.run_id, "train/loss")] == [1, 2]
+    assert "test/auc" in child.data.metrics

@@ -108,6 +108,8 @@ def _check_mlflow(study: Path) -> None:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert PARAMS <= set(child.data.params), PARAMS - set(child.data.params)
         assert child.info.status == "FINISHED"
-        assert {"test_auc", "test_auc_lo", "test_auc_hi", "val_auc"} <= set(child.data.metrics)
-        history = client.get_metric_history(child.info.run_id, "val_auc")
+        assert {"test/auc", "test/auc_lo", "test/auc_hi", "val/auc", "best/val_auc", "best/epoch"} <= set(child.data.metrics)
+        assert not {"test/tp", "test/n", "test/seed", "test/threshold"} & set(child.data.metrics)  # bookkeeping: tags
+        assert child.data.tags["camstudy.test.n"] == "24" and "mlflow.source.name" in child.data.tags
+        history = client.get_metric_history(child.info.run_id, "val/auc")
         assert [point.step for point in history] == list(range(1, len(history) + 1))

@@ -82,8 +82,8 @@ def test_failed_fixed_and_forced_attempts_each_get_one_child_and_a_second_writer
     (newest,) = _current(children)
     assert len(children) == 3 and newest.info.run_id not in {failed.info.run_id, current.info.run_id}
     client, _ = _client(storage)
-    assert [m.step for m in client.get_metric_history(newest.info.run_id, "train_loss")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(current.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(newest.info.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(current.info.run_id, "train/loss")] == [1, 2]
 
     first = subprocess.Popen(_command("explain", storage), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -134,7 +134,7 @@ def test_sigterm_stops_the_study_in_seconds_and_the_rerun_resumes_the_same_child
     assert [c.info.run_id for c in children] == [killed.info.run_id]  # resumed: the same attempt
     assert children[0].info.status == "FINISHED"
     client, _ = _client(storage)
-    assert [m.step for m in client.get_metric_history(killed.info.run_id, "train_loss")] == list(range(1, EPOCHS + 1))
+    assert [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")] == list(range(1, EPOCHS + 1))
     assert json.loads((storage / "demo" / "stages" / "analyze.json").read_text())["inputs"]["cams"] == {
         "resnet18-seed0": json.loads((storage / "demo" / "cams" / "resnet18-seed0" / "_done.json").read_text())["fingerprint"]}
     again = _camstudy("analyze", storage, **{"recipes.resnet.epochs": EPOCHS})
@@ -156,5 +156,5 @@ def test_an_unreachable_tracking_server_never_stops_the_study_and_catches_up_lat
         client = MlflowClient(tracking_uri=url)
         experiment = client.get_experiment_by_name("camstudy").experiment_id
         (child,) = client.search_runs([experiment], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'child'")
-        assert child.info.status == "FINISHED" and "test_auc" in child.data.metrics
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1, 2]
+        assert child.info.status == "FINISHED" and "test/auc" in child.data.metrics
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == [1, 2]

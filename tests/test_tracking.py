@@ -65,11 +65,26 @@ def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_histor
     assert tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True) == first
     assert tracker.client.get_run(first).info.status == "RUNNING"
     assert "camstudy.error" not in tracker.client.get_run(first).data.tags  # the kill reason went with it
-    tracking.log_metrics(tracker.client, first, {"val_auc": 0.6}, step=1)
+    tracking.log_metrics(tracker.client, first, {"val/auc": 0.6}, step=1)
     # from epoch 0 again after an epoch was logged (checkpoint lost): epochs 1,1 would mix, so a new child
     second = tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True)
     assert second != first and tracker.current_children() == {"resnet18-seed0": second}
     assert tracker.client.get_run(first).data.tags[tracking.SUPERSEDED_TAG] == "true"
+
+
+def test_mlflow_layout_classic_view_prefixed_metrics_and_source_tags(tmp_path):
+    tracker = tracking.StudyTracker(_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    child = tracker.attempt_child("resnet18-seed0", tmp_path / "demo" / "train" / "resnet18-seed0", {"lr": 1}, "fp",
+                                  fresh=True)
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # not the GenAI view
+    for run_id in (tracker.parent_run(), child):
+        tags = tracker.client.get_run(run_id).data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.name"].startswith("camstudy")
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        assert tags.get("mlflow.source.git.commit") == (head.stdout.strip() if head.returncode == 0 else None)
+    assert [tracking.metric_name(k) for k in ("train_loss", "val_auc", "lr", "best_epoch", "epoch_seconds")] == [
+        "train/loss", "val/auc", "train/lr", "val/best_epoch", "train/epoch_seconds"]
 
 
 def test_the_parent_ends_with_the_command(tmp_path):
@@ -133,3 +148,24 @@ def test_records_name_the_changed_keys_and_sweep_removes_dead_writers_files(tmp_
     kept.write_text("whole")
     assert sorted(p.name for p in store.sweep_temporary()) == [".checkpoint.pt.tmp-4242", ".r.tmp-77"]
     assert kept.is_file() and not any(p.exists() for p in stale) and not (tmp_path / "cams" / ".r.tmp-77").exists()
+
+
+def test_training_progress_says_runs_done_and_time_left_from_the_start(tmp_path, monkeypatch, capsys):
+    from orchestrator import train_runs
+
+    config = load_config(DEMO, {"storage": str(tmp_path), "models.names": ["resnet18"], "training.seeds": [0, 1],
+                                "recipes.resnet.epochs": 4})
+    plans = train_runs.plan_runs(config, StudyStore(config.study_dir))
+    clock = [1000.0]
+    monkeypatch.setattr(train_runs.time, "time", lambda: clock[0])
+    status = train_runs.StageProgress(config, plans)
+    assert status.line() == "0/2 runs done, time left: estimating (no epoch finished yet)"
+    clock[0] += 61
+    status.heartbeat(in_flight=2)  # a line in the first minute, before any epoch ends
+    assert "[train     61s] 0/2 runs done, time left: estimating" in capsys.readouterr().out
+    status.epoch_reported("resnet18-seed0", 3)  # resumed at epoch 3: epochs 1-3 are done
+    clock[0] += 59  # 120 s for 3 of 8 epochs -> 40 s each, 5 to go
+    assert status.line() == "0/2 runs done, ~3m20s left"
+    status.epoch_reported("resnet18-seed0", 4)
+    status.runs_done = 1
+    assert status.line() == "1/2 runs done, ~2m00s left"  # 4 epochs in 120 s, 4 to go
