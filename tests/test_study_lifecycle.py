@@ -134,7 +134,9 @@ def test_sigterm_stops_the_study_in_seconds_and_the_rerun_resumes_the_same_child
     assert [c.info.run_id for c in children] == [killed.info.run_id]  # resumed: the same attempt
     assert children[0].info.status == "FINISHED"
     client, _ = _client(storage)
-    assert [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")] == list(range(1, EPOCHS + 1))
+    # each epoch once; epochs whose report died with the killed driver are back-filled from done.json
+    # when the run closes, so they arrive after the resumed ones (the UI plots by step)
+    assert sorted(m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")) == list(range(1, EPOCHS + 1))
     assert json.loads((storage / "demo" / "stages" / "analyze.json").read_text())["inputs"]["cams"] == {
         "resnet18-seed0": json.loads((storage / "demo" / "cams" / "resnet18-seed0" / "_done.json").read_text())["fingerprint"]}
     again = _camstudy("analyze", storage, **{"recipes.resnet.epochs": EPOCHS})
