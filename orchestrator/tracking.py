@@ -160,9 +160,11 @@ class StudyTracker:
         supersedes every earlier one. Marked RUNNING."""
         attempt = read_record(run_dir / StudyStore.ATTEMPT) or {}
         run_id = attempt.get("run_id")
-        if attempt.get("fingerprint") == fingerprint and run_id and self._continues(run_id, fresh):
+        recorded = self._own_run(run_id) if run_id and attempt.get("fingerprint") == fingerprint else None
+        # from epoch 0 (`fresh`) only while its history is empty: two attempts' epochs never share a child
+        if recorded is not None and (not fresh or not recorded.data.metrics):
             self.client.update_run(run_id, status="RUNNING")
-            if "camstudy.error" in self.client.get_run(run_id).data.tags:  # the failure it resumes past
+            if "camstudy.error" in recorded.data.tags:  # the failure it resumes past
                 self.client.delete_tag(run_id, "camstudy.error")
             return run_id
         run_id = self._new_child(run_key, params, fingerprint)
@@ -196,12 +198,6 @@ class StudyTracker:
             set_tags(self.client, run.info.run_id, {SUPERSEDED_TAG: "true", "camstudy.superseded_by": keep})
             if run.info.status == "RUNNING":
                 self.client.set_terminated(run.info.run_id, "KILLED")
-
-    def _continues(self, run_id: str, fresh: bool) -> bool:
-        """A start from epoch 0 (`fresh`) may continue a child only while its history is empty:
-        two attempts' epochs never share one child."""
-        run = self._own_run(run_id)
-        return run is not None and (not fresh or not run.data.metrics)
 
     def _exists(self, run_id: str) -> bool:
         return self._own_run(run_id) is not None

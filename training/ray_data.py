@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,8 +41,6 @@ def study_log(path: Path) -> Iterator[None]:
     """For the block: Ray Data's records (a failed task's traceback is 60-150 lines) and camstudy's
     task traces are appended to `path`; of Ray Data's records only warnings still reach the
     console (its info lines repeat what the stages print)."""
-    import logging
-
     import ray.data  # noqa: F401 (it configures the "ray.data" logger on import, dropping handlers)
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +65,7 @@ def study_log(path: Path) -> Iterator[None]:
 
 
 def _only_warnings(record) -> bool:
-    return record.levelno == 30  # logging.WARNING
+    return record.levelno == logging.WARNING
 
 
 def own_error(error: BaseException) -> CamstudyError | None:
@@ -84,8 +83,6 @@ def own_error(error: BaseException) -> CamstudyError | None:
 def reraise_own(error: BaseException) -> None:
     """Raise camstudy's error inside `error` alone (its one line names the file and the remedy),
     after writing the full trace to the study log; return if there is none."""
-    import logging
-
     own = own_error(error)
     if own is not None:
         logging.getLogger(TRACE_LOGGER).error("a Ray task failed: %s", own, exc_info=error)
