@@ -62,32 +62,58 @@ LIBRARY_METHODS = ("scorecam", "eigencam")  # pytorch_grad_cam.ScoreCAM / EigenC
 METHODS = (*GRADIENT_METHODS, *LIBRARY_METHODS, "rollout")
 
 
-# ---------------------------------------------------------------- public entry point
+# ---------------------------------------------------------------- public entry points
 
 def compute(model: nn.Module, spec: ModelSpec, images: torch.Tensor, target_class: Targets,
             method: str = "gradcam") -> torch.Tensor:
-    """Heatmaps (B, H, W) float32 in [0, 1] on the images' device, for `target_class`'s logit.
+    """Heatmaps (B, H, W) float32 in [0, 1] on the images' device, for `target_class`'s logit, at
+    the spec's target layer (the paper's).
 
     target_class: one int for every image, or one per image (list or 1-D tensor of length B).
     The model comes back as it was: train/eval mode, requires_grad flags and `.grad` untouched,
     no hook left behind. `rollout` ignores the target (it is class-agnostic).
     """
+    return sweep(model, spec, images, target_class, [spec.target_layer], [method])[spec.target_layer][method]
+
+
+def sweep(model: nn.Module, spec: ModelSpec, images: torch.Tensor, target_class: Targets,
+          layers: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """layer -> method -> heatmaps (B, H, W), as `compute` gives for each, for every layer and method.
+
+    Every gradient method at every layer comes from one forward and one `torch.autograd.grad`
+    call (autograd starts at the shallowest layer; the deeper layers' outputs are graph nodes
+    between it and the score). pytorch-grad-cam's methods run once per layer; `rollout` has no
+    layer and is given at the spec's target layer only.
+    """
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"cam.methods: unknown method {unknown[0]!r}; use one of {', '.join(METHODS)}")
     targets = _targets(target_class, len(images), images.device)
-    if method in GRADIENT_METHODS:
-        layer = resolve_layer(model, spec.target_layer)
-        _refuse_dead_token_layer(model, spec, layer)
-        a, g = activation_and_gradient(model, layer, images, targets, _layer_map(model, spec))
-        a, g = a.float(), g.float()  # bf16/fp16 under autocast: weight and sum in float32
-        cam = (GRADIENT_METHODS[method](a, g) * a).sum(dim=1)
-    elif method in LIBRARY_METHODS:
-        return _library_cam(model, spec, images, targets, method)
-    elif method == "rollout":
-        cam = _rollout(model, images)
-    else:
-        raise ConfigError(f"cam.methods: unknown method {method!r}; use one of {', '.join(METHODS)}")
-    return normalise(cam, tuple(images.shape[-2:]))
+    size = tuple(images.shape[-2:])
+    maps: dict[str, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+    gradient = [m for m in methods if m in GRADIENT_METHODS]
+    if gradient:
+        for layer, (a, g) in zip(layers, _layer_gradients(model, spec, images, targets, layers)):
+            for method in gradient:
+                maps[layer][method] = normalise((GRADIENT_METHODS[method](a, g) * a).sum(dim=1), size)
+    for method in (m for m in methods if m in LIBRARY_METHODS):
+        for layer in layers:
+            maps[layer][method] = _library_cam(model, spec, images, targets, method, layer)
+    if "rollout" in methods and spec.target_layer in maps:
+        maps[spec.target_layer]["rollout"] = normalise(_rollout(model, images), size)
+    return maps
+
+
+def _layer_gradients(model: nn.Module, spec: ModelSpec, images: torch.Tensor, targets: torch.Tensor,
+                     layers: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, G) in float32 per layer, both (B, C, h, w)."""
+    modules = [resolve_layer(model, layer) for layer in layers]
+    for layer, module in zip(layers, modules):
+        _refuse_dead_token_layer(model, spec, module, layer)
+    pairs = activations_and_gradients(model, modules, images, targets, _layer_map(model, spec))
+    return [(a.float(), g.float()) for a, g in pairs]  # bf16/fp16 under autocast: weight and sum in float32
 
 
 def normalise(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -115,21 +141,27 @@ def _targets(target_class: Targets, batch: int, device: torch.device) -> torch.T
 # ---------------------------------------------------------------- A and dScore/dA
 
 class _Capture:
-    """Forward hook: stores the layer output as a leaf and continues the forward from a copy."""
+    """Forward hooks on the target layers. The first of them to run becomes a leaf, so autograd
+    starts there (no backward through the trunk before it); each later one is kept as the graph
+    node it is. The forward continues from a copy of each, so an in-place op after a layer (VGG's
+    ReLU(inplace=True) after a conv) rewrites the copy and A stays the layer's output."""
 
-    def __init__(self):
+    def __init__(self, count: int):
+        self.outputs: list[torch.Tensor | None] = [None] * count
+        self.calls = [0] * count
         self.leaf: torch.Tensor | None = None
-        self.calls = 0
 
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"the target layer {type(module).__name__} returns {type(output).__name__}, "
-                            f"not a tensor; choose a layer with a tensor output")
-        self.calls += 1
-        self.leaf = output.detach().requires_grad_(True)
-        # The copy is what the rest of the network sees, so an in-place op after the layer (VGG's
-        # ReLU(inplace=True) after the last conv) rewrites the copy and A stays the conv output.
-        return self.leaf.clone()
+    def hook(self, index: int) -> Callable:
+        def capture(module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"the target layer {type(module).__name__} returns {type(output).__name__}, "
+                                f"not a tensor; choose a layer with a tensor output")
+            self.calls[index] += 1
+            if self.leaf is None:
+                output = self.leaf = output.detach().requires_grad_(True)
+            self.outputs[index] = output
+            return output.clone()
+        return capture
 
 
 @contextmanager
@@ -153,21 +185,36 @@ def activation_and_gradient(model: nn.Module, layer: nn.Module, images: torch.Te
                             targets: torch.Tensor,
                             to_map: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """A and dScore/dA at `layer`, both (B, C, h, w) after `to_map`; Score = sum of target logits."""
-    capture = _Capture()
-    handle = layer.register_forward_hook(capture)
+    return activations_and_gradients(model, [layer], images, targets, to_map)[0]
+
+
+def activations_and_gradients(model: nn.Module, layers: Sequence[nn.Module], images: torch.Tensor,
+                              targets: torch.Tensor, to_map: Callable[[torch.Tensor], torch.Tensor]
+                              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A and dScore/dA at each of `layers` (one forward, one autograd.grad call)."""
+    unique = list({id(m): m for m in layers}.values())  # two paths to one module: one hook
+    capture = _Capture(len(unique))
+    handles = [m.register_forward_hook(capture.hook(i)) for i, m in enumerate(unique)]
     try:
         with _frozen(model), torch.inference_mode(False), torch.enable_grad():
             logits = model(images)
-            if capture.calls != 1:
-                raise ValueError(f"the target layer ran {capture.calls} times in one forward; it must run once")
+            if any(calls != 1 for calls in capture.calls):
+                raise ValueError(f"a target layer ran {max(capture.calls)} times in one forward; it must run once")
             _check_targets(targets, logits)
             score = logits.gather(1, targets[:, None]).sum()  # images are independent in eval mode
-            (grad,) = torch.autograd.grad(score, capture.leaf, allow_unused=True)  # frees the graph
+            wanted = [i for i, out in enumerate(capture.outputs) if out.requires_grad]
+            grads = torch.autograd.grad(score, [capture.outputs[i] for i in wanted], allow_unused=True)  # frees the graph
     finally:
-        handle.remove()
-    activation = capture.leaf.detach()
-    grad = torch.zeros_like(activation) if grad is None else grad  # layer not on the score's path
-    return to_map(activation), to_map(grad)
+        for handle in handles:
+            handle.remove()
+    by_index = dict(zip(wanted, grads))
+    pairs = {}
+    for i, out in enumerate(capture.outputs):
+        activation = out.detach()
+        grad = by_index.get(i)
+        grad = torch.zeros_like(activation) if grad is None else grad  # layer not on the score's path
+        pairs[id(unique[i])] = (to_map(activation), to_map(grad))
+    return [pairs[id(m)] for m in layers]
 
 
 def _check_targets(targets: torch.Tensor, logits: torch.Tensor) -> None:
@@ -193,7 +240,7 @@ def tokens_to_map(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return patches.reshape(len(tokens), gh, gw, -1).permute(0, 3, 1, 2)
 
 
-def _refuse_dead_token_layer(model: nn.Module, spec: ModelSpec, layer: nn.Module) -> None:
+def _refuse_dead_token_layer(model: nn.Module, spec: ModelSpec, layer: nn.Module, path: str) -> None:
     """With a CLS-token head, patch tokens after the last block's attention never reach the score."""
     if not spec.token_reshape or getattr(model, "global_pool", None) != "token":
         return
@@ -203,7 +250,7 @@ def _refuse_dead_token_layer(model: nn.Module, spec: ModelSpec, layer: nn.Module
     dead = {getattr(model, "norm", None), *(set(last.modules()) - feeding_cls)}
     if layer in dead:
         raise ConfigError(
-            f"target layer {spec.target_layer!r} of {spec.name}: the model classifies from the CLS "
+            f"target layer {path!r} of {spec.name}: the model classifies from the CLS "
             f"token, and patch tokens after the last block's attention (its norm2, mlp, output, the "
             f"final norm) never reach it, so dScore/dA is exactly zero on every patch and every "
             f"Grad-CAM map would be all-zero; use 'blocks.-1.norm1' (STUDY.md §3)")
@@ -220,11 +267,11 @@ def _submodule(module: nn.Module, dotted: str) -> nn.Module:
 # ---------------------------------------------------------------- pytorch-grad-cam methods
 
 def _library_cam(model: nn.Module, spec: ModelSpec, images: torch.Tensor, targets: torch.Tensor,
-                 method: str) -> torch.Tensor:
+                 method: str, layer_path: str) -> torch.Tensor:
     from pytorch_grad_cam import EigenCAM, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer = resolve_layer(model, spec.target_layer)
+    layer = resolve_layer(model, layer_path)
     cls = {"scorecam": ScoreCAM, "eigencam": EigenCAM}[method]
     # Tokens are reshaped as for our methods; maps are cloned in the library's hook, because on
     # CPU its `.cpu().detach()` aliases the tensor that a following in-place ReLU overwrites.

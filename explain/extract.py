@@ -15,13 +15,14 @@ block; the actor still groups each batch by run, so scoring never depends on how
 Blocks come largest model first and each actor takes one at a time, so the stage ends with short
 blocks on every actor rather than one actor busy with ViT-L while the other idles.
 
-Columns: image_id, model, seed, label, probability, correct, mask_fraction, randomized,
-cam_method, cam_layer, heatmap (float16 FixedShapeTensorArray, readable by plain pyarrow via
-`.to_numpy_ndarray()`), cam_constant (max = min: all-zero or flat), and every metric of
-`explain.metrics.score_batch`. The metrics are computed from the float16 map exactly as stored, so
+Each scored image gets one row per CAM method and layer (`cam.layers`: every layer of a batch
+comes from one forward and one autograd call, `explain.cam.sweep`); the columns are
+`explain.rows.COLUMNS`. The metrics are computed from the float16 map exactly as stored, so
 re-scoring the Parquet reproduces them. `cams/<run>/` holds the trained model's maps only; the
 weight-randomised twin's rows (same columns, `randomized` true) go to `sanity/<run>/`, so a
-reader who globs `cams/` gets the report's numbers.
+reader who globs `cams/` gets the report's numbers (for the paper's layer: `final_layer`).
+The validation positives are explained too, only to tune each map set's IoU threshold
+(`explain.tuning`); their rows are not stored, the threshold and their ids are (`_tuning.json`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from explain import tuning
+from explain.rows import map_table
 from training import registry
 from training.atomic import atomic_dir
 from training.cache import read_index
 from training.contract import StudyStore, explain_inputs, record_reason, run_key, write_record
 from training.errors import DataError
+from training.models import cam_layers, layer_roles
 from training.ray_data import reraise_own, without_budget_backpressure
 
 DONE = StudyStore.CAM_DONE  # written last into a run's CAM folder: the inputs it was made from
@@ -51,7 +55,7 @@ BLOCK_ROWS = 256
 def scored_images(config, cache_dir: Path, run_dir: Path) -> pd.DataFrame:
     """Test positives (or true positives) with their cache row, prediction and correctness."""
     index = read_index(cache_dir)
-    test = index[(index["split"] == "test") & (index["label"] == 1)]
+    test = positives(index, "test")
     predictions = pd.read_parquet(run_dir / StudyStore.PREDICTIONS)[["image_id", "probability"]]
     rows = test.merge(predictions, on="image_id", how="left", validate="one_to_one")
     if rows["probability"].isna().any():
@@ -61,7 +65,17 @@ def scored_images(config, cache_dir: Path, run_dir: Path) -> pd.DataFrame:
     rows["correct"] = rows["probability"] >= config.training.threshold
     if config.cam.images == "true-positives":
         rows = rows[rows["correct"]]
-    return rows.reset_index(drop=True)
+    return rows.reset_index(drop=True).assign(**{tuning.SPLIT: "test"})
+
+
+def positives(index: pd.DataFrame, split: str) -> pd.DataFrame:
+    return index[(index["split"] == split) & (index["label"] == 1)]
+
+
+def tuning_images(cache_dir: Path) -> pd.DataFrame:
+    """The validation positives, which choose each map set's IoU threshold (no prediction needed)."""
+    rows = positives(read_index(cache_dir), "val")
+    return rows.assign(probability=np.nan, correct=False, **{tuning.SPLIT: "val"}).reset_index(drop=True)
 
 
 class CamScorer:
@@ -82,9 +96,8 @@ class CamScorer:
         for key, rows in batch.groupby("run", sort=False):
             spec, models = self._models(key)
             seed = self.runs[key][1]
-            parts += [self._score(rows[rows["randomized"] == flag], spec, seed, models[flag], method)
-                      for flag in (False, True) if (rows["randomized"] == flag).any()
-                      for method in self.config.cam.methods]
+            parts += [table for flag in (False, True) if (rows["randomized"] == flag).any()
+                      for table in self._score(rows[rows["randomized"] == flag], spec, seed, models[flag])]
         return pa.concat_tables(parts)
 
     def _models(self, key: str) -> tuple[registry.ModelSpec, dict]:
@@ -107,9 +120,9 @@ class CamScorer:
         return registry.build_model(spec, init="random", image_size=preprocess.image_size,
                                     in_chans=preprocess.channels).to(self.device).eval()
 
-    def _score(self, rows: pd.DataFrame, spec, seed: int, model, method: str) -> pa.Table:
-        from explain.cam import compute
-        from explain.metrics import score_batch
+    def _score(self, rows: pd.DataFrame, spec, seed: int, model) -> list[pa.Table]:
+        """Every method at every configured layer of `model` for these rows: one table per map set."""
+        from explain.cam import sweep
 
         from training.loop import prepare_input
 
@@ -117,34 +130,32 @@ class CamScorer:
         take = rows["row"].to_numpy()
         images = torch.from_numpy(np.ascontiguousarray(self.images[take])).to(self.device)
         images = prepare_input(images[:, None], self.config.preprocess.channels, channels_last=False)
-        # scored as stored: float16 (max 1 rounds to exactly 1.0; every map value is what a reader gets)
-        stored = compute(model, spec, images, target_class=1, method=method).to(torch.float16)
         masks = torch.from_numpy(np.ascontiguousarray(self.masks[take])).to(self.device).bool()
-        scores = score_batch(stored, masks, self.config.metrics)
-        flat = stored.flatten(1)
-        scores["cam_constant"] = (flat.amax(1) == flat.amin(1)).cpu().numpy()
-        return _rows_table(rows, spec, seed, method, stored.cpu().numpy(), scores)
-
-
-def _rows_table(rows, spec, seed, method, heat: np.ndarray, scores: dict) -> pa.Table:
-    columns = {
-        "image_id": rows["image_id"].to_numpy(), "model": [spec.name] * len(rows), "seed": [seed] * len(rows),
-        "label": rows["label"].to_numpy(), "probability": rows["probability"].to_numpy(),
-        "correct": rows["correct"].to_numpy(), "mask_fraction": rows["mask_fraction"].to_numpy(),
-        "randomized": rows["randomized"].to_numpy(), "cam_method": [method] * len(rows),
-        "cam_layer": [spec.target_layer] * len(rows),
-        **{name: np.asarray(values) for name, values in scores.items()},
-    }
-    table = pa.table(columns)
-    heatmaps = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(heat, dtype=np.float16))
-    return table.append_column("heatmap", heatmaps)
+        layers = cam_layers(spec, self.config.cam.layers)
+        geometry = registry.layer_geometry(spec, tuple(layers), self.config.preprocess.image_size,
+                                           self.config.preprocess.channels)
+        maps = sweep(model, spec, images, 1, layers, self.config.cam.methods)
+        return [map_table(rows, masks, heat, self.config.metrics, model=spec.name, seed=seed, method=method,
+                          layer=layer, depth=geometry[layer][0], map_size=geometry[layer][1],
+                          **layer_roles(spec, layer))
+                for layer, by_method in maps.items() for method, heat in by_method.items()]
 
 
 def run_work(config, cache_dir: Path, plan) -> pd.DataFrame:
-    """One run's rows to score: its scored test images, once per model copy (trained, randomised)."""
-    rows = scored_images(config, cache_dir, plan.run_dir)
+    """One run's rows to explain: its scored test images and the validation positives that tune
+    its thresholds, once per model copy (trained, randomised). Empty when no test image is scored."""
+    test = scored_images(config, cache_dir, plan.run_dir)
+    if test.empty:
+        return test.assign(randomized=False, run=plan.key)
+    rows = pd.concat([test, tuning_images(cache_dir)], ignore_index=True)
     flags = [False, True] if config.cam.sanity_randomized else [False]
     return pd.concat([rows.assign(randomized=flag, run=plan.key) for flag in flags], ignore_index=True)
+
+
+def maps_per_image(spec, config) -> int:
+    """Rows one image gives: every method at every configured layer (rollout has no layer: once)."""
+    methods = [m for m in config.cam.methods if m != "rollout"]
+    return len(cam_layers(spec, config.cam.layers)) * len(methods) + ("rollout" in config.cam.methods)
 
 
 def extraction_reason(config, store, plan) -> str | None:
@@ -192,7 +203,7 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} heatmaps to compute, {actors} actor(s)")
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir)) for plan in todo}
-    expected = {key: len(part) * len(config.cam.methods) for key, part in work.items()}
+    expected = {plan.key: len(work[plan.key]) * maps_per_image(plan.spec, config) for plan in todo}
     collected: dict[str, list[pa.Table]] = {key: [] for key in work}
     plan_of, started = {plan.key: plan for plan in todo}, time.time()
     context = ray.data.DataContext.get_current()
@@ -222,13 +233,14 @@ def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
 
 
 def _write_run(config, store, plan, table: pa.Table | None) -> Path:
+    """cams/<run>/ (trained maps, _tuning.json, _done.json last) and sanity/<run>/ (the twin's maps)."""
     import pyarrow.parquet as pq
 
-    import pyarrow.compute as pc
-
     out, sanity = store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
-    trained = None if table is None else table.filter(pc.invert(table["randomized"]))
-    randomised = None if table is None else table.filter(table["randomized"])
+    records: list[dict] = []
+    if table is not None:
+        table, records = tuning.apply(table, ["cam_method", "cam_layer", "randomized"], config.metrics)
+    trained, randomised = _by_copy(table, False), _by_copy(table, True)
     if randomised is not None and len(randomised):  # before cams/: its _done.json vouches for both
         with atomic_dir(sanity) as tmp:
             pq.write_table(randomised, tmp / StudyStore.CAM_PART)
@@ -237,7 +249,16 @@ def _write_run(config, store, plan, table: pa.Table | None) -> Path:
     with atomic_dir(out) as tmp:
         if trained is not None:
             pq.write_table(trained, tmp / StudyStore.CAM_PART)
+        tuning.write_records(tmp / StudyStore.CAM_TUNING, records, config.metrics)
         write_record(tmp / DONE, explain_inputs(config, plan.fingerprint),
                      rows=0 if trained is None else len(trained),
                      sanity_rows=0 if randomised is None else len(randomised))
     return out
+
+
+def _by_copy(table: pa.Table | None, randomized: bool) -> pa.Table | None:
+    import pyarrow.compute as pc
+
+    if table is None:
+        return None
+    return table.filter(table["randomized"] if randomized else pc.invert(table["randomized"]))

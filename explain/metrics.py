@@ -25,6 +25,12 @@ Conventions (0/0 is NaN; otherwise a metric follows its formula):
   NaN (no heat, no maximum); `diff_gradcam` 0; `ehr_auc` = f/(2n) (only t = 0 is non-empty) =
   its chance, normalised 0; `ehr_auc_inputiba` 0 (no heat >= 0.1) = its chance, normalised 0;
   `iou_otsu` 0.
+`auprc` (average precision of h ranking the pixels of M, ties grouped as scikit-learn's
+`average_precision_score`) is NaN for an empty M, 1 for a full M and f for a constant h;
+`auroc_pixel` (Mann-Whitney, ties count 1/2, as `roc_auc_score`) is NaN for an empty or full M
+and 0.5 for a constant h. `mask_fraction_scored` is f at the scoring resolution: the expected
+`auprc`, `energy_in_mask` and `pointing_hit` of a map that ignores M (the caller's
+`mask_fraction` is measured at native resolution).
 NaN values are never dropped here; the caller counts them.
 """
 
@@ -34,15 +40,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-# MetricsConfig field names (training/config.py) and their defaults (STUDY.md §5).
+# MetricsConfig field names (training/config.py) and their defaults (STUDY.md §5, §9).
 _DEFAULTS = {"ehr_thresholds": 100, "inputiba_min_heat": 0.1, "inputiba_quantiles": 10,
-             "inputiba_cap": 0.99}
+             "inputiba_cap": 0.99, "tuning_steps": 20}
 _OTSU_BINS = 256  # skimage.filters.threshold_otsu's default
 
 COLUMNS = ("diff_gradcam", "ehr_auc", "ehr_auc_chance", "ehr_auc_oracle",
            "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
            "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit",
-           "iou_otsu", "cam_all_zero")
+           "iou_otsu", "auprc", "auroc_pixel", "mask_fraction_scored", "cam_all_zero")
+IOU_CURVE = "iou_curve"  # score_batch's (B, K) IoU of {h >= t_k} at the tuning thresholds: not a column
 
 
 # ---------------------------------------------------------------- input
@@ -438,6 +445,49 @@ def iou_otsu(h: Any, m: Any) -> np.ndarray:
     return _iou_otsu(r.at_least(_otsu(r)[:, None], strict=True), r.mask_count)
 
 
+def _pixel_ranking(r: _Sorted) -> tuple[np.ndarray, np.ndarray]:
+    """(auprc, auroc_pixel) per image, exact with ties, from each mask pixel's place in the image's
+    sorted heat: AP = mean over p in M of |{h >= h_p} ∩ M| / |{h >= h_p}| (scikit-learn's
+    step-wise AP, each tie group counted once at its own precision); AUROC by the rank sum."""
+    ap, auroc = np.full(len(r.heat), np.nan), np.full(len(r.heat), np.nan)
+    for b, (start, end) in enumerate(zip(r.mask_start, r.mask_end)):
+        x, p = r.inside[start:end], end - start  # the heat (bits) of M's pixels, ascending
+        if p == 0:
+            continue
+        below = np.searchsorted(r.heat[b], x, "left")  # pixels with h < h_p
+        at_most = np.searchsorted(r.heat[b], x, "right")  # pixels with h <= h_p
+        ap[b] = np.mean((p - np.searchsorted(x, x, "left")) / (r.pixels - below))
+        if p < r.pixels:  # sum over M of (negatives below + half the tied negatives) = this
+            auroc[b] = (0.5 * (below.sum() + at_most.sum()) - 0.5 * p * p) / (p * (r.pixels - p))
+    return ap, auroc
+
+
+def auprc(h: Any, m: Any) -> np.ndarray:
+    """Pixel average precision of h against M (chance: f); NaN for an empty M."""
+    return _pixel_ranking(_sorted(h, m))[0]
+
+
+def auroc_pixel(h: Any, m: Any) -> np.ndarray:
+    """Pixel ROC AUC of h against M (chance: 0.5); NaN for an empty or full M."""
+    return _pixel_ranking(_sorted(h, m))[1]
+
+
+def tuning_thresholds(steps: int = 20) -> np.ndarray:
+    """The thresholds an IoU threshold is tuned over: k/steps, k = 1..steps-1 (float64)."""
+    return np.arange(1, steps) / steps
+
+
+def _iou_curve(s: _Sums, mask_count: np.ndarray) -> np.ndarray:
+    """IoU of {h >= t_k} with M, (B, K); NaN where both are empty."""
+    return _divide(s.n_mask, s.count + mask_count[:, None] - s.n_mask)
+
+
+def iou_curve(h: Any, m: Any, steps: int = 20) -> np.ndarray:
+    """IoU of {h >= t} with M at every tuning threshold (B, steps - 1)."""
+    r = _sorted(h, m)
+    return _iou_curve(r.at_least(tuning_thresholds(steps)), r.mask_count)
+
+
 # ---------------------------------------------------------------- all columns at once
 
 def _config(cfg: Any) -> dict[str, Any]:
@@ -449,6 +499,7 @@ class _BatchSets(NamedTuple):
 
     ehr: _Sums              # {h >= k/n}, k = 0..n
     top: _Sums              # {h >= max(h)}: the maximal pixels
+    tuning: _Sums           # {h >= k/steps}, k = 1..steps-1 (the tuned-threshold grid)
     kept: np.ndarray        # (B,) bool: some heat >= InputIBA's min_heat
     inputiba: _Sums         # InputIBA's sets {h >= t_q}
     foreground: _Sums       # {h > Otsu threshold}
@@ -461,28 +512,30 @@ def _batch_sets(r: _Sorted, c: dict[str, Any]) -> _BatchSets:
     maximum, min_heat, Otsu's bin edges, which need no mask counts), then those computed from
     the first round (InputIBA's quantiles of the kept heat, Otsu's threshold)."""
     n, min_heat, quantiles, rows = c["ehr_thresholds"], c["inputiba_min_heat"], c["inputiba_quantiles"], len(r.heat)
-    edges = _otsu_edges(r)
+    edges, grid = _otsu_edges(r), tuning_thresholds(c["tuning_steps"])
     known = np.hstack([np.broadcast_to(_ehr_thresholds(n), (rows, n + 1)), r.highest[:, None],
-                       np.full((rows, 1), min_heat)])
+                       np.full((rows, 1), min_heat), np.broadcast_to(grid, (rows, len(grid)))])
+    width = known.shape[1]
     i = r.first_at_least(np.hstack([known, edges]))
-    s = r.counts(i[:, :n + 3], r.first_in_mask_at_least(known))
+    s = r.counts(i[:, :width], r.first_in_mask_at_least(known))
     n_kept = s.count[:, n + 2]
     t = np.hstack([_inputiba_thresholds(r, n_kept, min_heat, quantiles, c["inputiba_cap"]),
-                   _otsu_thresholds(edges, r.pixels - i[:, n + 3:])[:, None]])
+                   _otsu_thresholds(edges, r.pixels - i[:, width:])[:, None]])
     strict = np.arange(t.shape[1]) == quantiles + 1  # Otsu's foreground is h > t
     i, i_mask = r.first_at_least(t, strict), r.first_in_mask_at_least(t, strict)
     zero = np.zeros((rows, 1), np.intp)  # heat sums from position 0: the totals
     heat, heat_mask = r.heat_from(np.hstack([zero, i[:, :-1]]), np.hstack([zero, i_mask[:, :-1]]))
     return _BatchSets(ehr=_Sums(*(x[:, :n + 1] for x in s)), top=_Sums(*(x[:, n + 1:n + 2] for x in s)),
-                      kept=n_kept > 0, inputiba=r.counts(i[:, :-1], i_mask[:, :-1]),
+                      tuning=_Sums(*(x[:, n + 3:] for x in s)), kept=n_kept > 0, inputiba=r.counts(i[:, :-1], i_mask[:, :-1]),
                       foreground=r.counts(i[:, -1:], i_mask[:, -1:]), heat=heat, heat_mask=heat_mask)
 
 
 def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
-    """Every column of COLUMNS for a batch: float64 arrays (B,), `cam_all_zero` bool (B,).
+    """Every column of COLUMNS for a batch: float64 arrays (B,), `cam_all_zero` bool (B,); and
+    IOU_CURVE, the (B, K) IoU at the tuning thresholds that `explain.tuning` picks one of.
 
-    cfg: a MetricsConfig (ehr_thresholds, inputiba_min_heat, inputiba_quantiles, inputiba_cap)
-    or None for the STUDY.md defaults. f = |M| / |image| (the EHR chance level's scale) is the
+    cfg: a MetricsConfig (ehr_thresholds, inputiba_min_heat, inputiba_quantiles, inputiba_cap,
+    tuning_steps) or None for the STUDY.md defaults. f = |M| / |image| (the EHR chance level's scale) is the
     caller's `mask_fraction` column; at the scoring resolution it is `mask_fraction(m)`.
     """
     c, r = _config(cfg), _sorted(h, m)
@@ -493,6 +546,7 @@ def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
     ehr_oracle = _ehr_oracle(f, n)
     iba_oracle = _inputiba_oracle(r.mask_count > 0, c["inputiba_quantiles"])
     heat, heat_mask, highest = sets.heat[:, 0], sets.heat_mask[:, 0], r.highest
+    ap, auroc = _pixel_ranking(r)
     return {
         "diff_gradcam": _diff_gradcam(r, heat, heat_mask),
         "ehr_auc": ehr, "ehr_auc_chance": ehr_chance, "ehr_auc_oracle": ehr_oracle,
@@ -503,5 +557,8 @@ def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
         "energy_in_mask": _energy_in_mask(heat, heat_mask),
         "pointing_hit": _pointing_hit(sets.top, highest),
         "iou_otsu": _iou_otsu(sets.foreground, r.mask_count),
+        "auprc": ap, "auroc_pixel": auroc,
+        "mask_fraction_scored": f,  # the chance level of auprc, energy_in_mask and pointing_hit
         "cam_all_zero": highest == 0,
+        IOU_CURVE: _iou_curve(sets.tuning, r.mask_count),
     }

@@ -74,6 +74,8 @@ def run_train(config, store: StudyStore, tracker: tracking.StudyTracker, force: 
 
 
 def run_explain(config, store: StudyStore, force: bool = False) -> None:
+    """The baselines (model-free maps), then every finished run's CAMs."""
+    from explain.baselines import explain_baselines
     from explain.extract import extract_runs
 
     sweep(store)
@@ -82,6 +84,7 @@ def run_explain(config, store: StudyStore, force: bool = False) -> None:
     if force:
         _remove_runs(plans, lambda plan: store.cams_dir(plan.spec.name, plan.seed))
         _remove_runs(plans, lambda plan: store.sanity_dir(plan.spec.name, plan.seed))
+    explain_baselines(config, store, force=force)
     finished = [plan for plan in plans if is_finished(plan)]
     for plan in plans:
         if plan not in finished:

@@ -38,8 +38,12 @@ def make_tiny_cache(path, seed: int = 0) -> None:
         disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= (TINY_SIZE / 6) ** 2
         images[i][disc] += 3.0
         masks[i][disc] = 1
+    from training.lesions import lesion_covariates
+
+    regions, elongation = zip(*(lesion_covariates(mask) for mask in masks))
     index = pd.DataFrame({"image_id": [f"img{i:03d}" for i in range(len(split))], "split": split,
-                          "label": labels, "mask_fraction": masks.mean(axis=(1, 2))})
+                          "label": labels, "mask_fraction": masks.mean(axis=(1, 2)), "rle_rows": labels.astype(float),
+                          "n_regions": regions, "elongation": elongation})
     write_cache(path, index, images, masks)
 
 

@@ -13,7 +13,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from explain import cam
-from training import registry
+from training import models, registry
 from training.errors import ConfigError
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -114,6 +114,54 @@ def test_inplace_relu_aliases_the_librarys_activation_on_cpu():
         explainer.activations_and_grads.release()
     torch.testing.assert_close(stored, a.clamp(min=0))  # what the library used instead of A
     torch.testing.assert_close(stored_grad, g)  # while its gradient is still dScore/dA
+
+
+# ---------------------------------------------------------------- layer sweep (STUDY.md §9)
+
+@pytest.mark.parametrize("name", registry.names())
+def test_one_sweep_equals_separate_single_layer_calls(name, monkeypatch):
+    """Every stage layer and method from one forward and one autograd.grad call, equal to one
+    call per layer to 1e-6; the model comes back unchanged."""
+    spec, model = build(name)
+    layers = models.cam_layers(spec, models.LAYER_ARMS)
+    x = images(spec)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = _hooks(model)
+    forwards, grads = [], []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(1) or real_grad(*a, **k))
+    handle = model.register_forward_pre_hook(lambda m, i: forwards.append(1))
+    try:
+        swept = cam.sweep(model, spec, x, [1, 0], layers, ["gradcam", "layercam"])
+    finally:
+        handle.remove()
+    assert len(forwards) == 1 and len(grads) == 1
+    assert list(swept) == layers and all(set(maps) == {"gradcam", "layercam"} for maps in swept.values())
+    monkeypatch.setattr(torch.autograd, "grad", real_grad)
+    for layer in layers:
+        alone = dataclasses.replace(spec, target_layer=layer)
+        for method in ("gradcam", "layercam"):
+            torch.testing.assert_close(swept[layer][method], cam.compute(model, alone, x, [1, 0], method),
+                                       rtol=0, atol=1e-6, msg=f"{layer} {method}")
+    assert _hooks(model) == hooks and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert any(maps["gradcam"].amax() > 0.99 for maps in swept.values())  # not vacuous
+
+
+def test_sweep_layers_and_their_geometry_come_from_the_registry():
+    spec = registry.get("resnet50")
+    assert models.cam_layers(spec, ["final"]) == ["layer4.-1"]
+    assert models.cam_layers(spec, ["final", "matched"]) == ["layer3.-1", "layer4.-1"]
+    geometry = registry.layer_geometry(spec, tuple(models.cam_layers(spec, models.LAYER_ARMS)), 224)
+    assert [size for _, size in geometry.values()] == [56, 28, 14, 7]
+    depths = [depth for depth, _ in geometry.values()]
+    assert depths == sorted(depths) and 0 < depths[0] and depths[-1] < 1
+    for name in registry.names():  # the matched arm: one map size (14 at 224 px) for every model
+        spec = registry.get(name)
+        assert registry.layer_geometry(spec, (spec.matched_layer,), 224)[spec.matched_layer][1] == 14
+    extra = dataclasses.replace(spec, stage_layers=(), matched_layer=None)
+    with pytest.raises(ConfigError, match="declares no stage_layers"):
+        models.cam_layers(extra, ["final", "stages"])
 
 
 # ---------------------------------------------------------------- nothing outlives a call

@@ -84,7 +84,8 @@ def test_stage2_file_passed_as_labels(stage1, tmp_path_factory):
 def test_every_whitespace_combination_reads_the_same(tmp_path, header, value_space):
     path = write_labels(tmp_path / "labels.csv", LABEL_ROWS, header, value_space)
     labels = load_labels(path, shape=SIZE)
-    assert list(labels.columns) == ["image_id", "mask_rle", "label"]
+    assert list(labels.columns) == ["image_id", "mask_rle", "label", "rle_rows"]
+    assert list(labels["rle_rows"]) == [1, 0, 2]  # the overlapping image has two RLE rows
     assert list(labels["label"]) == [1, 0, 1]
     assert labels["mask_rle"].iloc[1] == "-1"
     assert labels["mask_rle"].iloc[2] == rle.encode(UPPER | LOWER)

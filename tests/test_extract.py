@@ -20,8 +20,10 @@ from training.loop import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
-CAM_COLUMNS = ["image_id", "model", "seed", "label", "probability", "correct", "mask_fraction", "randomized",
-               "cam_method", "cam_layer", *COLUMNS, "cam_constant", "heatmap"]
+CAM_COLUMNS = ["image_id", "model", "seed", "label", "probability", "correct", "mask_fraction", "rle_rows",
+               "n_regions", "elongation", "randomized", "cam_method", "cam_layer", "layer_depth", "map_size",
+               "final_layer", "matched_layer", *COLUMNS, "cam_constant", "tuned_threshold", "iou_tuned", "hit_tuned",
+               "heatmap"]
 
 
 @pytest.fixture(scope="module")

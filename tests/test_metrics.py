@@ -51,6 +51,37 @@ def naive_otsu(h):
     return centres[np.argmax(w1[:-1] * w2[1:] * (mean1[:-1] - mean2[1:]) ** 2)]
 
 
+def naive_auprc(h, m):
+    """Average precision as scikit-learn defines it: the distinct heat values from the top down as
+    thresholds, AP = sum over them of (recall step) x (precision there)."""
+    h, m = h.astype(np.float64).ravel(), m.ravel()
+    if not m.any():
+        return NAN
+    ap, recall_before = 0.0, 0.0
+    for t in np.unique(h)[::-1]:
+        chosen = h >= t
+        recall = (chosen & m).sum() / m.sum()
+        ap += (recall - recall_before) * (chosen & m).sum() / chosen.sum()
+        recall_before = recall
+    return ap
+
+
+def naive_auroc(h, m):
+    """Probability that a random mask pixel outranks a random other pixel, ties counting 1/2."""
+    h, m = h.astype(np.float64).ravel(), m.ravel()
+    if m.all() or not m.any():
+        return NAN
+    inside, outside = h[m][:, None], h[~m][None, :]
+    return ((inside > outside).sum() + 0.5 * (inside == outside).sum()) / (inside.size * outside.size)
+
+
+def naive_iou_curve(h, m, steps=20):
+    """IoU of {h >= k/steps} with M, k = 1..steps-1, one threshold at a time."""
+    h = h.astype(np.float64)
+    return [((h >= t) & m).sum() / ((h >= t) | m).sum() if ((h >= t) | m).any() else NAN
+            for t in np.arange(1, steps) / steps]
+
+
 def naive_row(h, m):
     """Every other metric, one image at a time."""
     h = h.astype(np.float64)
@@ -61,6 +92,7 @@ def naive_row(h, m):
         "energy_in_mask": h[m].sum() / h.sum() if h.any() else NAN,
         "pointing_hit": (top & m).sum() / top.sum() if h.any() else NAN,
         "iou_otsu": (fg & m).sum() / (fg | m).sum() if (fg | m).any() else NAN,
+        "auprc": naive_auprc(h, m), "auroc_pixel": naive_auroc(h, m), "mask_fraction_scored": m.mean(),
     }
 
 
@@ -244,8 +276,8 @@ def test_score_batch_matches_functions_and_config():
     cfg = MetricsConfig(ehr_thresholds=20, inputiba_min_heat=0.2, inputiba_quantiles=5,
                         inputiba_cap=0.95)
     s = M.score_batch(torch.from_numpy(h), torch.from_numpy(m), cfg)
-    assert set(s) == set(M.COLUMNS)
-    assert all(v.shape == (5,) for v in s.values())
+    assert set(s) == {*M.COLUMNS, M.IOU_CURVE}
+    assert all(s[k].shape == (5,) for k in M.COLUMNS) and s[M.IOU_CURVE].shape == (5, 19)
     iba = dict(min_heat=0.2, quantiles=5, cap=0.95)
     for k, v in {
         "diff_gradcam": M.diff_gradcam(h, m), "ehr_auc": M.ehr_auc(h, m, 20),
@@ -254,7 +286,8 @@ def test_score_batch_matches_functions_and_config():
         "ehr_auc_inputiba_chance": M.ehr_auc_inputiba_chance(h, m, **iba),
         "ehr_auc_inputiba_oracle": M.ehr_auc_inputiba_oracle(m, 5),
         "energy_in_mask": M.energy_in_mask(h, m), "pointing_hit": M.pointing_hit(h, m),
-        "iou_otsu": M.iou_otsu(h, m),
+        "iou_otsu": M.iou_otsu(h, m), "auprc": M.auprc(h, m), "auroc_pixel": M.auroc_pixel(h, m),
+        M.IOU_CURVE: M.iou_curve(h, m),
     }.items():
         np.testing.assert_array_equal(s[k], v, err_msg=k)
     np.testing.assert_array_equal(
@@ -362,3 +395,55 @@ def test_batch_mixing_empty_full_and_single_pixel_masks():
         assert s["ehr_auc"][b] == naive_ehr(h[b], m[b])
         assert s["ehr_auc_inputiba"][b] == pytest.approx(naive_inputiba(h[b], m[b]),
                                                          rel=1e-12, abs=1e-15)
+
+
+# ---------------------------------------------------------------- threshold-free and tuned-threshold metrics (STUDY.md §9)
+
+@pytest.mark.parametrize("float64", [False, True])
+def test_auprc_and_auroc_equal_naive_definitions_with_ties(float64):
+    rng = np.random.default_rng(12)
+    h, m = random_batch(rng, b=12, float64=float64)  # ties: k/100, k/8, halves, zeros
+    for b in range(len(h)):
+        assert M.auprc(h, m)[b] == pytest.approx(naive_auprc(h[b], m[b]), rel=1e-12, abs=1e-15)
+        assert M.auroc_pixel(h, m)[b] == pytest.approx(naive_auroc(h[b], m[b]), rel=1e-12, abs=1e-15)
+
+
+def test_auprc_and_auroc_equal_scikit_learn():
+    """An independent, maintained implementation of both (tie-aware step AP, Mann-Whitney AUC)."""
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn (installed with grad-cam) is absent")
+    rng = np.random.default_rng(13)
+    h, m = random_batch(rng, b=6, size=40)
+    for b in range(len(h)):
+        assert M.auprc(h, m)[b] == pytest.approx(metrics.average_precision_score(m[b].ravel(), h[b].ravel()),
+                                                 rel=1e-12)
+        assert M.auroc_pixel(h, m)[b] == pytest.approx(metrics.roc_auc_score(m[b].ravel(), h[b].ravel()),
+                                                       rel=1e-12)
+
+
+def test_auprc_and_auroc_edge_cases():
+    m = np.zeros((4, 5, 5), bool)
+    m[0, 1:3, 1:4] = True  # f = 6/25
+    m[1] = True
+    m[3, 0, 0] = True
+    h = np.zeros((4, 5, 5), np.float32)
+    h[3] = 0.4  # constant, one mask pixel
+    s = M.score_batch(h, m)
+    assert s["auprc"][0] == pytest.approx(6 / 25) and s["auroc_pixel"][0] == 0.5  # all-zero map: chance
+    assert s["auprc"][1] == 1.0 and np.isnan(s["auroc_pixel"][1])  # full mask
+    assert np.isnan(s["auprc"][2]) and np.isnan(s["auroc_pixel"][2])  # empty mask
+    assert s["auprc"][3] == pytest.approx(1 / 25) and s["auroc_pixel"][3] == 0.5  # constant map
+    np.testing.assert_array_equal(s["mask_fraction_scored"], m.mean(axis=(1, 2)))
+    oracle = M.score_batch(m[[0, 3]].astype(np.float32), m[[0, 3]])
+    np.testing.assert_array_equal(oracle["auprc"], 1.0)
+    np.testing.assert_array_equal(oracle["auroc_pixel"], 1.0)
+
+
+def test_iou_curve_equals_naive_thresholding():
+    rng = np.random.default_rng(14)
+    h, m = random_batch(rng, b=10)
+    h[2] = 0.0
+    m[3] = False
+    for steps in (20, 7):
+        got = M.score_batch(h, m, MetricsConfig(tuning_steps=steps))[M.IOU_CURVE]
+        np.testing.assert_allclose(got, [naive_iou_curve(a, b, steps) for a, b in zip(h, m)], rtol=0, atol=1e-15)
+    assert M.tuning_thresholds(20)[0] == 0.05 and len(M.tuning_thresholds(20)) == 19

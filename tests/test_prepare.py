@@ -122,10 +122,12 @@ def png_rows(tmp_path_factory) -> pd.DataFrame:
         mask = np.zeros((80, 96), bool)
         if i % 2:
             mask[10:10 + i, 20:60] = True
+        if i == 7:
+            mask[60:62, 70:72] = True  # a second region
         path = folder / f"img{i:02d}.png"
         cv2.imwrite(str(path), rng.integers(0, 255, (80, 96), dtype=np.uint8))
-        records.append((f"img{i:02d}", str(path), i % 2, rle.encode(mask), 80, 96))
-    return pd.DataFrame(records, columns=["image_id", "path", "label", "mask_rle", "height", "width"])
+        records.append((f"img{i:02d}", str(path), i % 2, rle.encode(mask), float(i % 2), 80, 96))
+    return pd.DataFrame(records, columns=["image_id", "path", "label", "mask_rle", "rle_rows", "height", "width"])
 
 
 def test_manifest_has_its_columns_and_native_mask_fractions(png_rows):
@@ -139,6 +141,12 @@ def test_manifest_has_its_columns_and_native_mask_fractions(png_rows):
     assert (row["height"], row["width"]) == (80, 96)
     assert len(row["content_hash"]) == 64 and manifest["content_hash"].is_unique
     assert (manifest.loc[manifest["label"] == 0, "mask_fraction"] == 0).all()
+    # lesion covariates at native resolution: a 5 x 40 rectangle is one region, 40/5 = 8 times longer
+    assert (row["n_regions"], row["rle_rows"]) == (1, 1) and row["elongation"] == pytest.approx(8.0)
+    two = manifest.set_index("image_id").loc["img07"]
+    assert two["n_regions"] == 2 and two["elongation"] == pytest.approx((40 / 7 * 280 + 1 * 4) / 284)
+    negatives = manifest[manifest["label"] == 0]
+    assert (negatives["n_regions"] == 0).all() and negatives["elongation"].isna().all()
 
 
 def test_report_counts_and_quantiles(png_rows):

@@ -2,11 +2,13 @@
 
     <cache>/images.npy   float16 (N, S, S)  decoded -> CLAHE -> resized -> per-image z-scored
     <cache>/masks.npy    uint8   (N, S, S)  union mask, nearest-neighbour resized, 0/1
-    <cache>/index.parquet  row, image_id, split, label, mask_fraction   (row = index into the arrays)
+    <cache>/index.parquet  row, image_id, split, label, mask_fraction, rle_rows, n_regions, elongation
+                           (row = index into the arrays; the lesion covariates of `training.lesions`)
 
 One grey channel is stored; it is replicated to 3 channels on the device at batch time, which
 keeps the cache 3x smaller (paper scale: 5,338 images x 224^2 x 2 bytes = 0.54 GB).
-`mask_fraction` is measured at native resolution (from the manifest), not on the resized mask.
+`mask_fraction` and the lesion covariates are measured at native resolution (from the manifest),
+not on the resized mask.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from training.atomic import atomic_dir
 from training.contract import StudyStore
 from training.errors import DataError
 
-INDEX_COLUMNS = ["row", "image_id", "split", "label", "mask_fraction"]
+INDEX_COLUMNS = StudyStore.CACHE_INDEX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def write_cache(cache_dir: str | Path, index: pd.DataFrame, images: np.ndarray, 
         np.save(tmp / StudyStore.CACHE_IMAGES, images.astype(np.float16, copy=False))
         np.save(tmp / StudyStore.CACHE_MASKS, masks.astype(np.uint8, copy=False))
         table = index.reset_index(drop=True).assign(row=np.arange(len(index)))
-        table[INDEX_COLUMNS].to_parquet(tmp / StudyStore.CACHE_INDEX, index=False)
+        table[list(INDEX_COLUMNS)].to_parquet(tmp / StudyStore.CACHE_INDEX, index=False)
 
 
 def read_index(cache_dir: str | Path) -> pd.DataFrame:

@@ -23,6 +23,7 @@ import yaml
 
 from training.contract import fingerprint
 from training.errors import ConfigError, require as _check, shown
+from training.models import LAYER_ARMS
 from training.recipes import PAPER_RECIPES, Recipe
 
 # --------------------------------------------------------------------------- schema
@@ -149,6 +150,8 @@ class ExtraModel:
     target_layer: str  # dotted path, e.g. "layer4.-1" or "blocks.-1.norm1"
     token_reshape: bool = False  # True for ViT-style token outputs
     pretrained_tag: Optional[str] = None
+    stage_layers: tuple[str, ...] = ()  # every stage's output, shallow to deep (cam.layers: stages)
+    matched_layer: Optional[str] = None  # the layer whose map is 1/16 of the input (cam.layers: matched)
 
     def __post_init__(self):
         _check(1 <= self.depth <= 10_000, "models.extra.*.depth", self.depth, "an integer in [1, 10000] (layers)")
@@ -203,6 +206,9 @@ class CamConfig:
     """Which heatmaps are computed and on which images (STUDY.md §4)."""
 
     methods: tuple[Literal[CAM_METHODS], ...] = ("gradcam",)  # type: ignore[valid-type]
+    # where maps are read (STUDY.md §9): final = the paper's target layer (always computed);
+    # stages = every stage's output; matched = the layer with a map 1/16 of the input (14x14 at 224 px)
+    layers: tuple[Literal[LAYER_ARMS], ...] = ("final",)  # type: ignore[valid-type]
     images: Literal["positives", "true-positives"] = "positives"
     batch_size: int = 8
     sanity_randomized: bool = True  # also run on a weight-randomised copy (Adebayo et al. 2018)
@@ -211,6 +217,8 @@ class CamConfig:
         _check(1 <= self.batch_size <= 4096, "cam.batch_size", self.batch_size, "an integer in [1, 4096]")
         _check(len(self.methods) >= 1, "cam.methods", self.methods, "a non-empty list of CAM methods")
         _check(len(set(self.methods)) == len(self.methods), "cam.methods", self.methods, "a list without duplicates")
+        _check("final" in self.layers and len(set(self.layers)) == len(self.layers), "cam.layers", self.layers,
+               "a list without duplicates that includes 'final' (the paper's layer, which every table reads)")
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,10 @@ class MetricsConfig:
     inputiba_min_heat: float = 0.1
     inputiba_quantiles: int = 10  # q = 0, 1/10, ..., 1
     inputiba_cap: float = 0.99  # thresholds capped at cap * max(h)
+    # iou_tuned / hit_tuned (STUDY.md §9): the threshold t in {k/tuning_steps, k = 1..tuning_steps-1}
+    # maximising mean IoU of {h >= t} on the validation positives; a hit is IoU >= hit_iou there
+    tuning_steps: int = 20
+    hit_iou: float = 0.1
 
     def __post_init__(self):
         _check(1 <= self.ehr_thresholds <= 10_000, "metrics.ehr_thresholds", self.ehr_thresholds,
@@ -229,6 +241,22 @@ class MetricsConfig:
         _check(1 <= self.inputiba_quantiles <= 1000, "metrics.inputiba_quantiles", self.inputiba_quantiles,
                "an integer in [1, 1000]")
         _check(0 < self.inputiba_cap <= 1, "metrics.inputiba_cap", self.inputiba_cap, "a value in (0, 1]")
+        _check(2 <= self.tuning_steps <= 1000, "metrics.tuning_steps", self.tuning_steps, "an integer in [2, 1000]")
+        _check(0 < self.hit_iou <= 1, "metrics.hit_iou", self.hit_iou, "a value in (0, 1]")
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """The baseline ladder's maps that ignore the model (STUDY.md §9), scored on the same images."""
+
+    enabled: bool = True
+    # image-only map: Sobel gradient magnitude of the preprocessed image, Gaussian-smoothed with
+    # this sigma (a fraction of the image side: 4.5 px at 224 px), min-max normalised
+    image_only_sigma: float = 0.02
+
+    def __post_init__(self):
+        _check(0 < self.image_only_sigma <= 0.5, "baselines.image_only_sigma", self.image_only_sigma,
+               "a fraction of the image side in (0, 0.5]")
 
 
 @dataclass(frozen=True)
@@ -294,6 +322,7 @@ class StudyConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

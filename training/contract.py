@@ -28,11 +28,14 @@ from typing import Any, Mapping, Optional
 from training.atomic import write_text_atomic
 from training.errors import ConfigError, TrainingError
 
+# Bump when the prepared data gains or changes a column: the prepare stage is redone (its inputs
+# include this), the training runs are not (theirs name the config sections, not this).
+PREPARE_VERSION = 2  # 2: rle_rows and the lesion covariates in the manifest and the cache index
 # Bump when a metric definition or the CAM post-processing changes (STUDY.md §4-5): every
 # run's CAM output is then recomputed, and the analysis after it.
-SCORING_VERSION = 2  # 2: metrics from the float16 map as stored; cam_constant; sanity/ apart
+SCORING_VERSION = 3  # 3: layer sweep, auprc/auroc_pixel, tuned thresholds, lesion covariates
 # Bump when a table, statistic or the report changes: the analysis is redone.
-ANALYSIS_VERSION = 2  # 2: degenerate map sets left out (STUDY.md §8), scores.parquet, summary first
+ANALYSIS_VERSION = 3  # 3: baseline ladder, layer sweep, resolution-matched arm, covariates
 
 # --------------------------------------------------------------------------- run keys
 
@@ -128,27 +131,39 @@ def finished_run(run_dir: Path, fingerprint: str, inputs: Optional[Mapping[str, 
 def prepare_inputs(config: Any) -> dict[str, Any]:
     """The prepared data (manifest, split, cache) depends on these config sections only."""
     plain = config.to_dict()
-    return {section: plain[section] for section in ("data", "split", "preprocess")}
+    return {**{section: plain[section] for section in ("data", "split", "preprocess")},
+            "prepare_version": PREPARE_VERSION}
 
 
 def explain_inputs(config: Any, train_fingerprint: str) -> dict[str, Any]:
-    """One run's CAM output: the trained run, which maps are made on which images, how they are
-    scored. (`cam.batch_size` changes only the speed.)"""
+    """One run's CAM output: the trained run, which maps are made at which layers on which images,
+    how they are scored, and the prepared data (validation positives tune the IoU threshold; the
+    lesion covariates come from the cache index). (`cam.batch_size` changes only the speed.)"""
     cam = config.cam
     return {"train": {"fingerprint": train_fingerprint},
-            "cam": {"methods": list(cam.methods), "images": cam.images, "sanity_randomized": cam.sanity_randomized},
+            "cam": {"methods": list(cam.methods), "layers": list(cam.layers), "images": cam.images,
+                    "sanity_randomized": cam.sanity_randomized},
+            "prepare": fingerprint(prepare_inputs(config)),
             "metrics": config.to_dict()["metrics"], "scoring_version": SCORING_VERSION}
+
+
+def baselines_inputs(config: Any) -> dict[str, Any]:
+    """The baseline maps (location prior, image-only): the prepared data, their settings, the scoring."""
+    plain = config.to_dict()
+    return {"prepare": fingerprint(prepare_inputs(config)), "baselines": plain["baselines"],
+            "metrics": plain["metrics"], "scoring_version": SCORING_VERSION}
 
 
 def analyze_inputs(config: Any, store: "StudyStore", runs: list[tuple[str, int]]) -> dict[str, Any]:
     """The analysis: the CAM output and training run of every run the config names (each by its
-    record's fingerprint; None when it has none), the prepared data, the statistics settings,
+    record's fingerprint; None when it has none), the baselines, the prepared data, the statistics settings,
     the decision threshold the report quotes, and where results are logged."""
     plain = config.to_dict()
     recorded = lambda path: (read_record(path) or {}).get("fingerprint")  # noqa: E731
     cams = {run_key(*run): recorded(store.cams_dir(*run) / StudyStore.CAM_DONE) for run in runs}
     trained = {run_key(*run): recorded(store.run_dir(*run) / StudyStore.DONE) for run in runs}
     return {"cams": cams, "train": trained, "prepare": fingerprint(prepare_inputs(config)),
+            "baselines": recorded(store.baselines_dir / StudyStore.CAM_DONE),
             "statistics": plain["statistics"], "training": {"threshold": plain["training"]["threshold"]},
             "tracking": plain["tracking"], "analysis_version": ANALYSIS_VERSION}
 
@@ -166,8 +181,10 @@ class StudyStore:
         data/manifest.parquet, report.json, cache/{index.parquet, images.npy, masks.npy}
         train/<run key>/                 checkpoint.pt, best-eNNNN.pt, model.pt, predictions.parquet,
                                          test_metrics.json, attempt.json, error.json, done.json (last)
-        cams/<run key>/                  part-00000.parquet (trained-model maps only), _done.json (last)
+        cams/<run key>/                  part-00000.parquet (trained-model maps only), _tuning.json, _done.json (last)
         sanity/<run key>/                part-00000.parquet: the weight-randomised twin's maps, same columns
+        baselines/                       part-00000.parquet: location prior and image-only maps, same
+                                         columns; _tuning.json, _done.json (last)
         analysis/                        tables, statistics, figures, report.html
         stages/<stage>.json              completion records of prepare and analyze
         camstudy.log                     full traces of failed Ray tasks (the console gets one line)
@@ -179,7 +196,14 @@ class StudyStore:
     ATTEMPT = "attempt.json"  # the MLflow child of the attempt a checkpoint belongs to
     ERROR = "error.json"  # camstudy's own error in a run's worker, for the driver (not retried)
     CAM_PART, CAM_DONE = "part-00000.parquet", "_done.json"
+    # the IoU thresholds tuned on validation positives and the images they came from ("_": Parquet
+    # dataset readers skip the file)
+    CAM_TUNING = "_tuning.json"
     CACHE_INDEX, CACHE_IMAGES, CACHE_MASKS = "index.parquet", "images.npy", "masks.npy"  # in data/cache/
+    # the cache index: `row` indexes the arrays; mask_fraction and the lesion covariates (rle_rows,
+    # n_regions, elongation: training.lesions) are measured at native resolution by prepare
+    CACHE_INDEX_COLUMNS = ("row", "image_id", "split", "label", "mask_fraction", "rle_rows", "n_regions",
+                           "elongation")
 
     def __init__(self, study_dir: str | Path):
         if "://" in str(study_dir):
@@ -208,6 +232,8 @@ class StudyStore:
 
     def sanity_dir(self, model: str, seed: int) -> Path:
         return self.root / "sanity" / run_key(model, seed)
+
+    baselines_dir = property(lambda self: self.root / "baselines")
 
     def stage_record(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"

@@ -52,6 +52,7 @@ from training.classification import auc, classification_report
 from training.contract import StudyStore, finished_run, fingerprint as inputs_fingerprint
 from training.errors import TrainingError
 from training.recipes import Recipe
+from training.models import TRAINING_FIELDS
 from training.registry import ModelSpec
 
 CHECKPOINT, MODEL, DONE = StudyStore.CHECKPOINT, StudyStore.MODEL, StudyStore.DONE
@@ -526,7 +527,7 @@ def run_fingerprint(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> 
 def run_inputs(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> dict:
     """Everything that changes what a run computes (the inputs of the study contract's rule)."""
     training = config.training
-    relevant = {"spec": dataclasses.asdict(spec), "recipe": dataclasses.asdict(recipe), "seed": seed,
+    relevant = {"spec": {name: getattr(spec, name) for name in TRAINING_FIELDS}, "recipe": dataclasses.asdict(recipe), "seed": seed,
                 "init": config.models.init, "weights_file": config.models.weights_files.get(spec.name),
                 "preprocess": dataclasses.asdict(config.preprocess), "augment": dataclasses.asdict(config.augment),
                 "data": {key: value for key, value in dataclasses.asdict(config.data).items()

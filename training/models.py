@@ -1,9 +1,11 @@
 """The models of the study and their recipes: facts only, no torch (STUDY.md §3).
 
 A spec names the timm architecture, the pretrained tag its ImageNet weights come from, its
-recipe family, its depth and the Grad-CAM target layer as a dotted path into the timm model
-(negative integers index sequences from the end). A tenth model is one config entry
-(`models.extra`), not a code change. `training.registry` builds the timm models from these
+recipe family, its depth and its Grad-CAM layers as dotted paths into the timm model (negative
+integers index sequences from the end): the paper's target layer (`target_layer`, the "final"
+arm of `cam.layers`), the output of every stage (`stage_layers`, STUDY.md §9) and the layer whose
+map is 1/16 of the input like VGG's and ViT's (`matched_layer`, the resolution-matched arm).
+A tenth model is one config entry (`models.extra`), not a code change. `training.registry` builds the timm models from these
 specs (and says why each target layer and tag was chosen); the analysis reads family and depth
 from here without importing torch.
 """
@@ -11,7 +13,7 @@ from here without importing torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from training.errors import ConfigError
 from training.recipes import Recipe
@@ -30,6 +32,8 @@ class ModelSpec:
     depth: int  # weight layers (CNNs) or transformer blocks (ViTs), as the paper counts them
     target_layer: str  # dotted path for Grad-CAM, e.g. "layer4.-1"
     token_reshape: bool = False  # the target layer outputs tokens, not a (B, C, h, w) map
+    stage_layers: tuple[str, ...] = ()  # every stage's output, shallow to deep (the last is target_layer)
+    matched_layer: Optional[str] = None  # map 1/16 of the input (14x14 at 224 px)
 
     @property
     def pretrained_name(self) -> str:
@@ -37,17 +41,38 @@ class ModelSpec:
         return f"{self.timm_name}.{self.pretrained_tag}" if self.pretrained_tag else self.timm_name
 
 
+# Which fields decide what a training run computes (its fingerprint, `training.loop.run_inputs`):
+# the layer lists only choose where maps are read, so adding them left finished runs valid.
+TRAINING_FIELDS = ("name", "timm_name", "pretrained_tag", "family", "depth", "target_layer", "token_reshape")
+
 _VIT_TAG = "augreg_in21k_ft_in1k"
+# Stage layers (STUDY.md §9): VGG the last conv of each of its 5 blocks (before each max-pool);
+# ResNet the last block of layer1..layer4; ViT norm1 of the blocks at depth 1/4, 1/2, 3/4 and the last.
+_VGG16_STAGES = ("features.2", "features.7", "features.14", "features.21", "features.28")
+_VGG19_STAGES = ("features.2", "features.7", "features.16", "features.25", "features.34")
+_RESNET_STAGES = ("layer1.-1", "layer2.-1", "layer3.-1", "layer4.-1")
+
+
+def _vit_stages(blocks: int) -> tuple[str, ...]:
+    return tuple(f"blocks.{blocks * quarter // 4 - 1}.norm1" for quarter in (1, 2, 3)) + ("blocks.-1.norm1",)
+
+
+def _resnet(name: str, depth: int) -> "ModelSpec":
+    return ModelSpec(name, name, "tv_in1k", "resnet", depth, "layer4.-1", False, _RESNET_STAGES, "layer3.-1")
+
+
+def _vit(name: str, timm_name: str, blocks: int) -> "ModelSpec":
+    return ModelSpec(name, timm_name, _VIT_TAG, "vit", blocks, "blocks.-1.norm1", True, _vit_stages(blocks),
+                     "blocks.-1.norm1")
+
+
 _BUILTIN: tuple[ModelSpec, ...] = (
-    ModelSpec("vgg16", "vgg16", "tv_in1k", "vgg", 16, "features.28"),
-    ModelSpec("vgg19", "vgg19", "tv_in1k", "vgg", 19, "features.34"),
-    ModelSpec("resnet18", "resnet18", "tv_in1k", "resnet", 18, "layer4.-1"),
-    ModelSpec("resnet34", "resnet34", "tv_in1k", "resnet", 34, "layer4.-1"),
-    ModelSpec("resnet50", "resnet50", "tv_in1k", "resnet", 50, "layer4.-1"),
-    ModelSpec("resnet101", "resnet101", "tv_in1k", "resnet", 101, "layer4.-1"),
-    ModelSpec("vit_small", "vit_small_patch16_224", _VIT_TAG, "vit", 12, "blocks.-1.norm1", True),
-    ModelSpec("vit_base", "vit_base_patch16_224", _VIT_TAG, "vit", 12, "blocks.-1.norm1", True),
-    ModelSpec("vit_large", "vit_large_patch16_224", _VIT_TAG, "vit", 24, "blocks.-1.norm1", True),
+    ModelSpec("vgg16", "vgg16", "tv_in1k", "vgg", 16, "features.28", False, _VGG16_STAGES, "features.28"),
+    ModelSpec("vgg19", "vgg19", "tv_in1k", "vgg", 19, "features.34", False, _VGG19_STAGES, "features.34"),
+    _resnet("resnet18", 18), _resnet("resnet34", 34), _resnet("resnet50", 50), _resnet("resnet101", 101),
+    _vit("vit_small", "vit_small_patch16_224", 12),
+    _vit("vit_base", "vit_base_patch16_224", 12),
+    _vit("vit_large", "vit_large_patch16_224", 24),
 )
 REGISTRY: Mapping[str, ModelSpec] = {spec.name: spec for spec in _BUILTIN}
 
@@ -87,7 +112,34 @@ def get_spec(models_config: Any, name: str) -> ModelSpec:
 
 def _extra_spec(key: str, extra: Any) -> ModelSpec:
     return ModelSpec(key, extra.timm_name, extra.pretrained_tag, extra.family, extra.depth,
-                     extra.target_layer, extra.token_reshape)
+                     extra.target_layer, extra.token_reshape, tuple(extra.stage_layers), extra.matched_layer)
+
+
+# --------------------------------------------------------------------------- CAM layers (cam.layers)
+
+LAYER_ARMS = ("final", "stages", "matched")  # the values of cam.layers
+
+
+def cam_layers(spec: ModelSpec, arms: Sequence[str]) -> list[str]:
+    """The dotted layer paths the `cam.layers` arms ask of `spec`, shallow to deep, each once;
+    the final (paper's) layer is always among them."""
+    wanted = {"final": [spec.target_layer], "stages": list(spec.stage_layers),
+              "matched": [spec.matched_layer] if spec.matched_layer else []}
+    for arm in arms:
+        if arm not in wanted:
+            raise ConfigError(f"cam.layers: unknown arm {arm!r}; use some of {', '.join(LAYER_ARMS)}")
+        if not wanted[arm]:
+            field_name = "stage_layers" if arm == "stages" else "matched_layer"
+            raise ConfigError(f"cam.layers asks for {arm!r} but model {spec.name} declares no {field_name}; "
+                              f"set models.extra.{spec.name}.{field_name} or drop {arm!r} from cam.layers")
+    chosen = [layer for arm in arms for layer in wanted[arm]] + [spec.target_layer]
+    order = list(spec.stage_layers)  # shallow to deep; layers outside the stages go by request order
+    return sorted(dict.fromkeys(chosen), key=lambda layer: (order.index(layer) if layer in order else len(order)))
+
+
+def layer_roles(spec: ModelSpec, layer: str) -> dict[str, bool]:
+    """Which arms a layer of `spec` belongs to: the columns `final_layer` and `matched_layer` of a map row."""
+    return {"final_layer": layer == spec.target_layer, "matched_layer": layer == spec.matched_layer}
 
 
 def recipe_for(spec: ModelSpec, recipes: Mapping[str, Recipe]) -> Recipe:

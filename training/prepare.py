@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training import rle
+from training import lesions, rle
 from training.atomic import write_atomic
+from training.contract import StudyStore
 from training.config import PreprocessConfig, SplitConfig
 from training.data import read_image
 from training.errors import DataError
@@ -23,18 +24,19 @@ from training.row_mapper import Workers, map_rows
 from training.split import Selection, apply_selection, available, plan_selection
 
 
-MANIFEST_COLUMNS = ["image_id", "split", "label", "mask_rle", "mask_fraction", "path", "height",
-                    "width", "content_hash"]
+MANIFEST_COLUMNS = ["image_id", "split", "label", "mask_rle", "rle_rows", "mask_fraction", "n_regions",
+                    "elongation", "path", "height", "width", "content_hash"]
+MEASURED = ("mask_fraction", *lesions.COLUMNS, "content_hash", "height", "width")  # per image, by process_batch
 
 
 def process_batch(batch: pd.DataFrame, cfg: PreprocessConfig) -> dict[str, np.ndarray]:
     """Decode, preprocess and hash a batch of manifest rows (image_id, path, mask_rle, height, width).
 
     The function every worker runs; plain NumPy, no Ray. Masks are the union of the image's RLE
-    rows, decoded at native size; `mask_fraction` is measured there, before resizing.
+    rows, decoded at native size; `mask_fraction` and the lesion covariates are measured there,
+    before resizing.
     """
-    out: dict[str, list] = {key: [] for key in ("image_id", "image", "mask", "mask_fraction",
-                                                 "content_hash", "height", "width")}
+    out: dict[str, list] = {key: [] for key in ("image_id", "image", "mask", *MEASURED)}
     for row in batch.itertuples(index=False):
         pixels = read_image(row.path)
         height, width = _native_size(row, pixels.shape)
@@ -43,6 +45,8 @@ def process_batch(batch: pd.DataFrame, cfg: PreprocessConfig) -> dict[str, np.nd
         out["image"].append(preprocess_image(pixels, cfg))
         out["mask"].append(resize_mask(mask, cfg.image_size))
         out["mask_fraction"].append(float(mask.mean()))
+        for key, value in zip(lesions.COLUMNS, lesions.lesion_covariates(mask)):
+            out[key].append(value)
         out["content_hash"].append(file_sha256(row.path))
         out["height"].append(height)
         out["width"].append(width)
@@ -114,8 +118,7 @@ def prepare_data(images: pd.DataFrame, split_cfg: SplitConfig, preprocess_cfg: P
     for note in selection.notes:
         print(f"prepare: note: {note}")
     columns = map_rows(chosen, process_batch, workers, "preprocess", cfg=preprocess_cfg)
-    manifest = chosen.assign(**{key: columns[key] for key in ("mask_fraction", "content_hash",
-                                                                 "height", "width")})
+    manifest = chosen.assign(**{key: columns[key] for key in MEASURED})
     manifest = manifest.assign(path=manifest["path"].astype(str))[MANIFEST_COLUMNS]
     return Prepared(manifest.reset_index(drop=True), columns["image"], columns["mask"], selection, duplicates)
 
@@ -134,8 +137,8 @@ def write_manifest(manifest: pd.DataFrame, path: str | Any) -> None:
 
 
 def cache_index(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The cache's index columns (training.cache.INDEX_COLUMNS minus row), in manifest order."""
-    return manifest[["image_id", "split", "label", "mask_fraction"]]
+    """The cache's index columns (StudyStore.CACHE_INDEX_COLUMNS minus row), in manifest order."""
+    return manifest[[c for c in StudyStore.CACHE_INDEX_COLUMNS if c != "row"]]
 
 
 def _no_duplicates() -> pd.DataFrame:

@@ -129,3 +129,38 @@ def largest_first(plans: list) -> list:
     (longest processing time first), the last to start is a short one, so workers stay busy to
     the end instead of waiting on one long straggler."""
     return sorted(plans, key=lambda plan: -parameter_count_millions(plan.spec))
+
+
+@functools.lru_cache(maxsize=None)  # asked once per run and layer list by the explain stage
+def layer_geometry(spec: ModelSpec, layers: tuple[str, ...], image_size: int,
+                   in_chans: int = 3) -> dict[str, tuple[float, int]]:
+    """layer -> (depth, map size) for `image_size` inputs, from one forward on the meta device (no
+    memory, no weights). depth is the share of the network's weight layers (Conv2d and Linear, in
+    the order they run, the head included) that have run when the layer's output exists: 0 at the
+    input, 1 after the head. The map size is the side of the layer's (h, w) map, or of the patch
+    grid for token layers."""
+    with torch.device("meta"):
+        model = timm.create_model(spec.timm_name, pretrained=False,
+                                  **create_kwargs(spec, image_size=image_size, in_chans=in_chans)).eval()
+    ran: list[nn.Module] = []
+    seen: dict[str, tuple[int, int]] = {}
+
+    def record(layer: str, output: torch.Tensor) -> None:  # a hook that returns a value replaces the output
+        seen.setdefault(layer, (len(ran), _side(model, spec, output)))
+
+    weight_layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(lambda m, i, o: ran.append(m) and None) for m in weight_layers]
+    for layer in layers:
+        handles.append(resolve_layer(model, layer).register_forward_hook(
+            lambda m, i, o, layer=layer: record(layer, o)))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, image_size, image_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (seen[layer][0] / len(ran), seen[layer][1]) for layer in layers}
+
+
+def _side(model: nn.Module, spec: ModelSpec, output: torch.Tensor) -> int:
+    return int(model.patch_embed.grid_size[0]) if spec.token_reshape else int(output.shape[-2])

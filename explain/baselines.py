@@ -1,0 +1,122 @@
+"""The baseline ladder's model-free maps (STUDY.md §9), scored on the same images as every CAM.
+
+- `prior`: the location prior, the mean of the training split's positive masks at the scored
+  size (training split only: no validation or test mask enters it), min-max normalised. It is
+  the same map for every image: it knows where lesions usually are and nothing about this image.
+- `image_only`: the Sobel gradient magnitude of the preprocessed image, Gaussian-smoothed
+  (sigma `baselines.image_only_sigma` of the image side), min-max normalised: edges, no learning.
+
+Chance and the oracle (h = M) are analytic and need no map (`analysis.ladder`). The rows go to
+`baselines/part-00000.parquet` with the columns of `cams/` (`model` and `cam_method` name the
+baseline, `seed` is null), tuned on the validation positives like any map set
+(`baselines/_tuning.json`); `baselines/_done.json` is written last, with the inputs it was made
+from (`training.contract.baselines_inputs`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from explain import tuning
+from explain.rows import map_table
+from training.atomic import atomic_dir
+from training.cache import read_index
+from training.contract import StudyStore, baselines_inputs, record_reason, write_record
+
+NAMES = ("prior", "image_only")
+BATCH = 64  # images scored at once (the metrics sort each map; memory grows with the batch)
+
+
+def location_prior(index: pd.DataFrame, masks: np.ndarray) -> np.ndarray:
+    """Mean of the training positives' masks (S, S), min-max normalised; all-zero without any."""
+    train = index[(index["split"] == "train") & (index["label"] == 1)]["row"].to_numpy()
+    if len(train) == 0:
+        return np.zeros(masks.shape[1:], np.float32)
+    mean = np.zeros(masks.shape[1:], np.float64)
+    for start in range(0, len(train), 256):  # bounded memory at paper scale
+        mean += np.asarray(masks[np.sort(train[start:start + 256])], np.float64).sum(axis=0)
+    return _min_max(mean / len(train))
+
+
+def image_only(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Sobel gradient magnitude of each image (B, S, S), smoothed by a Gaussian of `sigma` (a
+    fraction of the image side), each map min-max normalised."""
+    maps = []
+    for image in np.asarray(images, np.float32):
+        dx = cv2.Sobel(image, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
+        dy = cv2.Sobel(image, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
+        smooth = cv2.GaussianBlur(np.sqrt(dx * dx + dy * dy), (0, 0), sigmaX=sigma * image.shape[-1],
+                                  borderType=cv2.BORDER_REFLECT)
+        maps.append(_min_max(smooth))
+    return np.stack(maps) if maps else np.zeros((0, *np.shape(images)[1:]), np.float32)
+
+
+def _min_max(x: np.ndarray) -> np.ndarray:
+    low, high = float(x.min()), float(x.max())
+    return ((x - low) / (high - low) if high > low else np.zeros_like(x)).astype(np.float32)
+
+
+def baselines_reason(config, store: StudyStore) -> Optional[str]:
+    return record_reason(store.baselines_dir / StudyStore.CAM_DONE, baselines_inputs(config))
+
+
+def explain_baselines(config, store: StudyStore, force: bool = False) -> Optional[Path]:
+    """Score both baselines into baselines/ unless they are up to date (None when turned off)."""
+    if not config.baselines.enabled:
+        shutil.rmtree(store.baselines_dir, ignore_errors=True)  # no stale ladder beside new results
+        return None
+    reason = "--force" if force else baselines_reason(config, store)
+    if reason is None:
+        print("[explain] baselines: up to date, skipped")
+        return store.baselines_dir
+    print(f"[explain] baselines: {reason}; scoring the location prior and the image-only map")
+    return _write(config, store)
+
+
+def _write(config, store: StudyStore) -> Path:
+    index = read_index(store.cache_dir)
+    images = np.load(store.cache_dir / StudyStore.CACHE_IMAGES, mmap_mode="r")
+    masks = np.load(store.cache_dir / StudyStore.CACHE_MASKS, mmap_mode="r")
+    rows = _rows(index)
+    prior = location_prior(index, masks)
+    parts = [table for start in range(0, len(rows), BATCH)
+             for table in _score(config, rows.iloc[start:start + BATCH], images, masks, prior)]
+    scored, records = tuning.apply(pa.concat_tables(parts), ["model"], config.metrics) if parts else (None, [])
+    with atomic_dir(store.baselines_dir) as tmp:
+        if scored is not None:
+            import pyarrow.parquet as pq
+
+            pq.write_table(scored, tmp / StudyStore.CAM_PART)
+        tuning.write_records(tmp / StudyStore.CAM_TUNING, records, config.metrics)
+        train = int(((index["split"] == "train") & (index["label"] == 1)).sum())
+        write_record(tmp / StudyStore.CAM_DONE, baselines_inputs(config), rows=0 if scored is None else len(scored),
+                     prior_from_train_positives=train)
+    print(f"[explain] baselines: {0 if scored is None else len(scored)} maps written -> {store.baselines_dir}"
+          f" (prior from {train} training masks)")
+    return store.baselines_dir
+
+
+def _rows(index: pd.DataFrame) -> pd.DataFrame:
+    """Every positive test image (scored) and validation image (tunes), with no prediction."""
+    rows = index[index["label"] == 1]
+    rows = rows[rows["split"].isin(["test", "val"])].sort_values(["split", "row"], ascending=[True, True])
+    return rows.assign(probability=np.nan, correct=pd.array([None] * len(rows), dtype="boolean"),
+                       randomized=False).reset_index(drop=True)
+
+
+def _score(config, rows: pd.DataFrame, images: np.ndarray, masks: np.ndarray, prior: np.ndarray) -> list[pa.Table]:
+    take = rows["row"].to_numpy()
+    mask = np.asarray(masks[take]).astype(bool)
+    size = mask.shape[-1]
+    maps = {"prior": np.repeat(prior[None], len(mask), axis=0),
+            "image_only": image_only(np.asarray(images[take]), config.baselines.image_only_sigma)}
+    return [map_table(rows, mask, maps[name], config.metrics, model=name, seed=None, method=name, layer="",
+                      depth=float("nan"), map_size=size, final_layer=True, matched_layer=False)
+            for name in NAMES]
