@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from analysis import figures, paper_values, stats, tables, validity
+from analysis import covariates, figures, ladder, layers, paper_values, stats, tables, validity
 from analysis.inputs import StudyInputs, read_backgrounds, read_heatmaps
 
 
@@ -30,6 +30,7 @@ class AnalysisOutputs:
     figures: dict[str, Path] = field(default_factory=dict)
     run_summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     excluded: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=validity.EXCLUDED_COLUMNS))
+    excluded_primary: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=validity.EXCLUDED_COLUMNS))
     notes: list[str] = field(default_factory=list)  # figures or analyses that could not be made, and why
 
     statistics_path = property(lambda self: self.directory / "statistics.json")
@@ -56,48 +57,86 @@ def _ordered(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 def build_outputs(inputs: StudyInputs, directory: Path) -> AnalysisOutputs:
     """Every table, statistic and figure, written under `directory` (CSV, JSON, PNG).
 
-    Degenerate map sets (`analysis.validity`) stay in the per-model tables with their reason and
-    are left out of every comparison, chance level, sanity verdict and conclusion: `valid`."""
+    The paper's tables and comparisons read the paper's layer (`final_layer`) of the primary CAM
+    method (`trained`); the layer sweep and the resolution-matched arm read every layer
+    (`swept`). Degenerate map sets (`analysis.validity`, one per model, seed, method and layer)
+    stay in the per-model tables with their reason and are left out of every comparison, chance
+    level, sanity verdict and conclusion: `valid`."""
     alpha, order = alpha_of(inputs.config), inputs.model_order
     method = tables.primary_method(inputs.cams)
-    trained = _ordered(tables.trained_rows(inputs.cams, method), order) if method else inputs.cams.iloc[0:0]
+    cams = _ordered(inputs.cams, order) if len(inputs.cams) else inputs.cams
+    primary = tables.final_layer_rows(cams)
+    trained = tables.trained_rows(primary, method) if method else cams.iloc[0:0]
+    swept = tables.trained_rows(cams, method) if method else cams.iloc[0:0]
     outputs = AnalysisOutputs(directory=directory)
     outputs.excluded = validity.degenerate_sets(inputs.cams, inputs.test_metrics)
+    outputs.excluded_primary = validity.among(outputs.excluded, trained)  # the paper's layer, primary method
     valid = validity.without(trained, outputs.excluded)
-    outputs.tables = _tables(inputs, trained, valid, method, alpha, outputs.excluded)
+    outputs.tables = _tables(inputs, primary, trained, valid, method, alpha, outputs.excluded)
+    outputs.tables.update(_beyond_tables(inputs, primary, trained, swept, valid, method, alpha, outputs.excluded))
     outputs.statistics = _statistics(trained, valid, method, alpha, outputs)
+    outputs.statistics["resolution_matched"] = layers.matched_statistics(swept, outputs.excluded, alpha)
     outputs.run_summary = tables.run_summary(trained, outputs.excluded) if len(trained) else pd.DataFrame()
     outputs.tables.update(_statistics_tables(outputs.statistics))
     outputs.figures = _figures(inputs, trained, outputs, method)
     _write_tables(outputs)
-    scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha)
+    scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha, inputs.baselines)
     scores.to_parquet(outputs.scores_path, index=False)
     outputs.statistics_path.write_text(json.dumps(_jsonable(outputs.statistics), indent=1))
     return outputs
 
 
-def _tables(inputs: StudyInputs, trained: pd.DataFrame, valid: pd.DataFrame, method: Optional[str], alpha: float,
-            excluded: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per-model tables over every map set, each with a `degenerate` column (the reason, or
-    empty); the sanity comparison over the valid sets only."""
-    models = inputs.models
+def model_flags(trained: pd.DataFrame, method: Optional[str], excluded: pd.DataFrame) -> pd.DataFrame:
+    """model -> the degenerate reason of its paper-layer map set(s) (STUDY.md §8), for per-model tables."""
     seeds = trained.groupby("model", observed=True)["seed"].nunique().to_dict() if len(trained) else {}
-    flags = validity.flags_by_model(excluded, method, {str(m): n for m, n in seeds.items()})
+    return validity.flags_by_model(validity.among(excluded, trained), method, {str(m): n for m, n in seeds.items()})
+
+
+def _tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataFrame, valid: pd.DataFrame,
+            method: Optional[str], alpha: float, excluded: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per-model tables over every map set of the paper's layer, each with a `degenerate` column
+    (the reason, or empty); the sanity comparison over the valid sets only."""
+    models = inputs.models
+    flags = model_flags(trained, method, excluded)
     result = {"table1": tables.table1(inputs.test_metrics, models)}
     if len(trained):
         result.update(table2=tables.table2(trained, models),
                       localisation=tables.localisation_table(trained, models, alpha),
-                      sanity=tables.sanity_table(validity.without(inputs.cams, excluded), method, models, alpha))
+                      sanity=tables.sanity_table(validity.without(primary, excluded), method, models, alpha))
         if "ehr_auc" in trained:
             result["ehr"] = tables.ehr_table(trained, models, alpha)
-        if inputs.cams["cam_method"].nunique() > 1:
-            result["methods"] = tables.methods_table(inputs.cams, models)
+        if primary["cam_method"].nunique() > 1:
+            result["methods"] = tables.methods_table(primary, models)
     for name in ("table1", "table2", "localisation", "ehr"):
         if name in result:
             result[name] = tables.with_flags(result[name], flags)
+    if "localisation" in result and "auprc" in trained:
+        result["threshold_free"] = tables.with_flags(tables.threshold_free_table(trained, models, alpha), flags)
     predictions = _ordered(inputs.predictions, inputs.model_order)
     result["classification_pairs"] = stats.classification_comparisons(predictions, threshold_of(inputs.config), alpha)
     return result
+
+
+def _beyond_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataFrame, swept: pd.DataFrame,
+                   valid: pd.DataFrame, method: Optional[str], alpha: float,
+                   excluded: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """STUDY.md §9: the baseline ladder and the prior test, the layer sweep and the
+    resolution-matched arm, the lesion covariates."""
+    if trained.empty:
+        return {}
+    flagged = model_flags(trained, method, excluded)
+    flags = dict(zip(flagged["model"], flagged["degenerate"]))
+    randomized = primary[primary["randomized"] & (primary["cam_method"] == method)]
+    found = {"ladder": ladder.ladder_table(trained, randomized, inputs.baselines, flags, alpha),
+             "beats_prior": ladder.beats_prior(valid, inputs.baselines, alpha)}
+    if swept["cam_layer"].nunique() > trained["cam_layer"].nunique():  # cam.layers asked for more than `final`
+        found["layer_sweep"] = layers.layer_sweep_table(swept, inputs.models, validity.among(excluded, swept), alpha)
+        matched = layers.matched_table(found["layer_sweep"])
+        if matched["model"].nunique() == swept["model"].nunique():
+            found["resolution_matched"] = matched
+    terms = [covariates.covariate_model(valid, metric, alpha) for metric in covariates.COVARIATE_METRICS]
+    found["covariates"] = pd.concat([t for t in terms if len(t)] or [terms[0]], ignore_index=True)
+    return {name: table for name, table in found.items() if len(table)}  # an empty table says nothing
 
 
 def _statistics(trained: pd.DataFrame, valid: pd.DataFrame, method: Optional[str], alpha: float,
@@ -139,6 +178,11 @@ def _statistics_tables(statistics: dict[str, Any]) -> dict[str, pd.DataFrame]:
         found[f"{metric}_paper_tukey"] = paper["tukey"]  # every model, degenerate sets included, as the paper did
     if "diff_gradcam" in statistics["comparisons"]:
         found["tukey_vs_paper"] = tables.tukey_vs_paper(statistics["comparisons"]["diff_gradcam"])
+    matched = statistics.get("resolution_matched") or {}
+    for metric, paper in matched.get("paper_all_models", {}).items():
+        found[f"resolution_matched_{metric}_paper_tukey"] = paper["tukey"]
+    for metric, comparison in matched.get("comparisons", {}).items():
+        found[f"resolution_matched_{metric}_block_tukey"] = comparison["block_tukey"]
     if len(statistics["excluded"]):
         found["excluded"] = pd.DataFrame(statistics["excluded"])
     return found
@@ -190,7 +234,26 @@ def _figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutput
                                           folder / "metric_vs_depth.png")
     if not outputs.tables["sanity"].empty:
         found["sanity"] = figures.sanity_figure(outputs.tables["sanity"], folder / "sanity_randomized.png")
+    found.update(_beyond_figures(inputs, trained, outputs, folder))
     return {name: path for name, path in found.items() if path is not None}
+
+
+def _beyond_figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutputs,
+                    folder: Path) -> dict[str, Path]:
+    """The ladder, the layer sweep and metric against lesion size (STUDY.md §9)."""
+    found: dict[str, Path] = {}
+    if len(outputs.tables.get("ladder", ())):
+        found["ladder"] = figures.ladder_figure(outputs.tables["ladder"], inputs.models, folder / "ladder.png")
+    sweep = outputs.tables.get("layer_sweep")
+    if sweep is not None and len(sweep):
+        shown = [name for name in ("diff_gradcam", "auprc", "pointing_game") if name in sweep]
+        found["layer_sweep"] = figures.layer_sweep_figure(sweep, shown, folder / "layer_sweep.png")
+    valid = validity.without(trained, outputs.excluded)
+    metrics = [m for m in covariates.COVARIATE_METRICS if m in valid]
+    bins = covariates.size_bins(valid, metrics)
+    if len(bins):
+        found["lesion_size"] = figures.lesion_size_figure(bins, metrics, inputs.models, folder / "lesion_size.png")
+    return found
 
 
 def _figure1(inputs: StudyInputs, trained: pd.DataFrame, path: Path, method: Optional[str],

@@ -22,17 +22,23 @@ def conclusions_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     items = conclusions(inputs, outputs)
     left_out = excluded_sentence(outputs)
     note = f"<p class='note'>{html.escape(left_out)}</p>" if left_out else ""
-    return "<h2 id='conclusions'>9. Conclusions the numbers support</h2>" + note + "<ul>" + "".join(
+    return "<h2 id='conclusions'>13. Conclusions the numbers support</h2>" + note + "<ul>" + "".join(
         f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
 
 
 def excluded_sentence(outputs: AnalysisOutputs) -> str:
-    """The degenerate map sets, each with its reason, in one sentence ("" when there is none)."""
+    """The degenerate map sets of the paper's layer, each with its reason, in one sentence, and how
+    many more the other layers hold ("" when there is none)."""
     if outputs.excluded.empty:
         return ""
-    sets = [f"{figures.label(r.model)} (seed {r.seed}, {r.method}): {r.reason}" for r in outputs.excluded.itertuples()]
-    return ("Left out of every comparison, chance level, sanity verdict and conclusion as degenerate map sets "
-            "(STUDY.md §8): " + "; ".join(sets) + ".")
+    primary = outputs.excluded_primary
+    sets = [f"{figures.label(r.model)} (seed {r.seed}, {r.method}): {r.reason}" for r in primary.itertuples()]
+    others = len(outputs.excluded) - len(primary)
+    tail = (f" {others} further degenerate map set(s) at other layers are listed in the table above and in "
+            "statistics.json." if others else "")
+    head = ("Left out of every comparison, chance level, sanity verdict and conclusion as degenerate map sets "
+            "(STUDY.md §8): " + "; ".join(sets) + "." if sets else "")
+    return (head + tail).strip()
 
 
 def _valid(table: pd.DataFrame) -> pd.DataFrame:
@@ -51,6 +57,7 @@ def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
         found.append(_ehr_conclusion(outputs.tables["ehr"]))
     if "sanity" in outputs.tables and not outputs.tables["sanity"].empty:
         found.append(_sanity_conclusion(outputs.tables["sanity"]))
+    found += [_prior_conclusion(outputs), _matched_conclusion(outputs), _covariate_conclusion(outputs)]
     if inputs.missing:
         found.append(f"{len(inputs.missing)} expected input(s) are missing (see the first section); "
                      "these conclusions cover only the runs that finished.")
@@ -193,9 +200,54 @@ def _localisation_summary(outputs: AnalysisOutputs) -> str:
     valid = _valid(ehr)
     above = [r for r in valid.to_dict(orient="records") if r["ehr_auc_norm_lo"] > 0]
     listed = ", ".join(f"{figures.label(r['model'])} {_ci(r, 'ehr_auc_norm', 3)}" for r in above)
+    prior = _prior_conclusion(outputs) or ("No location-prior baseline was scored (baselines.enabled is off), so "
+                                           "'above chance' is not shown to be 'above where lesions usually are'.")
     return (f"Localisation: {len(above)} of {len(valid)} valid map sets localise above chance (normalised EHR AUC, "
-            f"95% CI above 0{': ' + listed if listed else ''}). A location-prior baseline is not part of this "
-            "analysis, so 'above chance' is not yet 'above where lesions usually are'.")
+            f"95% CI above 0{': ' + listed if listed else ''}). " + prior)
+
+
+PRIOR_SUMMARY_METRICS = ("auprc", "diff_gradcam")  # threshold-free first, then the paper's metric
+
+
+def _prior_conclusion(outputs: AnalysisOutputs) -> str:
+    """Which valid map sets beat the location prior, paired over images (Holm), per summary metric."""
+    prior = outputs.tables.get("beats_prior")
+    if prior is None or prior.empty:
+        return ""
+    parts = []
+    for metric in (m for m in PRIOR_SUMMARY_METRICS if m in set(prior["metric"])):
+        part = prior[prior["metric"] == metric]
+        winners = [f"{figures.label(r.model)} (+{r.difference:.3f} [{r.lo:.3f}, {r.hi:.3f}])"
+                   for r in part.itertuples() if r.beats_prior]
+        below = [figures.label(r.model) for r in part.itertuples() if r.verdict == "below the prior"]
+        parts.append(f"by {metric}, {len(winners)} of {len(part)} beat it" + (f": {', '.join(winners)}" if winners else "")
+                     + (f"; {', '.join(below)} score below it" if below else ""))
+    return ("Against the location prior (the mean training mask; paired over images, Holm): " + "; ".join(parts)
+            + ". A map that does not beat the prior shows no image-specific localisation.")
+
+
+def _matched_conclusion(outputs: AnalysisOutputs) -> str:
+    matched = outputs.statistics.get("resolution_matched") or {}
+    comparison = matched.get("comparisons", {}).get("diff_gradcam")
+    if comparison is None:
+        return ""
+    pairs = [_pair_label(p) for p in comparison["significant_pairs"]]
+    return (f"At one map size ({matched['map_size']}×{matched['map_size']}, every model's resolution-matched layer) "
+            + (f"{len(pairs)} pair(s) differ in Diff_GradCAM ({comparison['trusted_basis']}): {', '.join(pairs)}."
+               if pairs else f"no pair of models differs in Diff_GradCAM ({comparison['trusted_basis']}).")
+            + " Differences seen only at the paper's layers may come from map resolution, not depth.")
+
+
+def _covariate_conclusion(outputs: AnalysisOutputs) -> str:
+    table = outputs.tables.get("covariates")
+    if table is None or table.empty:
+        return ""
+    significant = table[table["p"] < outputs.statistics.get("alpha", 0.05)]
+    if significant.empty:
+        return ("No lesion covariate (size, regions, elongation) or the predicted probability has a significant effect "
+                "in the mixed models of " + ", ".join(dict.fromkeys(table["metric"])) + ".")
+    effects = [f"{r.term} on {r.metric} ({r.estimate:+.3g} [{r.lower:.3g}, {r.upper:.3g}])" for r in significant.itertuples()]
+    return "Lesion covariates with a significant effect (mixed model, images as random effect): " + "; ".join(effects) + "."
 
 
 def _sanity_summary(outputs: AnalysisOutputs) -> str:

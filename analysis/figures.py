@@ -183,6 +183,93 @@ def sanity_figure(sanity: pd.DataFrame, path: Path) -> Path:
     return _save(figure, path)
 
 
+# ----------------------------------------------------------------------------- STUDY.md §9
+
+
+RUNG_STYLE = {"chance": ("lightgrey", "s"), "image_only": ("tab:purple", "D"), "prior": ("tab:red", "D"),
+              "randomized": ("grey", "v"), "gradcam": (None, "o"), "oracle": ("black", "s")}
+
+
+def ladder_figure(ladder: pd.DataFrame, models: pd.DataFrame, path: Path) -> Path:
+    """The baseline ladder: one panel per metric, rungs left to right (chance, image-only, prior,
+    each model's randomised map, each model's Grad-CAM, oracle) with 95% CIs; the prior's mean as a
+    dashed line; degenerate map sets hollow."""
+    metrics = list(dict.fromkeys(ladder["metric"]))
+    figure, axes = plt.subplots(len(metrics), 1, squeeze=False, figsize=(max(8, 0.45 * _rungs(ladder) + 3),
+                                                                         2.4 * len(metrics)))
+    family = dict(zip(models["model"], models["family"]))
+    for ax, metric in zip(axes[:, 0], metrics):
+        part = ladder[ladder["metric"] == metric].reset_index(drop=True)
+        x = np.arange(len(part))
+        for xi, row in zip(x, part.itertuples()):
+            colour, marker = RUNG_STYLE[row.rung]
+            colour = colour or FAMILY_COLOURS.get(family.get(row.model), "tab:grey")
+            hollow = bool(row.degenerate)
+            ax.errorbar(xi, row.mean, yerr=[[row.mean - row.lo], [row.hi - row.mean]] if np.isfinite(row.lo) else None,
+                        fmt=marker, color=colour, mfc="white" if hollow else colour, capsize=2, markersize=5)
+        prior = part.loc[part["rung"] == "prior", "mean"]
+        if len(prior):
+            ax.axhline(float(prior.iloc[0]), color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_xticks(x, [_rung_label(r) for r in part.itertuples()], rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel(metric, fontsize=8)
+    figure.suptitle("Baseline ladder: chance, image-only, location prior (dashed), randomised, Grad-CAM, oracle "
+                    "(mean, 95% CI; hollow: degenerate)", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def _rungs(ladder: pd.DataFrame) -> int:
+    return int(ladder.groupby("metric").size().max()) if len(ladder) else 1
+
+
+def _rung_label(row) -> str:
+    names = {"chance": "chance", "image_only": "image-only", "prior": "location prior", "oracle": "oracle"}
+    if row.rung in names:
+        return names[row.rung]
+    return f"{label(row.model)}{' (random)' if row.rung == 'randomized' else ''}"
+
+
+def layer_sweep_figure(sweep: pd.DataFrame, metrics: list[str], path: Path) -> Path:
+    """Each metric (mean, 95% CI) against layer depth, one line per model; the paper's layer
+    filled, the others hollow; the resolution-matched layer ringed."""
+    figure, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(3.6 * len(metrics), 3.4))
+    for ax, metric in zip(axes[0], metrics):
+        for model, part in sweep.groupby("model", sort=False):
+            part = part.sort_values("layer_depth")
+            colour = FAMILY_COLOURS.get(part["family"].iloc[0], "tab:grey")
+            ax.errorbar(part["layer_depth"], part[metric], yerr=_error_bars(part, metric), color=colour,
+                        marker=".", capsize=2, linewidth=1, alpha=0.8, label=label(model))
+            final = part[part["final_layer"]]
+            ax.plot(final["layer_depth"], final[metric], "o", color=colour)
+            matched = part[part["matched_layer"]]
+            ax.plot(matched["layer_depth"], matched[metric], "o", mfc="none", mec="black", markersize=9)
+        ax.set_xlabel("layer depth (share of weight layers run)", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    axes[0, -1].legend(fontsize=6, loc="best")
+    figure.suptitle("Layer sweep: metric against depth through each network (filled: the paper's layer; "
+                    "ringed: the resolution-matched layer)", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def lesion_size_figure(bins: pd.DataFrame, metrics: list[str], models: pd.DataFrame, path: Path) -> Path:
+    """Each metric's mean per lesion-size quartile (x: the quartile's median lesion share, log
+    scale), one line per model."""
+    figure, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(3.8 * len(metrics), 3.4))
+    family = dict(zip(models["model"], models["family"]))
+    for ax, metric in zip(axes[0], metrics):
+        for model, part in bins.groupby("model", sort=False, observed=True):
+            ax.plot(part["mask_fraction"], part[metric], marker="o", label=label(str(model)),
+                    color=FAMILY_COLOURS.get(family.get(str(model)), "tab:grey"), alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("lesion share of the image (quartile median)", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    axes[0, -1].legend(fontsize=6)
+    figure.suptitle("Localisation against lesion size (valid map sets, paper's layer)", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def figure1_images(trained: pd.DataFrame, count: int = 3) -> list[str]:
     """Positive test images scored by every model: the ones at evenly spaced mask-fraction
     quantiles (25%, 50%, 75% for three), so lesions of typical sizes are shown."""

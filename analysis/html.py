@@ -49,8 +49,9 @@ def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
     sections = [summary_section(inputs, outputs), _missing_section(inputs, outputs), _setup_section(inputs),
                 _data_section(inputs),
                 _classification_section(outputs), _table2_section(outputs), _ehr_section(outputs),
-                _localisation_section(outputs), _statistics_section(outputs), _figures_section(outputs),
-                conclusions_section(inputs, outputs)]
+                _localisation_section(outputs), _threshold_free_section(outputs), _ladder_section(outputs),
+                _layers_section(outputs), _covariates_section(outputs), _statistics_section(outputs),
+                _figures_section(outputs), conclusions_section(inputs, outputs)]
     title = f"camstudy report: {html.escape(str(inputs.config.get('study') or inputs.root.name))}"
     body = "\n".join(s for s in sections if s)
     body = body.replace("<!--toc-->", _toc(body), 1)
@@ -239,11 +240,86 @@ def _localisation_section(outputs: AnalysisOutputs) -> str:
     return "".join(parts)
 
 
+def _threshold_free_section(outputs: AnalysisOutputs) -> str:
+    table = outputs.tables.get("threshold_free")
+    if table is None or table.empty:
+        return ""
+    anchor = paper_values.ARUN_AUPRC
+    text = (f"<p>Pixel AUPRC ranks every pixel by its heat against the mask: its chance level is the lesion's share "
+            f"f of the image (here {table['auprc_chance'].mean():.4f} on average), its oracle 1. Pixel AUROC has chance "
+            f"0.5. {html.escape(anchor['source'])}: eight saliency methods {anchor['saliency_low']}–"
+            f"{anchor['saliency_high']}, a U-Net trained on the masks {anchor['unet']}. IoU and hit use each map "
+            f"set's threshold tuned on the validation positives (CheXlocalize's protocol; thresholds and images in "
+            f"cams/&lt;run&gt;/_tuning.json); a hit is IoU ≥ the configured hit_iou.</p>")
+    return ("<h2 id='threshold-free'>7. Threshold-free and tuned-threshold metrics</h2>" + _box("note", text)
+            + _table_html(tables.merge_intervals(table), "AUPRC, pixel AUROC, IoU and hit at the tuned threshold "
+                          "(mean, 95% CI over images); arun_*: Arun et al. 2021 on SIIM-ACR", "threshold_free"))
+
+
+def _ladder_section(outputs: AnalysisOutputs) -> str:
+    ladder, prior = outputs.tables.get("ladder"), outputs.tables.get("beats_prior")
+    if ladder is None or ladder.empty:
+        return ""
+    text = ("<p>Each metric from chance to the oracle on one axis. The <b>location prior</b> is the mean training "
+            "mask: a map that knows where lesions usually are and nothing about this image. A Grad-CAM that does not "
+            "beat it shows no image-specific localisation, however far above chance it is.</p>")
+    return ("<h2 id='ladder'>8. Baseline ladder: chance, image-only, prior, randomised, Grad-CAM, oracle</h2>"
+            + _box("note", text)
+            + _figure_html(outputs, "ladder", "The ladder per metric (mean, 95% CI over images; hollow: degenerate "
+                                              "map set; dashed: the location prior).")
+            + _table_html(prior, "Grad-CAM minus the location prior, paired over images (valid map sets; Wilcoxon "
+                                 "signed-rank, Holm across models per metric)", "beats_prior")
+            + "<details><summary>Every rung as a table</summary>"
+            + _table_html(ladder, "The ladder (mean, 95% CI over images)", "ladder") + "</details>")
+
+
+def _layers_section(outputs: AnalysisOutputs) -> str:
+    sweep = outputs.tables.get("layer_sweep")
+    if sweep is None or sweep.empty:
+        return ""
+    parts = ["<h2 id='layers'>9. Layer sweep and the resolution-matched comparison</h2>",
+             _box("note", "<p>The paper compares ResNet maps of 7×7 with VGG and ViT maps of 14×14 (at 224 px), so "
+                          "depth is confounded with map resolution. The sweep follows each metric through a network's "
+                          "stages; the resolution-matched arm compares every model at one map size.</p>"),
+             _figure_html(outputs, "layer_sweep", "Metric against layer depth per model (filled: the paper's layer; "
+                                                  "ringed: the resolution-matched layer)."),
+             _table_html(tables.merge_intervals(sweep), "Every layer of every model (mean, 95% CI over images)",
+                         "layer_sweep")]
+    matched = outputs.tables.get("resolution_matched")
+    stats_matched = outputs.statistics.get("resolution_matched") or {}
+    if matched is not None and len(matched):
+        parts.append(_table_html(tables.merge_intervals(matched), f"Every model at one map size "
+                                 f"({stats_matched.get('map_size', '?')}×{stats_matched.get('map_size', '?')})",
+                                 "resolution_matched"))
+        for metric, comparison in stats_matched.get("comparisons", {}).items():
+            parts.append(_box("verdict", f"<b>{html.escape(metric)} at one map size.</b> "
+                                         + html.escape(comparison["verdict"])))
+            parts.append(_table_html(comparison["block_tukey"], f"Block Tukey on {metric} at one map size (valid "
+                                     "map sets, images paired)", f"resolution_matched_{metric}_block_tukey"))
+        for metric, paper in stats_matched.get("paper_all_models", {}).items():
+            parts.append(_table_html(paper["tukey"], f"The paper's analysis (one-way ANOVA p = "
+                                                     f"{paper['anova']['p']:.3g}, Tukey) on {metric} at one map size, "
+                                                     "every model", f"resolution_matched_{metric}_paper_tukey"))
+    return "".join(parts)
+
+
+def _covariates_section(outputs: AnalysisOutputs) -> str:
+    table = outputs.tables.get("covariates")
+    if table is None or table.empty:
+        return ""
+    return ("<h2 id='covariates'>10. Lesion covariates</h2>"
+            + _box("note", "<p>A mixed model of each metric on the model and the lesion (size, regions, elongation) and "
+                           "the predicted probability, images as random effect, over the valid map sets of the paper's "
+                           "layer: does localisation depend on the lesion more than on the architecture?</p>")
+            + _table_html(table, "Covariate effects (estimate per unit, Wald 95% CI, p)", "covariates")
+            + _figure_html(outputs, "lesion_size", "Metric per lesion-size quartile, one line per model."))
+
+
 def _statistics_section(outputs: AnalysisOutputs) -> str:
     comparisons = outputs.statistics["comparisons"]
     if not comparisons:
-        return "<h2 id='statistics'>7. Statistics</h2><p class='note'>Not enough models with CAM scores to compare.</p>"
-    parts = ["<h2 id='statistics'>7. Statistics</h2>"]
+        return "<h2 id='statistics'>11. Statistics</h2><p class='note'>Not enough models with CAM scores to compare.</p>"
+    parts = ["<h2 id='statistics'>11. Statistics</h2>"]
     for metric, comparison in comparisons.items():
         body = _paper_analysis_html(metric, comparison, outputs) + _our_analysis_html(metric, comparison)
         parts.append(body if metric == "diff_gradcam" else
@@ -265,7 +341,7 @@ def _paper_analysis_html(metric: str, comparison: dict[str, Any], outputs: Analy
         every["tukey"], f"Tukey HSD on {metric} over every model, degenerate map sets included, as the paper did it "
                         f"(one-way ANOVA p = {every['anova']['p']:.3g}; meandiff = group2 − group1)",
         f"{metric}_paper_tukey"))
-    return (f"<h3>7.1 {metric}: the paper's analysis (for comparison only)</h3>" + _box("paper", text)
+    return (f"<h3>11.1 {metric}: the paper's analysis (for comparison only)</h3>" + _box("paper", text)
             + as_published
             + _table_html(comparison["paper"]["tukey"],
                           f"Tukey HSD on {metric}, the paper's method over the valid map sets "
@@ -278,7 +354,7 @@ def _paper_analysis_html(metric: str, comparison: dict[str, Any], outputs: Analy
 def _our_analysis_html(metric: str, comparison: dict[str, Any]) -> str:
     mm, fried = comparison["mixed_model"], comparison["friedman"]
     variance = mm["variance"]
-    parts = [f"<h3>7.2 {metric}: paired analysis (images as subjects)</h3>",
+    parts = [f"<h3>11.2 {metric}: paired analysis (images as subjects)</h3>",
              _box("verdict", "<b>Verdict.</b> " + html.escape(comparison["verdict"])),
              _table_html(mm["estimates"], f"Mixed model {mm['formula']}: model means (95% CI). Variance between images "
                                           f"{variance['image']:.4g}, residual {variance['residual']:.4g}.",
@@ -310,7 +386,7 @@ def _seeds_html(metric: str, comparison: dict[str, Any]) -> str:
         parts.append(_table_html(level["tukey"], f"Run-level Tukey HSD on per-run means (the run is the unit; "
                                  f"ANOVA p = {level['anova']['p']:.3g}; seed SD {level['seed_sd']:.3g} vs SD between "
                                  f"model means {level['between_model_sd']:.3g})", f"{metric}_run_level_tukey"))
-    return ("<h3>7.3 Seeds</h3>" + "".join(parts)) if parts else ""
+    return ("<h3>11.3 Seeds</h3>" + "".join(parts)) if parts else ""
 
 
 def _figures_section(outputs: AnalysisOutputs) -> str:
@@ -322,6 +398,6 @@ def _figures_section(outputs: AnalysisOutputs) -> str:
     if sanity is not None and not sanity.empty:
         parts.append(_table_html(sanity, "Trained vs randomised (paired Wilcoxon over images, Holm over models)",
                                  "sanity"))
-    return "<h2 id='figures'>8. Figures</h2>" + "".join(p for p in parts if p)
+    return "<h2 id='figures'>12. Figures</h2>" + "".join(p for p in parts if p)
 
 

@@ -3,6 +3,7 @@
     train/<model>-seed<k>/  done.json (finished), predictions.parquet, test_metrics.json
     cams/<model>-seed<k>/   Parquet parts, one row per scored image × method (trained model)
     sanity/<model>-seed<k>/ the same for the weight-randomised twin (`randomized` true)
+    baselines/              the location prior and the image-only map, the same columns
     data/                   manifest.parquet, report.json, cache/ (Figure 1 backgrounds)
 
 Plain pandas and pyarrow only: the analysis runs without torch, timm or Ray, and finds every
@@ -30,10 +31,12 @@ from training.models import FAMILY_ORDER, REGISTRY
 BUILTIN_MODELS: dict[str, tuple[str, int]] = {name: (spec.family, spec.depth) for name, spec in REGISTRY.items()}
 PRIMARY_CAM_METHOD = "gradcam"
 CAM_REQUIRED = ["image_id", "model", "seed", "diff_gradcam", "randomized", "cam_method"]
-CAM_OPTIONAL = ["label", "probability", "correct", "mask_fraction", "ehr_auc", "ehr_auc_chance",
+CAM_OPTIONAL = ["label", "probability", "correct", "mask_fraction", "rle_rows", "n_regions", "elongation",
+                "cam_layer", "layer_depth", "map_size", "final_layer", "matched_layer", "ehr_auc", "ehr_auc_chance",
                 "ehr_auc_oracle", "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
                 "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit",
-                "iou_otsu", "cam_all_zero", "cam_constant", "cam_layer"]
+                "iou_otsu", "auprc", "auroc_pixel", "mask_fraction_scored", "cam_all_zero", "cam_constant",
+                "tuned_threshold", "iou_tuned", "hit_tuned"]
 def model_table(models: list[str], known: Optional[Mapping[str, tuple[str, int]]] = None) -> pd.DataFrame:
     """model, family, depth, in plot order: by family (VGG, ResNet, ViT, others), then depth.
 
@@ -69,6 +72,7 @@ class StudyInputs:
     test_metrics: pd.DataFrame  # model, seed, accuracy(_lo/_hi), precision..., auc...
     predictions: pd.DataFrame  # model, seed, image_id, label, probability
     cams: pd.DataFrame  # CAM rows without the heatmap column
+    baselines: pd.DataFrame = field(default_factory=pd.DataFrame)  # baselines/ rows without the heatmap
     manifest: Optional[pd.DataFrame] = None
     data_report: Optional[dict[str, Any]] = None
     missing: list[str] = field(default_factory=list)
@@ -94,6 +98,7 @@ def load_study(study_dir: str | Path, config: Mapping[str, Any],
         test_metrics=_read_test_metrics(store, finished[finished["has_metrics"]]),
         predictions=_read_predictions(store, finished[finished["has_predictions"]]),
         cams=_read_all_cams(store, finished[finished["has_cams"]], missing),
+        baselines=_read_baselines(store, missing, expected=bool((config.get("baselines") or {}).get("enabled"))),
         manifest=_read_optional_parquet(store.manifest_path, missing),
         data_report=_read_optional_json(store.data_report_path, missing),
     )
@@ -169,6 +174,19 @@ def _read_all_cams(store: StudyStore, runs: pd.DataFrame, missing: list[str]) ->
     if not frames:
         return pd.DataFrame(columns=CAM_REQUIRED)
     return pd.concat(frames, ignore_index=True)
+
+
+def _read_baselines(store: StudyStore, missing: list[str], expected: bool) -> pd.DataFrame:
+    """The baselines' rows, when their completion record says they are whole; `expected` (the
+    config's baselines.enabled): their absence is listed in `missing`."""
+    folder = store.baselines_dir
+    if not (folder / StudyStore.CAM_DONE).is_file() or not _has_parquet(folder):
+        if expected:
+            missing.append("baselines/: absent (run `camstudy explain`): no location prior or image-only rung in "
+                           "the ladder")
+        return pd.DataFrame(columns=CAM_REQUIRED)
+    frame = read_cams(folder, missing)
+    return frame if frame is not None else pd.DataFrame(columns=CAM_REQUIRED)
 
 
 def read_cams(directory: Path, missing: list[str]) -> Optional[pd.DataFrame]:

@@ -105,3 +105,11 @@ def ehr_table() -> pd.DataFrame:
                           "paper_ehr_low": v.low if v.low is not None else v.value,
                           "paper_ehr_high": v.high if v.high is not None else v.value,
                           "paper_ehr_source": v.source} for model, v in EHR_AUC.items()])
+
+
+# The external anchor for pixel AUPRC (STUDY.md §9): Arun et al. 2021, "Assessing the
+# trustworthiness of saliency maps for localizing abnormalities in medical imaging" (Radiology:
+# Artificial Intelligence), on SIIM-ACR pneumothorax: eight saliency methods 0.024-0.224, a
+# U-Net trained on the masks 0.404.
+ARUN_AUPRC = {"saliency_low": 0.024, "saliency_high": 0.224, "unet": 0.404,
+              "source": "Arun et al. 2021, Radiology: AI, SIIM-ACR pneumothorax, pixel AUPRC"}

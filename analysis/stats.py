@@ -216,7 +216,7 @@ def _wilcoxon_holm(wide: pd.DataFrame, alpha: float) -> pd.DataFrame:
     rows = []
     for a, b in itertools.combinations(wide.columns, 2):
         difference = (wide[b] - wide[a]).to_numpy()
-        statistic, p = _wilcoxon(difference)
+        statistic, p = wilcoxon(difference)
         rows.append({"group1": a, "group2": b, "meandiff": float(difference.mean()),
                      "median_diff": float(np.median(difference)), "statistic": statistic, "p": p, "n": len(difference)})
     frame = pd.DataFrame(rows, columns=["group1", "group2", "meandiff", "median_diff", "statistic", "p", "n"])
@@ -226,7 +226,7 @@ def _wilcoxon_holm(wide: pd.DataFrame, alpha: float) -> pd.DataFrame:
     return frame[PAIR_COLUMNS + ["median_diff", "statistic", "p", "n"]]
 
 
-def _wilcoxon(difference: np.ndarray) -> tuple[float, float]:
+def wilcoxon(difference: np.ndarray) -> tuple[float, float]:
     """Two-sided Wilcoxon signed-rank (zero differences dropped); p = 1 when every difference is 0."""
     if not np.any(difference != 0):
         return 0.0, 1.0
@@ -488,7 +488,7 @@ def sanity_comparisons(df: pd.DataFrame, value: str = "diff_gradcam", group: str
         if not {False, True} <= set(wide.columns) or wide.empty:
             continue
         difference = (wide[False] - wide[True]).to_numpy()
-        statistic, p = _wilcoxon(difference)
+        statistic, p = wilcoxon(difference)
         rows.append({"model": model, "trained": float(wide[False].mean()), "randomized": float(wide[True].mean()),
                      "difference": float(difference.mean()), "statistic": statistic, "p": p, "n": len(difference)})
     frame = pd.DataFrame(rows, columns=["model", "trained", "randomized", "difference", "statistic", "p", "n"])

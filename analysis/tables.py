@@ -20,7 +20,9 @@ from analysis.inputs import PRIMARY_CAM_METHOD
 CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "auc"]
 EHR_VARIANTS = ["ehr_auc", "ehr_auc_inputiba"]
 RUN_SUMMARY = {"diff_gradcam_mean": "diff_gradcam", "ehr_auc_mean": "ehr_auc", "ehr_auc_norm_mean": "ehr_auc_norm",
-               "pointing_game": "pointing_hit", "energy_in_mask_mean": "energy_in_mask", "iou_otsu_mean": "iou_otsu"}
+               "pointing_game": "pointing_hit", "energy_in_mask_mean": "energy_in_mask", "iou_otsu_mean": "iou_otsu",
+               "auprc_mean": "auprc", "auroc_pixel_mean": "auroc_pixel", "iou_tuned_mean": "iou_tuned",
+               "hit_tuned_rate": "hit_tuned"}
 
 
 def primary_method(cams: pd.DataFrame) -> Optional[str]:
@@ -33,6 +35,12 @@ def primary_method(cams: pd.DataFrame) -> Optional[str]:
 
 def trained_rows(cams: pd.DataFrame, method: Optional[str]) -> pd.DataFrame:
     return cams[(~cams["randomized"]) & (cams["cam_method"] == method)]
+
+
+def final_layer_rows(cams: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the paper's target layer (STUDY.md §3); a store scored before the layer sweep
+    has only that layer."""
+    return cams[cams["final_layer"].astype(bool)] if "final_layer" in cams else cams
 
 
 def _by_model(models: pd.DataFrame, rows: list[dict]) -> pd.DataFrame:
@@ -147,6 +155,25 @@ def localisation_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float
     return table
 
 
+THRESHOLD_FREE = {"auprc": "auprc", "auroc_pixel": "auroc_pixel", "iou_tuned": "iou_tuned",
+                  "hit_tuned": "hit_tuned", "tuned_threshold": "tuned_threshold"}
+
+
+def threshold_free_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Pixel AUPRC (chance f) and pixel AUROC (chance 0.5), and IoU and hit at the threshold tuned
+    on validation positives (mean, 95% CI over images), with the mean chance level of AUPRC and
+    Arun et al. 2021's SIIM-ACR range beside them."""
+    present = {k: v for k, v in THRESHOLD_FREE.items() if k in trained}
+    table = metric_summary(trained, models, present, alpha)
+    if table.empty:
+        return table
+    chance = trained.groupby("model", observed=True)["mask_fraction_scored"].mean().rename("auprc_chance")
+    table = table.merge(chance, left_on="model", right_index=True, how="left")
+    anchor = paper_values.ARUN_AUPRC
+    return table.assign(arun_saliency_low=anchor["saliency_low"], arun_saliency_high=anchor["saliency_high"],
+                        arun_unet=anchor["unet"])
+
+
 def methods_table(cams: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     """Mean of the main metrics per model and CAM method (trained heatmaps)."""
     trained = cams[~cams["randomized"]]
@@ -200,13 +227,16 @@ def with_flags(table: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
 
 
 SCORE_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_chance", "ehr_auc_norm", "ehr_auc_inputiba",
-                 "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit", "iou_otsu"]
+                 "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit", "iou_otsu", "auprc", "auroc_pixel",
+                 "mask_fraction_scored", "iou_tuned", "hit_tuned", "tuned_threshold"]
 
 
-def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
-    """analysis/scores.parquet: one row per (model, seed, method, layer, set) with n, each metric's
-    mean and 95% CI over images (pointing_hit as a rate), and the degenerate flag with its reason:
-    the table a reader would otherwise build from cams/ and sanity/ by hand."""
+def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float = stats.ALPHA,
+                 baselines: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """analysis/scores.parquet: one row per (model, seed, method, layer, set = trained | randomized |
+    baseline) with n, each metric's mean and 95% CI over images (pointing_hit and hit_tuned as
+    rates), and the degenerate flag with its reason: the table a reader would otherwise build from
+    cams/, sanity/ and baselines/ by hand. Baselines have no seed (null) and no classifier."""
     if cams.empty:
         return pd.DataFrame(columns=["model", "seed", "method", "layer", "set", "n", "degenerate", "reason"])
     flagged = pd.concat([validity.degenerate_sets(cams, test_metrics, randomized=flag).assign(
@@ -217,13 +247,20 @@ def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float = 
             cams["randomized"].map({False: "trained", True: "randomized"})]
     rows = []
     for (model, seed, method, name, kind), part in cams.groupby(keys, sort=True):
-        row: dict[str, Any] = {"model": model, "seed": int(seed), "method": method, "layer": name, "set": kind,
-                               "n": len(part)}
-        for metric in (m for m in SCORE_METRICS if m in part):
-            row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"] = stats.mean_ci(part[metric].astype(float), alpha)
         why = reason.get((model, int(seed), method, name, kind), "")
-        rows.append({**row, "degenerate": bool(why), "reason": why})
-    return pd.DataFrame(rows)
+        rows.append({**_score_row(part, alpha, model=model, seed=int(seed), method=method, layer=name, set=kind),
+                     "degenerate": bool(why), "reason": why})
+    for model, part in (baselines.groupby("model", sort=False) if baselines is not None and len(baselines) else ()):
+        rows.append({**_score_row(part, alpha, model=model, seed=None, method=part["cam_method"].iloc[0],
+                                  layer="", set="baseline"), "degenerate": False, "reason": ""})
+    return pd.DataFrame(rows).astype({"seed": "Int64"})
+
+
+def _score_row(part: pd.DataFrame, alpha: float, **keys: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {**keys, "n": len(part)}
+    for metric in (m for m in SCORE_METRICS if m in part):
+        row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"] = stats.mean_ci(part[metric].astype(float), alpha)
+    return row
 
 
 # ----------------------------------------------------------------------------- paper comparisons

@@ -27,7 +27,7 @@ def degenerate_sets(cams: pd.DataFrame, test_metrics: pd.DataFrame, randomized: 
     if rows.empty:
         return pd.DataFrame(columns=EXCLUDED_COLUMNS)
     flat = _flat(rows)
-    layer = rows["cam_layer"] if "cam_layer" in rows else pd.Series("", index=rows.index)
+    layer = _layers(rows)
     found = []
     for (model, seed, method, name), part in flat.groupby([rows["model"].astype(str), rows["seed"], rows["cam_method"],
                                                            layer], sort=False):
@@ -64,13 +64,32 @@ def _classifier_problem(test_metrics: pd.DataFrame, model: str, seed: int) -> Op
             f"<= {WORKING_AUC_BOUND})")
 
 
+def _layers(rows: pd.DataFrame) -> pd.Series:
+    """Each row's layer (stores scored before `cam_layer` existed: one unnamed layer)."""
+    return rows["cam_layer"] if "cam_layer" in rows else pd.Series("", index=rows.index)
+
+
+def _set_keys(rows: pd.DataFrame) -> list[tuple]:
+    return list(zip(rows["model"].astype(str), rows["seed"].astype(int), rows["cam_method"], _layers(rows)))
+
+
 def without(rows: pd.DataFrame, excluded: pd.DataFrame) -> pd.DataFrame:
-    """`rows` (CAM rows) minus every row of an excluded (model, seed, method) set."""
+    """`rows` (CAM rows) minus every row of an excluded (model, seed, method, layer) set."""
     if excluded.empty or rows.empty:
         return rows
-    keys = set(zip(excluded["model"], excluded["seed"], excluded["method"]))
-    drop = [(str(m), int(s), c) in keys for m, s, c in zip(rows["model"], rows["seed"], rows["cam_method"])]
+    keys = set(zip(excluded["model"], excluded["seed"].astype(int), excluded["method"], excluded["layer"]))
+    drop = [key in keys for key in _set_keys(rows)]
     return rows[~pd.Series(drop, index=rows.index)]
+
+
+def among(excluded: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The excluded sets that `rows` hold (e.g. the paper's layer only, for the per-model tables)."""
+    if excluded.empty or rows.empty:
+        return excluded.iloc[0:0]
+    present = set(_set_keys(rows))
+    keep = [key in present for key in zip(excluded["model"], excluded["seed"].astype(int), excluded["method"],
+                                          excluded["layer"])]
+    return excluded[keep].reset_index(drop=True)
 
 
 def flags_by_model(excluded: pd.DataFrame, method: Optional[str], seeds: dict[str, int]) -> pd.DataFrame:

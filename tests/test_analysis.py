@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from analysis import report, stats
 from analysis.inputs import load_study, model_table
 from training.classification import classification_report
+from training.models import REGISTRY
 
 SIZE = 16  # cache and heatmap side, pixels
 N_POSITIVE = 60
@@ -37,6 +38,8 @@ class SyntheticStudy:
         self.labels = np.r_[np.ones(N_POSITIVE, int), np.zeros(N_POSITIVE, int)]
         self.fraction = self.rng.uniform(0.01, 0.05, N_POSITIVE)
         self.image_effect = self.rng.normal(0.15, 0.2, N_POSITIVE)
+        self.regions = self.rng.integers(1, 4, N_POSITIVE)
+        self.elongation = self.rng.uniform(1, 6, N_POSITIVE)
         self.masks = self._masks()
         self._write_data()
 
@@ -60,7 +63,9 @@ class SyntheticStudy:
         index[["row", "image_id", "split", "label", "mask_fraction"]].to_parquet(data / "cache" / "index.parquet")
 
     def run(self, model: str, seed: int, done: bool = True, cams: bool = True, all_zero: bool = False,
-            classifier_works: bool = True) -> None:
+            classifier_works: bool = True, matched: bool = False) -> None:
+        """One run; `matched`: ResNets also get rows at layer3.-1, the resolution-matched layer,
+        where the shifted model is not shifted (its effect lives in the 7x7 layer only)."""
         key = f"{model}-seed{seed}"
         train = self.root / "train" / key
         train.mkdir(parents=True)
@@ -73,23 +78,47 @@ class SyntheticStudy:
         if done:
             (train / "done.json").write_text("{}")
         if cams:
-            self._cams(model, seed, probability[:N_POSITIVE], all_zero)
+            self._cams(model, seed, probability[:N_POSITIVE], all_zero, matched and model.startswith("resnet"))
 
-    def _cams(self, model: str, seed: int, probability: np.ndarray, all_zero: bool = False) -> None:
+    def _cams(self, model: str, seed: int, probability: np.ndarray, all_zero: bool = False,
+              matched: bool = False) -> None:
         run_effect = self.rng.normal(0, self.run_sd) if self.run_sd else 0.0
         shift = SHIFT if model == SHIFTED else 0.0
         trained = self.image_effect + shift + run_effect + self.rng.normal(0, 0.05, N_POSITIVE)
         randomized = self.rng.normal(0.0, 0.05, N_POSITIVE)
         if all_zero:
             trained = np.zeros(N_POSITIVE)
+        resnet = model.startswith("resnet")
+        final = dict(layer=REGISTRY[model].target_layer, size=7 if resnet else 14, depth=0.95, final=True,
+                     matched=not resnet)
+        layer3 = dict(layer="layer3.-1", size=14, depth=0.7, final=False, matched=True)
         for diff, flag, folder in ((randomized, True, "sanity"), (trained, False, "cams")):  # the store's layout
             out = self.root / folder / f"{model}-seed{seed}"
             out.mkdir(parents=True)
             zero = all_zero and not flag
-            pq.write_table(self._cam_table(model, seed, probability, diff, flag, zero), out / "part-00000.parquet")
+            parts = [self._cam_table(model, seed, probability, diff, flag, zero, final)]
+            if matched:
+                unshifted = diff - (0 if flag else shift) + self.rng.normal(0, 0.05, N_POSITIVE)
+                parts.append(self._cam_table(model, seed, probability, unshifted, flag, zero, layer3))
+            pq.write_table(pa.concat_tables(parts), out / "part-00000.parquet")
         (self.root / "cams" / f"{model}-seed{seed}" / "_done.json").write_text("{}")
 
-    def _cam_table(self, model, seed, probability, diff, randomized, all_zero=False) -> pa.Table:
+    def baselines(self) -> None:
+        """baselines/: a location prior whose Diff_GradCAM follows the images like the models'
+        (so only the shifted model beats it) and an image-only map near zero."""
+        out = self.root / "baselines"
+        out.mkdir(parents=True)
+        prior = self.image_effect + self.rng.normal(0, 0.05, N_POSITIVE)
+        edges = self.rng.normal(0.02, 0.05, N_POSITIVE)
+        layer = dict(layer="", size=SIZE, depth=np.nan, final=True, matched=False)
+        parts = [self._cam_table(name, None, np.full(N_POSITIVE, np.nan), diff, False, False, layer, method=name)
+                 for name, diff in (("prior", prior), ("image_only", edges))]
+        pq.write_table(pa.concat_tables(parts), out / "part-00000.parquet")
+        (out / "_done.json").write_text("{}")
+
+    def _cam_table(self, model, seed, probability, diff, randomized, all_zero=False, layer=None,
+                   method="gradcam") -> pa.Table:
+        layer = layer or dict(layer="layer4.-1", size=7, depth=0.95, final=True, matched=False)
         f = self.fraction
         ehr = f / 200 if all_zero else f * (1 + 4 * np.clip(diff, 0, None))  # all-zero: f/(2n) = its chance
         oracle = np.full(N_POSITIVE, 0.99)
@@ -104,10 +133,16 @@ class SyntheticStudy:
                    "ehr_auc_inputiba_norm": (ehr - f) * 0.8 / (oracle * 0.9 - f * 0.8),
                    "energy_in_mask": np.clip(f + diff / 4, 0, 1), "pointing_hit": diff > 0.2,
                    "iou_otsu": np.clip(diff / 2, 0, 1),
+                   "auprc": np.clip(f + diff / 2, 0, 1), "auroc_pixel": np.clip(0.5 + diff, 0, 1),
+                   "mask_fraction_scored": f, "iou_tuned": np.clip(diff / 2, 0, 1),
+                   "hit_tuned": (np.clip(diff / 2, 0, 1) >= 0.1).astype(float), "tuned_threshold": np.full(N_POSITIVE, 0.5),
+                   "rle_rows": self.regions.astype(float), "n_regions": self.regions, "elongation": self.elongation,
                    "cam_all_zero": np.full(N_POSITIVE, all_zero), "cam_constant": np.full(N_POSITIVE, all_zero),
-                   "cam_method": ["gradcam"] * N_POSITIVE,
-                   "cam_layer": ["layer4.-1"] * N_POSITIVE, "randomized": [randomized] * N_POSITIVE}
-        table = pa.table(columns)
+                   "cam_method": [method] * N_POSITIVE, "cam_layer": [layer["layer"]] * N_POSITIVE,
+                   "layer_depth": np.full(N_POSITIVE, layer["depth"]), "map_size": np.full(N_POSITIVE, layer["size"]),
+                   "final_layer": np.full(N_POSITIVE, layer["final"]), "matched_layer": np.full(N_POSITIVE, layer["matched"]),
+                   "randomized": [randomized] * N_POSITIVE}
+        table = pa.table(columns).set_column(2, "seed", pa.array([seed] * N_POSITIVE, pa.int64()))
         return table.append_column("heatmap", pa.FixedShapeTensorArray.from_numpy_ndarray(heat.astype(np.float16)))
 
 
@@ -132,7 +167,8 @@ def single_seed(tmp_path_factory):
     root = tmp_path_factory.mktemp("single") / "study"
     study = SyntheticStudy(root)
     for model in MODELS:
-        study.run(model, 0)
+        study.run(model, 0, matched=True)
+    study.baselines()
     tracker, children = mlflow_tracker(root.parent, [f"{m}-seed0" for m in MODELS])
     path = report.analyze(root, config_for(MODELS, [0]), tracker=tracker)
     return SimpleNamespace(root=root, report=path, tracker=tracker, children=children)
@@ -162,7 +198,7 @@ def test_report_is_self_contained_and_holds_every_table(single_seed):
         if csv.stem != "run_summary":
             assert f"id='table-{csv.stem}'" in text, csv.stem
     for heading in ("1. Setup", "2. Data", "Table 1", "Table 2", "chance level", "the paper's analysis",
-                    "paired analysis", "9. Conclusions"):
+                    "paired analysis", "13. Conclusions"):
         assert heading in text
     assert "Missing or incomplete inputs" not in text
 
@@ -297,8 +333,8 @@ def test_degenerate_sets_are_listed_with_their_reasons(degenerate):
     assert set(excluded) == {ALL_ZERO, NO_CLASSIFIER}
     assert excluded[ALL_ZERO]["reason"] == f"{N_POSITIVE} of {N_POSITIVE} maps are all-zero or constant"
     assert excluded[NO_CLASSIFIER]["reason"].startswith("classifier not shown to work (test AUC 0.")
-    assert {k: excluded[ALL_ZERO][k] for k in ("seed", "method", "layer")} == {"seed": 0, "method": "gradcam",
-                                                                               "layer": "layer4.-1"}
+    assert {k: excluded[ALL_ZERO][k] for k in ("seed", "method", "layer")} == {
+        "seed": 0, "method": "gradcam", "layer": REGISTRY[ALL_ZERO].target_layer}
     table2 = pd.read_csv(degenerate.root / "analysis" / "tables" / "table2.csv", keep_default_na=False)
     flags = dict(zip(table2["model"], table2["degenerate"]))
     assert flags[ALL_ZERO] and flags[NO_CLASSIFIER] and not flags["resnet18"] and not flags[SHIFTED]
@@ -359,3 +395,58 @@ def test_the_report_opens_with_the_summary_and_a_table_of_contents(degenerate):
     assert "Classifiers shown to work" in summary and "not shown to work: ViT" in summary
     assert "Left out of every comparison" in summary
     assert "<a href='#table2'>" in text and "<a href='#conclusions'>" in text
+
+
+# ---------------------------------------------------------------- beyond the paper (STUDY.md §9)
+
+
+def analysis_table(root, name):
+    return pd.read_csv(root / "analysis" / "tables" / f"{name}.csv", keep_default_na=False)
+
+
+def test_only_the_shifted_model_beats_the_location_prior(single_seed):
+    """The prior's Diff_GradCAM follows the images as the models' does: only the model shifted
+    by +0.2 beats it, paired over images; the others are not distinguishable from it."""
+    prior = analysis_table(single_seed.root, "beats_prior")
+    diff = prior[prior["metric"] == "diff_gradcam"].set_index("model")
+    assert set(diff.index) == set(MODELS)
+    assert diff.loc[SHIFTED, "verdict"] == "beats the prior" and diff.loc[SHIFTED, "difference"] == pytest.approx(
+        SHIFT, abs=0.05)
+    assert (diff.drop(SHIFTED)["verdict"] == "not distinguishable from the prior").all()
+    text = single_seed.report.read_text()
+    assert "Against the location prior" in text and "by diff_gradcam, 1 of 4 beat it" in text
+
+
+def test_the_ladder_runs_from_chance_to_the_oracle(single_seed):
+    ladder = analysis_table(single_seed.root, "ladder")
+    diff = ladder[ladder["metric"] == "diff_gradcam"]
+    assert list(dict.fromkeys(diff["rung"])) == ["chance", "image_only", "prior", "randomized", "gradcam", "oracle"]
+    level = lambda rung, model="": float(diff[(diff["rung"] == rung) & (diff["model"] == model)]["mean"].iloc[0])  # noqa: E731
+    assert level("chance") == 0.0 and level("oracle") == 1.0
+    assert level("chance") < level("prior") < level("gradcam", SHIFTED) < level("oracle")
+    assert (diff[diff["rung"] == "gradcam"]["n"] == N_POSITIVE).all()
+
+
+def test_the_shift_that_lives_in_the_7x7_layer_vanishes_at_one_map_size(single_seed):
+    """The shifted ResNet-50 differs from every model at the paper's layers (7x7 against 14x14),
+    but not when every model is read at 14x14: the paper's comparison confounds depth with
+    map resolution, and the resolution-matched arm says so."""
+    stats_json = statistics(single_seed.root)
+    assert set(stats_json["comparisons"]["diff_gradcam"]["significant_pairs"]) == shifted_pairs(MODELS)
+    matched = stats_json["resolution_matched"]
+    assert matched["map_size"] == 14 and sorted(matched["models"]) == sorted(MODELS)
+    assert matched["comparisons"]["diff_gradcam"]["significant_pairs"] == []
+    table = analysis_table(single_seed.root, "resolution_matched")
+    assert set(table["model"]) == set(MODELS) and (table["map_size"] == 14).all()
+    sweep = analysis_table(single_seed.root, "layer_sweep")
+    resnet = sweep[sweep["model"] == "resnet50"].sort_values("layer_depth")
+    assert list(resnet["layer"]) == ["layer3.-1", "layer4.-1"] and list(resnet["map_size"]) == [14, 7]
+    assert "At one map size (14×14" in single_seed.report.read_text()
+
+
+def test_lesion_covariates_are_estimated_beside_the_models(single_seed):
+    table = analysis_table(single_seed.root, "covariates")
+    assert set(table["metric"]) == {"diff_gradcam", "auprc"}
+    assert set(table["term"]) == {"log10_mask_fraction", "n_regions", "log_elongation", "probability"}
+    assert (table["images"] == N_POSITIVE).all() and (table["lower"] < table["upper"]).all()
+    assert (single_seed.root / "analysis" / "figures" / "lesion_size.png").is_file()

@@ -96,3 +96,32 @@ def test_the_prior_beats_chance_where_lesions_sit_in_one_place(store):
     prior = frame[frame["model"] == "prior"]
     assert prior["auprc"].mean() > prior["mask_fraction_scored"].mean()
     assert naive_auprc(np.ones((2, 2)), np.eye(2, dtype=bool)) == 0.5
+
+
+def test_the_ladder_ranks_oracle_above_a_good_map_above_the_prior_above_chance(store):
+    """Real baselines of the tiny cache and a map that sees the lesion (the mask, blurred) scored
+    by the real row builder: the ladder must put them in this order on every threshold-free metric."""
+    import cv2
+
+    from analysis.ladder import beats_prior, ladder_table
+    from explain.rows import map_table
+
+    config, store = store
+    explain_baselines(config, store)
+    baselines = pq.read_table(store.baselines_dir).drop(["heatmap"]).to_pandas()
+    index, masks = _cache(store)
+    test = index[(index["split"] == "test") & (index["label"] == 1)].assign(
+        probability=0.9, correct=True, randomized=False, split="test")
+    lesion = masks[test["row"]].astype(bool)
+    noise = np.random.default_rng(0).random(lesion.shape).astype(np.float32)
+    sees = np.stack([cv2.GaussianBlur(m.astype(np.float32), (0, 0), 2.0) for m in lesion]) + 0.5 * noise
+    sees = (sees - sees.min(axis=(1, 2), keepdims=True)) / np.ptp(sees, axis=(1, 2), keepdims=True)
+    model = map_table(test, lesion, sees, config.metrics, model="good", seed=0, method="gradcam", layer="x",
+                      depth=1.0, map_size=lesion.shape[-1], final_layer=True, matched_layer=False)
+    trained = model.drop(["heatmap", "iou_curve", "split"]).to_pandas()
+    ladder = ladder_table(trained, trained.iloc[0:0], baselines, {})
+    for metric in ("auprc", "auroc_pixel", "energy_in_mask"):
+        level = ladder[ladder["metric"] == metric].set_index("rung")["mean"]
+        assert level["oracle"] > level["gradcam"] > level["prior"] > level["chance"], metric
+    verdict = beats_prior(trained, baselines).set_index("metric").loc["auprc", "verdict"]
+    assert verdict == "beats the prior"
