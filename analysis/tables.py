@@ -155,8 +155,7 @@ def localisation_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float
     return table
 
 
-THRESHOLD_FREE = {"auprc": "auprc", "auroc_pixel": "auroc_pixel", "iou_tuned": "iou_tuned",
-                  "hit_tuned": "hit_tuned", "tuned_threshold": "tuned_threshold"}
+THRESHOLD_FREE = {"auprc": "auprc", "auroc_pixel": "auroc_pixel", "iou_tuned": "iou_tuned", "hit_tuned": "hit_tuned"}
 
 
 def threshold_free_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
@@ -167,8 +166,12 @@ def threshold_free_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: flo
     table = metric_summary(trained, models, present, alpha)
     if table.empty:
         return table
-    chance = trained.groupby("model", observed=True)["mask_fraction_scored"].mean().rename("auprc_chance")
+    by_model = trained.groupby("model", observed=True)
+    chance = by_model["mask_fraction_scored"].mean().rename("auprc_chance")
     table = table.merge(chance, left_on="model", right_index=True, how="left")
+    if "tuned_threshold" in trained:  # one per map set: the mean over seeds, no CI
+        threshold = by_model["tuned_threshold"].mean().rename("tuned_threshold")
+        table = table.merge(threshold, left_on="model", right_index=True, how="left")
     anchor = paper_values.ARUN_AUPRC
     return table.assign(arun_saliency_low=anchor["saliency_low"], arun_saliency_high=anchor["saliency_high"],
                         arun_unet=anchor["unet"])

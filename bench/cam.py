@@ -10,8 +10,14 @@ backpropagates through the whole network into every weight). The three run inter
 call each per round, and the median per call is kept, so load from other processes hits all
 three alike. Targets: ours / forward >= 0.85, ours / pytorch-grad-cam >= 2.5.
 
+Layer sweep (STUDY.md §9): the seconds of one `explain.cam.sweep` over every stage layer (one
+forward, one autograd call) against one call at the paper's layer, and against one call per
+layer. Target for ResNet-50 (4 stages): sweep / one layer <= 1.3.
+
 Metrics: `explain.metrics.score_batch` ms per image on CAM-like maps (bilinear upsampled 7x7
-noise, min-max normalised) and blob masks, at the network size and at native 1024 px.
+noise, min-max normalised) and blob masks, at the network size and at native 1024 px; and the
+pixel-ranking metrics (auprc + auroc_pixel) alone, on the already sorted heat: target <= 1 ms
+per image at 224 px.
 
 The machine's load average and the CPUs this process got (CPU time / wall time) are printed:
 on a shared machine the absolute numbers move with other processes, the ratios much less.
@@ -45,10 +51,17 @@ def main() -> None:
         print(f"{name:<10} {rates['forward']:9.2f} {rates['ours']:9.2f} {rates['library']:9.2f} "
               f"{rates['ours'] / rates['forward']:9.2f} {rates['ours'] / rates['library']:9.2f} "
               f"{cpus:10.2f}", flush=True)
-    print(f"\n{'metrics':<10} {'median':>9} {'best':>9}   (score_batch, ms per image, every column)")
+    print(f"\n{'sweep':<10} {'layers':>7} {'one':>9} {'sweep':>9} {'separate':>9} {'sweep/one':>10} "
+          f"{'sep/sweep':>10}   (ms per batch of {args.batch}; sweep/one: the cost of the sweep in one-layer calls)")
+    for name in args.models:
+        layers, ms = _bench_sweep(name, args)
+        print(f"{name:<10} {layers:7d} {ms['one']:9.1f} {ms['sweep']:9.1f} {ms['separate']:9.1f} "
+              f"{ms['sweep'] / ms['one']:10.2f} {ms['separate'] / ms['sweep']:10.2f}", flush=True)
+    print(f"\n{'metrics':<10} {'median':>9} {'best':>9} {'ranking':>9}   (score_batch, ms per image, every column; "
+          f"ranking: auprc + auroc_pixel on the sorted heat)")
     for size, batch in ((args.size, args.batch), (1024, 4)):
-        median, best = _bench_metrics(size, batch, args.repeats * 4)
-        print(f"{f'{size} px':<10} {median:9.3f} {best:9.3f}", flush=True)
+        median, best, ranking = _bench_metrics(size, batch, args.repeats * 4)
+        print(f"{f'{size} px':<10} {median:9.3f} {best:9.3f} {ranking:9.3f}", flush=True)
     print(f"\nload average {_load()} at the end (1, 5, 15 min; this bench alone adds ~{args.threads})")
 
 
@@ -79,6 +92,29 @@ def _bench_model(name: str, args: argparse.Namespace) -> tuple[dict[str, float],
     return {k: args.batch / s for k, s in seconds.items()}, cpus
 
 
+def _bench_sweep(name: str, args: argparse.Namespace) -> tuple[int, dict[str, float]]:
+    """Median ms per batch: Grad-CAM at the paper's layer, one sweep over every stage layer, and
+    one call per stage layer."""
+    import dataclasses
+
+    from training import models
+
+    spec = registry.get(name)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = registry.build_model(spec, init="random", image_size=args.size).to(device).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    layers = models.cam_layers(spec, ("final", "stages"))
+    alone = [dataclasses.replace(spec, target_layer=layer) for layer in layers]
+    calls = {"one": lambda: cam.compute(model, spec, x, 1),
+             "sweep": lambda: cam.sweep(model, spec, x, 1, layers, ["gradcam"]),
+             "separate": lambda: [cam.compute(model, single, x, 1) for single in alone]}
+    if device.type == "cuda":
+        calls = {k: _synchronised(call) for k, call in calls.items()}
+    seconds, _ = _interleaved(calls, args.repeats)
+    return len(layers), {k: v * 1e3 for k, v in seconds.items()}
+
+
 def _synchronised(call: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         call()
@@ -101,20 +137,27 @@ def _interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> tuple[
     return {k: statistics.median(v) for k, v in times.items()}, cpus
 
 
-def _bench_metrics(size: int, batch: int, repeats: int) -> tuple[float, float]:
-    """(median, best) ms per image of score_batch on CAM-like maps and ~3% blob masks."""
+def _bench_metrics(size: int, batch: int, repeats: int) -> tuple[float, float, float]:
+    """(median, best) ms per image of score_batch on CAM-like maps and ~3% blob masks, and the
+    median ms per image of the pixel-ranking metrics on the heat score_batch has sorted."""
+    from explain import metrics
+
     gen = torch.Generator().manual_seed(0)
     heat = cam.normalise(torch.rand(batch, 7, 7, generator=gen), (size, size)).numpy()
     yy, xx = np.mgrid[:size, :size] / size
     centres = np.random.default_rng(0).uniform(0.3, 0.7, (batch, 2, 1, 1))
     masks = (yy - centres[:, 0]) ** 2 + ((xx - centres[:, 1]) / 1.5) ** 2 < 0.08 ** 2
     score_batch(heat, masks)
-    times = []
+    times, ranking = [], []
+    ordered = metrics._sorted(heat, masks)
     for _ in range(repeats):
         start = time.perf_counter()
         score_batch(heat, masks)
         times.append((time.perf_counter() - start) * 1e3 / batch)
-    return statistics.median(times), min(times)
+        start = time.perf_counter()
+        metrics._pixel_ranking(ordered)
+        ranking.append((time.perf_counter() - start) * 1e3 / batch)
+    return statistics.median(times), min(times), statistics.median(ranking)
 
 
 def _load() -> str:

@@ -201,9 +201,11 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
     order = [plan.key for plan in registry.largest_first(todo)]
     blocks = [work[key].iloc[i:i + BLOCK_ROWS] for key in order for i in range(0, len(work[key]), BLOCK_ROWS)]
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
-    print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} heatmaps to compute, {actors} actor(s)")
-    runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir)) for plan in todo}
     expected = {plan.key: len(work[plan.key]) * maps_per_image(plan.spec, config) for plan in todo}
+    maps = sum(expected.values())
+    print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
+          f"validation positives to tune on, per model copy), {maps} heatmaps to compute, {actors} actor(s)")
+    runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir)) for plan in todo}
     collected: dict[str, list[pa.Table]] = {key: [] for key in work}
     plan_of, started = {plan.key: plan for plan in todo}, time.time()
     context = ray.data.DataContext.get_current()
@@ -220,7 +222,8 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
                 collected[key].append(part)
                 if sum(len(t) for t in collected[key]) == expected[key]:
                     out = _write_run(config, store, plan_of[key], pa.concat_tables(collected.pop(key)))
-                    print(f"[explain] {key}: {expected[key]} heatmaps written ({time.time() - started:.0f}s) -> {out}")
+                    print(f"[explain] {key}: {expected[key]} heatmaps made, the test images' written "
+                          f"({time.time() - started:.0f}s) -> {out}")
     return collected
 
 

@@ -450,3 +450,16 @@ def test_lesion_covariates_are_estimated_beside_the_models(single_seed):
     assert set(table["term"]) == {"log10_mask_fraction", "n_regions", "log_elongation", "probability"}
     assert (table["images"] == N_POSITIVE).all() and (table["lower"] < table["upper"]).all()
     assert (single_seed.root / "analysis" / "figures" / "lesion_size.png").is_file()
+
+
+def test_the_readme_read_of_cams_gives_table2_only_with_the_paper_layer_filter(single_seed):
+    """cams/ holds every swept layer: the README's pandas line filters `final_layer` and gets
+    Table 2; without the filter the ResNets' 14x14 rows would be averaged in."""
+    cams = pd.read_parquet(single_seed.root / "cams", columns=["model", "cam_method", "final_layer", "diff_gradcam"])
+    table2 = cams[(cams.cam_method == "gradcam") & cams.final_layer].groupby("model")["diff_gradcam"].agg(
+        ["count", "mean", "std", "min", "max"])
+    expected = analysis_table(single_seed.root, "table2").set_index("model")
+    np.testing.assert_allclose(table2.loc[expected.index, "mean"], expected["mean"], rtol=1e-12)
+    assert (table2["count"] == N_POSITIVE).all()
+    unfiltered = cams[cams.cam_method == "gradcam"].groupby("model")["diff_gradcam"].mean()
+    assert abs(unfiltered[SHIFTED] - expected.loc[SHIFTED, "mean"]) > SHIFT / 4
