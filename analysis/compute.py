@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from analysis import covariates, figures, ladder, layers, paper_values, stats, tables, validity
+from analysis import covariates, equivalence, figures, ladder, layers, paper_values, reliability, stats, tables, validity
 from analysis.inputs import StudyInputs, read_backgrounds, read_heatmaps
 
 
@@ -76,12 +76,12 @@ def build_outputs(inputs: StudyInputs, directory: Path) -> AnalysisOutputs:
     outputs.tables.update(_beyond_tables(inputs, primary, trained, swept, valid, method, alpha, outputs.excluded))
     outputs.statistics = _statistics(trained, valid, method, alpha, outputs)
     outputs.statistics["resolution_matched"] = layers.matched_statistics(swept, outputs.excluded, alpha)
+    outputs.tables.update(_reliability_tables(inputs, primary, valid, method, alpha, outputs))
     outputs.run_summary = tables.run_summary(trained, outputs.excluded) if len(trained) else pd.DataFrame()
     outputs.tables.update(_statistics_tables(outputs.statistics))
     outputs.figures = _figures(inputs, trained, outputs, method)
     _write_tables(outputs)
-    scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha, inputs.baselines)
-    scores.to_parquet(outputs.scores_path, index=False)
+    _scores(inputs, swept, alpha).to_parquet(outputs.scores_path, index=False)
     outputs.statistics_path.write_text(json.dumps(_jsonable(outputs.statistics), indent=1))
     return outputs
 
@@ -126,7 +126,7 @@ def _beyond_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataF
         return {}
     flagged = model_flags(trained, method, excluded)
     flags = dict(zip(flagged["model"], flagged["degenerate"]))
-    randomized = primary[primary["randomized"] & (primary["cam_method"] == method)]
+    randomized = tables.copy_rows(primary[primary["cam_method"] == method], "full")
     found = {"ladder": ladder.ladder_table(trained, randomized, inputs.baselines, flags, alpha),
              "beats_prior": ladder.beats_prior(valid, inputs.baselines, alpha)}
     if swept["cam_layer"].nunique() > trained["cam_layer"].nunique():  # cam.layers asked for more than `final`
@@ -137,6 +137,32 @@ def _beyond_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataF
     terms = [covariates.covariate_model(valid, metric, alpha) for metric in covariates.COVARIATE_METRICS]
     found["covariates"] = pd.concat([t for t in terms if len(t)] or [terms[0]], ignore_index=True)
     return {name: table for name, table in found.items() if len(table)}  # an empty table says nothing
+
+
+def _reliability_tables(inputs: StudyInputs, primary: pd.DataFrame, valid: pd.DataFrame, method: Optional[str],
+                        alpha: float, outputs: AnalysisOutputs) -> dict[str, pd.DataFrame]:
+    """STUDY.md §10 over the valid map sets of the paper's layer: the cascade against its pass
+    line, run-to-run stability, and per compared metric equivalence and power."""
+    if valid.empty or method is None:
+        return {}
+    config = inputs.config
+    settings, sanity = config.get("statistics") or {}, config.get("sanity") or {}
+    found: dict[str, pd.DataFrame] = {}
+    cascade_rows = tables.copy_rows(primary[primary["cam_method"] == method], "cascade")
+    if len(cascade_rows):
+        lines = reliability.pass_lines(inputs.root, valid, method, int(sanity.get("pass_line_pairs", 50)))
+        flags = model_flags(tables.trained_rows(primary, method), method, outputs.excluded)
+        found["cascade"] = reliability.cascade_table(cascade_rows, lines, dict(zip(flags["model"], flags["degenerate"])),
+                                                     alpha)
+        outputs.statistics["cascade"] = reliability.cascade_verdicts(found["cascade"]).to_dict(orient="records")
+    if valid[["model", "seed"]].drop_duplicates().shape[0] >= 2:
+        found["stability"] = reliability.stability_table(inputs.root, valid, method, alpha)
+        outputs.statistics["stability"] = reliability.stability_summary(found["stability"])
+    margin, power = float(settings.get("equivalence_margin", 0.02)), float(settings.get("power", 0.8))
+    for metric, comparison in outputs.statistics["comparisons"].items():
+        found[f"{metric}_equivalence"] = equivalence.equivalence_table(valid.dropna(subset=[metric]), metric, comparison,
+                                                                       margin, alpha, power)
+    return {name: table for name, table in found.items() if len(table)}
 
 
 def _statistics(trained: pd.DataFrame, valid: pd.DataFrame, method: Optional[str], alpha: float,
@@ -188,6 +214,18 @@ def _statistics_tables(statistics: dict[str, Any]) -> dict[str, pd.DataFrame]:
     return found
 
 
+def _scores(inputs: StudyInputs, swept: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """scores.parquet: every map set of every run (t intervals over images), and the trained map
+    sets per model (hierarchical bootstrap over seeds and images)."""
+    scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha, inputs.baselines)
+    if swept.empty:
+        return scores
+    settings = inputs.config.get("statistics") or {}
+    models_level = tables.model_scores(swept, alpha, int(settings.get("bootstrap_replicates", 1000)),
+                                       int(settings.get("bootstrap_seed", 0)))
+    return pd.concat([scores, models_level], ignore_index=True).astype({"seed": "Int64"})
+
+
 def _write_tables(outputs: AnalysisOutputs) -> None:
     folder = outputs.directory / "tables"
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,6 +273,10 @@ def _figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutput
     if not outputs.tables["sanity"].empty:
         found["sanity"] = figures.sanity_figure(outputs.tables["sanity"], folder / "sanity_randomized.png")
     found.update(_beyond_figures(inputs, trained, outputs, folder))
+    if len(outputs.tables.get("cascade", ())):
+        found["cascade"] = figures.cascade_figure(outputs.tables["cascade"], inputs.models, folder / "cascade.png")
+    if len(outputs.tables.get("stability", ())):
+        found["stability"] = figures.stability_figure(outputs.tables["stability"], folder / "stability.png")
     return {name: path for name, path in found.items() if path is not None}
 
 

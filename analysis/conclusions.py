@@ -22,7 +22,7 @@ def conclusions_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     items = conclusions(inputs, outputs)
     left_out = excluded_sentence(outputs)
     note = f"<p class='note'>{html.escape(left_out)}</p>" if left_out else ""
-    return "<h2 id='conclusions'>13. Conclusions the numbers support</h2>" + note + "<ul>" + "".join(
+    return "<h2 id='conclusions'>14. Conclusions the numbers support</h2>" + note + "<ul>" + "".join(
         f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
 
 
@@ -57,7 +57,8 @@ def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
         found.append(_ehr_conclusion(outputs.tables["ehr"]))
     if "sanity" in outputs.tables and not outputs.tables["sanity"].empty:
         found.append(_sanity_conclusion(outputs.tables["sanity"]))
-    found += [_prior_conclusion(outputs), _matched_conclusion(outputs), _covariate_conclusion(outputs)]
+    found += [_prior_conclusion(outputs), _matched_conclusion(outputs), _covariate_conclusion(outputs),
+              _cascade_conclusion(outputs), _stability_conclusion(outputs), _equivalence_conclusion(outputs)]
     if inputs.missing:
         found.append(f"{len(inputs.missing)} expected input(s) are missing (see the first section); "
                      "these conclusions cover only the runs that finished.")
@@ -130,14 +131,25 @@ def _ehr_conclusion(ehr: pd.DataFrame) -> str:
 
 
 def _sanity_conclusion(sanity: pd.DataFrame) -> str:
-    part = sanity[sanity["metric"] == "diff_gradcam"]  # valid sets only (compute.py leaves the others out)
-    if part.empty:
+    """Per sanity copy (the weight-randomised twin; the label-permutation run): for how many
+    valid map sets (compute.py leaves the others out) the trained maps score higher (Holm)."""
+    sentences = []
+    for copy, words in (("full", "weight-randomised ones"), ("labels", "those of a model trained on permuted labels")):
+        part = sanity[(sanity["metric"] == "diff_gradcam") & (_copy(sanity) == copy)]
+        if part.empty:
+            continue
+        passed = part[part["reject"] & (part["difference"] > 0)]["model"].map(figures.label).tolist()
+        failed = [figures.label(m) for m in part["model"] if figures.label(m) not in passed]
+        sentences.append(f"trained heatmaps beat {words} (Holm) for {len(passed)} of {len(part)} models"
+                         + (f"; not for {', '.join(failed)}" if failed else ""))
+    if not sentences:
         return ""
-    passed = part[part["reject"] & (part["difference"] > 0)]["model"].map(figures.label).tolist()
-    failed = [figures.label(m) for m in part["model"] if figures.label(m) not in passed]
-    return (f"Sanity check: trained heatmaps beat weight-randomised ones (Holm) for {len(passed)} of {len(part)} models"
-            + (f"; not for {', '.join(failed)}, whose heatmaps may reflect the architecture more than the "
-               "learned weights." if failed else "."))
+    return ("Sanity check: " + "; ".join(sentences) + ". A model whose maps do not beat a randomised copy's may show "
+            "the architecture more than what it learned.")
+
+
+def _copy(sanity: pd.DataFrame) -> pd.Series:
+    return sanity["copy"] if "copy" in sanity else pd.Series("full", index=sanity.index)
 
 
 def _paper_claims_conclusion(outputs: AnalysisOutputs) -> str:
@@ -236,6 +248,42 @@ def _matched_conclusion(outputs: AnalysisOutputs) -> str:
             + (f"{len(pairs)} pair(s) differ in Diff_GradCAM ({comparison['trusted_basis']}): {', '.join(pairs)}."
                if pairs else f"no pair of models differs in Diff_GradCAM ({comparison['trusted_basis']}).")
             + " Differences seen only at the paper's layers may come from map resolution, not depth.")
+
+
+def _cascade_conclusion(outputs: AnalysisOutputs) -> str:
+    verdicts = outputs.statistics.get("cascade") or []
+    if not verdicts:
+        return ""
+    passing = [v for v in verdicts if v["passes"]]
+    failing = [figures.label(v["model"]) for v in verdicts if not v["passes"]]
+    return (f"Cascading randomisation: for {len(passing)} of {len(verdicts)} valid map sets the fully randomised map is "
+            "shown to be less similar (SSIM) to the trained map than two unrelated images' maps are (Arun et al.'s pass "
+            "line)" + (f"; not for {', '.join(failing)}, whose maps survive the destruction of their weights" if failing
+                       else "") + ".")
+
+
+def _stability_conclusion(outputs: AnalysisOutputs) -> str:
+    summary = outputs.statistics.get("stability")
+    if not summary:
+        return ""
+    return (f"Map stability (SSIM of two runs' maps of the same image): {summary['repeatability']:.2f} between seeds "
+            f"of one architecture, {summary['reproducibility']:.2f} between architectures"
+            + (" — seeds disagree about as much as architectures do, so one seed per architecture cannot carry an "
+               "architecture claim" if summary["repeatability"] - summary["reproducibility"] < 0.05 else "") + ".")
+
+
+def _equivalence_conclusion(outputs: AnalysisOutputs) -> str:
+    table = outputs.tables.get("diff_gradcam_equivalence")
+    if table is None or table.empty:
+        return ""
+    open_pairs = table[~table["significant"]]
+    if open_pairs.empty:
+        return ""
+    equivalent = int(open_pairs["equivalent"].sum())
+    return (f"Of {len(open_pairs)} model pairs that do not differ in Diff_GradCAM, {equivalent} are shown equivalent "
+            f"within ±{table['margin'].iloc[0]:g} (TOST); the other {len(open_pairs) - equivalent} are inconclusive, "
+            f"with differences up to {open_pairs['mde'].max():.3f} detectable at the configured power — "
+            "'no significant difference' is not 'no difference'.")
 
 
 def _covariate_conclusion(outputs: AnalysisOutputs) -> str:

@@ -165,6 +165,7 @@ def depth_figure(summary: pd.DataFrame, metrics: list[str], path: Path) -> Path:
 
 def sanity_figure(sanity: pd.DataFrame, path: Path) -> Path:
     """Trained vs weight-randomised heatmaps: paired bars per model, one panel per metric."""
+    sanity = sanity[sanity["copy"] == "full"] if "copy" in sanity else sanity
     metrics = sanity["metric"].unique().tolist()
     width = max(6, 0.8 * sanity["model"].nunique() + 2) * len(metrics) / 1.4
     figure, axes = plt.subplots(1, len(metrics), figsize=(width, 3.8), squeeze=False)
@@ -267,6 +268,57 @@ def lesion_size_figure(bins: pd.DataFrame, metrics: list[str], models: pd.DataFr
     axes[0, -1].legend(fontsize=6)
     figure.suptitle("Localisation against lesion size (valid map sets, paper's layer)", fontsize=9)
     figure.tight_layout()
+    return _save(figure, path)
+
+
+def cascade_figure(cascade: pd.DataFrame, models: pd.DataFrame, path: Path) -> Path:
+    """The cascade (Adebayo et al. 2018): similarity to the trained map against the units
+    re-initialised from the head down, one line per model, one panel per measure; each model's
+    pass line (Arun et al. 2021) dashed in its colour; degenerate map sets hollow and faint."""
+    measures = list(dict.fromkeys(cascade["measure"]))
+    figure, axes = plt.subplots(1, len(measures), squeeze=False, figsize=(4.2 * len(measures), 3.6))
+    family = dict(zip(models["model"], models["family"]))
+    for ax, measure in zip(axes[0], measures):
+        for model, part in cascade[cascade["measure"] == measure].groupby("model", sort=False):
+            part = part.sort_values("stages_randomized")
+            colour = FAMILY_COLOURS.get(family.get(model), "tab:grey")
+            faint = bool(part["degenerate"].iloc[0])
+            ax.errorbar(part["stages_randomized"], part["mean"], yerr=_error_bars(part.rename(
+                columns={"lo": "mean_lo", "hi": "mean_hi"}), "mean"), marker="o", capsize=2, color=colour,
+                mfc="white" if faint else colour, alpha=0.35 if faint else 0.9, label=label(model))
+            line = part["pass_line"].iloc[0]
+            if np.isfinite(line):
+                ax.hlines(line, part["stages_randomized"].min(), part["stages_randomized"].max(), colors=colour,
+                          linestyles="dashed", linewidth=0.8, alpha=0.35 if faint else 0.8)
+        ax.set_xlabel("units re-initialised, head first (0 = trained)", fontsize=8)
+        ax.set_title(f"{measure} to the trained map", fontsize=9)
+    axes[0, -1].legend(fontsize=6)
+    figure.suptitle("Cascading randomisation: a map that survives its weights' destruction explains the "
+                    "architecture, not the training (dashed: pass line)", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def stability_figure(stability: pd.DataFrame, path: Path, measure: str = "ssim") -> Path:
+    """Mean similarity of every pair of runs' maps of the same image, as a matrix."""
+    part = stability[stability["measure"] == measure]
+    runs = list(dict.fromkeys([(a, s) for a, s in zip(part["model_a"], part["seed_a"])]
+                              + [(b, s) for b, s in zip(part["model_b"], part["seed_b"])]))
+    index = {run: i for i, run in enumerate(runs)}
+    matrix = np.eye(len(runs))
+    for row in part.itertuples():
+        i, j = index[(row.model_a, row.seed_a)], index[(row.model_b, row.seed_b)]
+        matrix[i, j] = matrix[j, i] = row.mean
+    figure, ax = plt.subplots(figsize=(1.0 + 0.45 * len(runs), 0.8 + 0.45 * len(runs)))
+    image = ax.imshow(matrix, vmin=min(0.0, float(np.nanmin(matrix))), vmax=1, cmap="viridis")
+    names = [f"{label(m)} s{s}" for m, s in runs]
+    ax.set_xticks(range(len(runs)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(runs)), names, fontsize=7)
+    for (i, j), value in np.ndenumerate(matrix):
+        if i != j and np.isfinite(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5, color="white" if value < 0.5 else "black")
+    figure.colorbar(image, ax=ax, fraction=0.046, label=f"mean {measure}")
+    ax.set_title(f"Map stability: mean {measure} between runs' maps of the same image", fontsize=9)
     return _save(figure, path)
 
 

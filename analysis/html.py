@@ -50,7 +50,8 @@ def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
                 _data_section(inputs),
                 _classification_section(outputs), _table2_section(outputs), _ehr_section(outputs),
                 _localisation_section(outputs), _threshold_free_section(outputs), _ladder_section(outputs),
-                _layers_section(outputs), _covariates_section(outputs), _statistics_section(outputs),
+                _layers_section(outputs), _covariates_section(outputs), _reliability_section(outputs),
+                _statistics_section(outputs),
                 _figures_section(outputs), conclusions_section(inputs, outputs)]
     title = f"camstudy report: {html.escape(str(inputs.config.get('study') or inputs.root.name))}"
     body = "\n".join(s for s in sections if s)
@@ -315,13 +316,35 @@ def _covariates_section(outputs: AnalysisOutputs) -> str:
             + _figure_html(outputs, "lesion_size", "Metric per lesion-size quartile, one line per model."))
 
 
+def _reliability_section(outputs: AnalysisOutputs) -> str:
+    cascade, stability = outputs.tables.get("cascade"), outputs.tables.get("stability")
+    if (cascade is None or cascade.empty) and (stability is None or stability.empty):
+        return ""
+    parts = ["<h2 id='reliability'>11. Are the maps themselves reliable?</h2>"]
+    if cascade is not None and len(cascade):
+        parts += [_box("note", "<p>Cascading randomisation (Adebayo et al. 2018): the trained network is re-initialised "
+                               "from the head down, one stage at a time, and the paper's layer read after each step. A map "
+                               "that stays similar to the trained map after its weights are destroyed shows the "
+                               "architecture, not what was learned. Pass line (Arun et al. 2021): the mean similarity of "
+                               "the trained maps of random pairs of different images; a step passes when its CI lies "
+                               "below it.</p>"),
+                  _figure_html(outputs, "cascade", "Similarity to the trained map per cascade step (mean, 95% CI)."),
+                  _table_html(cascade, "Cascade: similarity to the trained map per step and measure", "cascade")]
+    if stability is not None and len(stability):
+        parts += [_figure_html(outputs, "stability", "Mean SSIM between the maps two runs give the same image."),
+                  _table_html(stability, "Stability: every pair of runs over the images both scored (repeatability: "
+                                         "same architecture, another seed; reproducibility: another architecture)",
+                              "stability")]
+    return "".join(parts)
+
+
 def _statistics_section(outputs: AnalysisOutputs) -> str:
     comparisons = outputs.statistics["comparisons"]
     if not comparisons:
-        return "<h2 id='statistics'>11. Statistics</h2><p class='note'>Not enough models with CAM scores to compare.</p>"
-    parts = ["<h2 id='statistics'>11. Statistics</h2>"]
+        return "<h2 id='statistics'>12. Statistics</h2><p class='note'>Not enough models with CAM scores to compare.</p>"
+    parts = ["<h2 id='statistics'>12. Statistics</h2>"]
     for metric, comparison in comparisons.items():
-        body = _paper_analysis_html(metric, comparison, outputs) + _our_analysis_html(metric, comparison)
+        body = _paper_analysis_html(metric, comparison, outputs) + _our_analysis_html(metric, comparison, outputs)
         parts.append(body if metric == "diff_gradcam" else
                      f"<details><summary>The same analyses for {metric}</summary>{body}</details>")
     return "".join(parts)
@@ -341,7 +364,7 @@ def _paper_analysis_html(metric: str, comparison: dict[str, Any], outputs: Analy
         every["tukey"], f"Tukey HSD on {metric} over every model, degenerate map sets included, as the paper did it "
                         f"(one-way ANOVA p = {every['anova']['p']:.3g}; meandiff = group2 − group1)",
         f"{metric}_paper_tukey"))
-    return (f"<h3>11.1 {metric}: the paper's analysis (for comparison only)</h3>" + _box("paper", text)
+    return (f"<h3>12.1 {metric}: the paper's analysis (for comparison only)</h3>" + _box("paper", text)
             + as_published
             + _table_html(comparison["paper"]["tukey"],
                           f"Tukey HSD on {metric}, the paper's method over the valid map sets "
@@ -351,10 +374,10 @@ def _paper_analysis_html(metric: str, comparison: dict[str, Any], outputs: Analy
                if claims is not None else ""))
 
 
-def _our_analysis_html(metric: str, comparison: dict[str, Any]) -> str:
+def _our_analysis_html(metric: str, comparison: dict[str, Any], outputs: AnalysisOutputs) -> str:
     mm, fried = comparison["mixed_model"], comparison["friedman"]
     variance = mm["variance"]
-    parts = [f"<h3>11.2 {metric}: paired analysis (images as subjects)</h3>",
+    parts = [f"<h3>12.2 {metric}: paired analysis (images as subjects)</h3>",
              _box("verdict", "<b>Verdict.</b> " + html.escape(comparison["verdict"])),
              _table_html(mm["estimates"], f"Mixed model {mm['formula']}: model means (95% CI). Variance between images "
                                           f"{variance['image']:.4g}, residual {variance['residual']:.4g}.",
@@ -365,9 +388,20 @@ def _our_analysis_html(metric: str, comparison: dict[str, Any]) -> str:
                          f"{metric}_wilcoxon_holm"),
              f"<p>Friedman χ²({fried['df']}) = {fried['statistic']:.3f}, p = {fried['p']:.3g}, "
              f"Kendall's W = {fried['kendall_w']:.3f} over {fried['n']} complete images "
-             f"({comparison['images_dropped']} images not scored by every model left out).</p>"]
+             f"({comparison['images_dropped']} images not scored by every model left out).</p>",
+             _equivalence_html(metric, outputs)]
     parts.append(_seeds_html(metric, comparison))
     return "".join(parts)
+
+
+def _equivalence_html(metric: str, outputs: AnalysisOutputs) -> str:
+    table = outputs.tables.get(f"{metric}_equivalence")
+    if table is None or table.empty:
+        return ""
+    margin = table["margin"].iloc[0]
+    return _table_html(table, f"Equivalence and power on {metric}: TOST at ±{margin:g} for every pair the trusted "
+                              f"analysis does not separate; mde: the difference a paired t-test over these images "
+                              f"detects with the configured power", f"{metric}_equivalence")
 
 
 def _seeds_html(metric: str, comparison: dict[str, Any]) -> str:
@@ -386,7 +420,7 @@ def _seeds_html(metric: str, comparison: dict[str, Any]) -> str:
         parts.append(_table_html(level["tukey"], f"Run-level Tukey HSD on per-run means (the run is the unit; "
                                  f"ANOVA p = {level['anova']['p']:.3g}; seed SD {level['seed_sd']:.3g} vs SD between "
                                  f"model means {level['between_model_sd']:.3g})", f"{metric}_run_level_tukey"))
-    return ("<h3>11.3 Seeds</h3>" + "".join(parts)) if parts else ""
+    return ("<h3>12.3 Seeds</h3>" + "".join(parts)) if parts else ""
 
 
 def _figures_section(outputs: AnalysisOutputs) -> str:
@@ -398,6 +432,6 @@ def _figures_section(outputs: AnalysisOutputs) -> str:
     if sanity is not None and not sanity.empty:
         parts.append(_table_html(sanity, "Trained vs randomised (paired Wilcoxon over images, Holm over models)",
                                  "sanity"))
-    return "<h2 id='figures'>12. Figures</h2>" + "".join(p for p in parts if p)
+    return "<h2 id='figures'>13. Figures</h2>" + "".join(p for p in parts if p)
 
 

@@ -68,7 +68,7 @@ class StudyInputs:
     root: Path
     config: dict[str, Any]
     models: pd.DataFrame  # model, family, depth (plot order)
-    runs: pd.DataFrame  # run_key, model, seed, finished, has_predictions, has_metrics, has_cams
+    runs: pd.DataFrame  # run_key, model, seed, permuted, finished, has_predictions, has_metrics, has_cams
     test_metrics: pd.DataFrame  # model, seed, accuracy(_lo/_hi), precision..., auc...
     predictions: pd.DataFrame  # model, seed, image_id, label, probability
     cams: pd.DataFrame  # CAM rows without the heatmap column
@@ -84,19 +84,21 @@ class StudyInputs:
 
 def load_study(study_dir: str | Path, config: Mapping[str, Any],
                known_models: Optional[Mapping[str, tuple[str, int]]] = None,
-               runs: Optional[list[tuple[str, int]]] = None) -> StudyInputs:
-    """Read the finished runs among `runs` (default: the config's models x seeds); list each
-    expected piece that is absent."""
+               runs: Optional[list[tuple]] = None) -> StudyInputs:
+    """Read the finished runs among `runs` ((model, seed) or (model, seed, permuted); default:
+    the config's models x seeds and label-permutation runs); list each expected piece that is
+    absent. A label-permutation run contributes its maps (sanity/), never to Table 1."""
     root, store = Path(study_dir), StudyStore(study_dir)
     missing: list[str] = []
     runs = _survey_runs(store, runs if runs is not None else _expected_runs(config))
     finished = runs[runs["finished"]]
+    trained = finished[~finished["permuted"]]
     inputs = StudyInputs(
         root=root, config=dict(config),
         models=model_table(runs["model"].tolist(), {**known_from_config(config), **(known_models or {})}),
         runs=runs,
-        test_metrics=_read_test_metrics(store, finished[finished["has_metrics"]]),
-        predictions=_read_predictions(store, finished[finished["has_predictions"]]),
+        test_metrics=_read_test_metrics(store, trained[trained["has_metrics"]]),
+        predictions=_read_predictions(store, trained[trained["has_predictions"]]),
         cams=_read_all_cams(store, finished[finished["has_cams"]], missing),
         baselines=_read_baselines(store, missing, expected=bool((config.get("baselines") or {}).get("enabled"))),
         manifest=_read_optional_parquet(store.manifest_path, missing),
@@ -106,23 +108,26 @@ def load_study(study_dir: str | Path, config: Mapping[str, Any],
     return inputs
 
 
-def _expected_runs(config: Mapping[str, Any]) -> list[tuple[str, int]]:
+def _expected_runs(config: Mapping[str, Any]) -> list[tuple[str, int, bool]]:
     names = (config.get("models") or {}).get("names") or []
     seeds = (config.get("training") or {}).get("seeds") or []
-    return [(m, int(s)) for m in names for s in seeds]
+    sanity = config.get("sanity") or {}
+    permuted = [(m, int(sanity.get("permutation_seed", 0)), True) for m in names] if sanity.get("label_permutation") else []
+    return [(m, int(s), False) for m in names for s in seeds] + permuted
 
 
-def _survey_runs(store: StudyStore, expected: list[tuple[str, int]]) -> pd.DataFrame:
-    """One row per expected (model, seed) with what exists for it."""
+def _survey_runs(store: StudyStore, expected: list[tuple]) -> pd.DataFrame:
+    """One row per expected run with what exists for it."""
     rows = []
-    for model, seed in dict.fromkeys(expected):
-        train, cams = store.run_dir(model, seed), store.cams_dir(model, seed)
-        rows.append({"run_key": run_key(model, seed), "model": model, "seed": seed,
+    for model, seed, *permuted in dict.fromkeys(expected):
+        permuted = bool(permuted and permuted[0])
+        train, maps = store.run_dir(model, seed, permuted), store.maps_dir(model, seed, permuted)
+        rows.append({"run_key": run_key(model, seed, permuted), "model": model, "seed": seed, "permuted": permuted,
                      "train_dir": train.is_dir(), "finished": (train / StudyStore.DONE).is_file(),
                      "has_predictions": (train / StudyStore.PREDICTIONS).is_file(),
                      "has_metrics": (train / StudyStore.TEST_METRICS).is_file(),
-                     "has_cams": (cams / StudyStore.CAM_DONE).is_file() and _has_parquet(cams)})
-    return pd.DataFrame(rows, columns=["run_key", "model", "seed", "train_dir", "finished",
+                     "has_cams": (maps / StudyStore.CAM_DONE).is_file() and _has_parquet(maps)})
+    return pd.DataFrame(rows, columns=["run_key", "model", "seed", "permuted", "train_dir", "finished",
                                        "has_predictions", "has_metrics", "has_cams"])
 
 
@@ -165,9 +170,11 @@ def _read_predictions(store: StudyStore, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_all_cams(store: StudyStore, runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
-    """Trained (cams/) and weight-randomised (sanity/) rows of every run, told apart by `randomized`."""
+    """Trained (cams/) and sanity (sanity/) rows of every run, told apart by `randomized` and
+    `randomization`; a label-permutation run has its sanity/ folder only."""
     folders = [folder for run in runs.itertuples()
-               for folder in (store.cams_dir(run.model, run.seed), store.sanity_dir(run.model, run.seed))
+               for folder in ((store.sanity_dir(run.model, run.seed, True),) if run.permuted else
+                              (store.cams_dir(run.model, run.seed), store.sanity_dir(run.model, run.seed)))
                if _has_parquet(folder)]
     frames = [read_cams(folder, missing) for folder in folders]
     frames = [f for f in frames if f is not None]

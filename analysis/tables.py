@@ -16,6 +16,7 @@ import pandas as pd
 
 from analysis import paper_values, stats, validity
 from analysis.inputs import PRIMARY_CAM_METHOD
+from training.contract import run_key
 
 CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "auc"]
 EHR_VARIANTS = ["ehr_auc", "ehr_auc_inputiba"]
@@ -186,19 +187,39 @@ def methods_table(cams: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     return models.merge(summary, on="model", how="inner")
 
 
+def randomization_of(rows: pd.DataFrame) -> pd.Series:
+    """Which copy made each row: "none" (trained), "full", "cascade" or "labels" (stores scored
+    before the cascade: the randomised rows are the full twin)."""
+    if "randomization" in rows:
+        return rows["randomization"]
+    return rows["randomized"].map({False: "none", True: "full"})
+
+
+def copy_rows(rows: pd.DataFrame, *copies: str) -> pd.DataFrame:
+    """The rows made by the named copies."""
+    return rows[randomization_of(rows).isin(copies)]
+
+
+SANITY_COPIES = {"full": "weights randomised", "labels": "trained on permuted labels"}
+
+
 def sanity_table(cams: pd.DataFrame, method: Optional[str], models: pd.DataFrame,
                  alpha: float = stats.ALPHA) -> pd.DataFrame:
-    """Trained vs weight-randomised heatmaps (Adebayo et al. 2018), per model and metric:
-    means, difference, paired Wilcoxon p with Holm over models."""
+    """Trained vs each sanity copy that exists (Adebayo et al. 2018: the fully weight-randomised
+    twin; the label-permutation run), per model and metric: means, difference, paired Wilcoxon p
+    with Holm over models."""
     rows = cams[cams["cam_method"] == method]
-    frames = [stats.sanity_comparisons(rows, metric, alpha=alpha).assign(metric=metric)
-              for metric in ("diff_gradcam", "ehr_auc_norm") if metric in rows]
+    frames = []
+    for copy in SANITY_COPIES:
+        pair = copy_rows(rows, "none", copy)
+        frames += [stats.sanity_comparisons(pair, metric, alpha=alpha).assign(metric=metric, copy=copy)
+                   for metric in ("diff_gradcam", "ehr_auc_norm") if metric in rows]
     frames = [f for f in frames if not f.empty]
+    columns = ["model", "family", "depth", "copy", "metric", "trained", "randomized", "difference", "n", "p", "p_adj",
+               "reject"]
     if not frames:
-        return pd.DataFrame(columns=["model", "metric", "trained", "randomized", "difference", "p", "p_adj", "reject"])
-    table = pd.concat(frames, ignore_index=True)
-    return models.merge(table, on="model", how="inner")[["model", "family", "depth", "metric", "trained", "randomized",
-                                                         "difference", "n", "p", "p_adj", "reject"]]
+        return pd.DataFrame(columns=columns)
+    return models.merge(pd.concat(frames, ignore_index=True), on="model", how="inner")[columns]
 
 
 def run_summary(trained: pd.DataFrame, excluded: Optional[pd.DataFrame] = None) -> pd.DataFrame:
@@ -209,7 +230,7 @@ def run_summary(trained: pd.DataFrame, excluded: Optional[pd.DataFrame] = None) 
         if r.method in set(trained["cam_method"])}
     rows = []
     for (model, seed), part in trained.groupby(["model", "seed"], observed=True):
-        row = {"run_key": f"{model}-seed{seed}", "model": model, "seed": seed, "n_images": len(part),
+        row = {"run_key": run_key(model, int(seed)), "model": model, "seed": seed, "n_images": len(part),
                "degenerate": reasons.get((str(model), int(seed)), "")}
         row.update({name: float(part[column].astype(float).mean())
                     for name, column in RUN_SUMMARY.items() if column in part})
@@ -237,30 +258,65 @@ SCORE_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_chance", "ehr_auc_norm", "e
 def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float = stats.ALPHA,
                  baselines: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """analysis/scores.parquet: one row per (model, seed, method, layer, set = trained | randomized |
-    baseline) with n, each metric's mean and 95% CI over images (pointing_hit and hit_tuned as
-    rates), and the degenerate flag with its reason: the table a reader would otherwise build from
-    cams/, sanity/ and baselines/ by hand. Baselines have no seed (null) and no classifier."""
+    baseline, randomization, stages_randomized) with n, each metric's mean and 95% CI over images
+    (pointing_hit and hit_tuned as rates), and the degenerate flag with its reason: the table a
+    reader would otherwise build from cams/, sanity/ and baselines/ by hand. Baselines have no
+    seed (null) and no classifier."""
     if cams.empty:
         return pd.DataFrame(columns=["model", "seed", "method", "layer", "set", "n", "degenerate", "reason"])
-    flagged = pd.concat([validity.degenerate_sets(cams, test_metrics, randomized=flag).assign(
-        set="randomized" if flag else "trained") for flag in (False, True)], ignore_index=True)
-    reason = {(r.model, r.seed, r.method, r.layer, r.set): r.reason for r in flagged.itertuples()}
+    copy = randomization_of(cams)
+    steps = cams["stages_randomized"] if "stages_randomized" in cams else pd.Series(0, index=cams.index)
+    flagged = pd.concat([validity.degenerate_sets(cams, test_metrics, randomized=flag) for flag in (False, True)],
+                        ignore_index=True)
+    reason = {(r["model"], int(r["seed"]), r["method"], r["layer"], r.get("randomization", "none") or "none",
+               int(r.get("stages_randomized", 0) or 0)): r["reason"]
+              for r in flagged.astype(object).where(flagged.notna(), None).to_dict(orient="records")}
     layer = cams["cam_layer"] if "cam_layer" in cams else pd.Series("", index=cams.index)
-    keys = [cams["model"].astype(str), cams["seed"], cams["cam_method"], layer,
-            cams["randomized"].map({False: "trained", True: "randomized"})]
+    keys = [cams["model"].astype(str), cams["seed"], cams["cam_method"], layer, copy, steps]
     rows = []
-    for (model, seed, method, name, kind), part in cams.groupby(keys, sort=True):
-        why = reason.get((model, int(seed), method, name, kind), "")
-        rows.append({**_score_row(part, alpha, model=model, seed=int(seed), method=method, layer=name, set=kind),
+    for (model, seed, method, name, kind, step), part in cams.groupby(keys, sort=True):
+        why = reason.get((model, int(seed), method, name, kind, int(step)), "")
+        rows.append({**_score_row(part, alpha, level="run", model=model, seed=int(seed), method=method, layer=name,
+                                  set="trained" if kind == "none" else "randomized", randomization=kind,
+                                  stages_randomized=int(step)),
                      "degenerate": bool(why), "reason": why})
     for model, part in (baselines.groupby("model", sort=False) if baselines is not None and len(baselines) else ()):
-        rows.append({**_score_row(part, alpha, model=model, seed=None, method=part["cam_method"].iloc[0],
-                                  layer="", set="baseline"), "degenerate": False, "reason": ""})
+        rows.append({**_score_row(part, alpha, level="run", model=model, seed=None, method=part["cam_method"].iloc[0],
+                                  layer="", set="baseline", randomization="none", stages_randomized=0),
+                     "degenerate": False, "reason": ""})
     return pd.DataFrame(rows).astype({"seed": "Int64"})
 
 
+BOOTSTRAP_METRICS = ["diff_gradcam", "ehr_auc_norm", "auprc", "auroc_pixel", "energy_in_mask", "pointing_hit",
+                     "iou_tuned"]
+
+
+def model_scores(trained: pd.DataFrame, alpha: float, replicates: int, seed: int) -> pd.DataFrame:
+    """Model-level rows of scores.parquet (`level` "model", `seed` null): per (model, method,
+    layer) of the trained maps, each of BOOTSTRAP_METRICS' mean over every image of every seed,
+    with the percentile CI of the hierarchical bootstrap (seeds, then images within seeds;
+    `analysis.equivalence.hierarchical_bootstrap`), its replicate count and seed recorded."""
+    from analysis.equivalence import hierarchical_bootstrap
+
+    layer = trained["cam_layer"] if "cam_layer" in trained else pd.Series("", index=trained.index)
+    rows = []
+    for (model, method, name), part in trained.groupby([trained["model"].astype(str), trained["cam_method"], layer],
+                                                       sort=True):
+        row: dict[str, Any] = {"level": "model", "model": model, "seed": None, "method": method, "layer": name,
+                               "set": "trained", "randomization": "none", "stages_randomized": 0,
+                               "n": len(part), "seeds": part["seed"].nunique(),
+                               "ci_method": f"hierarchical bootstrap (seeds, then images within seeds), {replicates} "
+                                            f"replicates, percentile, seed {seed}"}
+        for metric in (m for m in BOOTSTRAP_METRICS if m in part):
+            groups = [g[metric].astype(float).to_numpy() for _, g in part.groupby("seed")]
+            row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"] = hierarchical_bootstrap(
+                groups, replicates, seed, alpha, stream=f"{model}|{method}|{name}|{metric}")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _score_row(part: pd.DataFrame, alpha: float, **keys: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {**keys, "n": len(part)}
+    row: dict[str, Any] = {**keys, "n": len(part), "ci_method": "t interval over images"}
     for metric in (m for m in SCORE_METRICS if m in part):
         row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"] = stats.mean_ci(part[metric].astype(float), alpha)
     return row

@@ -19,18 +19,23 @@ WORKING_AUC_BOUND = 0.5  # a classifier whose AUC CI lower bound is <= this is n
 MAX_FLAT_SHARE = 0.5  # more than this share of all-zero or constant maps: nothing to localise with
 
 
+COPY_KEYS = ["randomization", "stages_randomized"]  # which randomised copy (explain.rows.Copy)
+
+
 def degenerate_sets(cams: pd.DataFrame, test_metrics: pd.DataFrame, randomized: bool = False) -> pd.DataFrame:
-    """One row per degenerate map set of the trained (or, with `randomized`, the weight-randomised)
-    maps, with every reason that applies joined by "; ". The classifier rule applies to trained
-    maps only: the randomised twin has no classifier of its own to vouch for."""
+    """One row per degenerate map set of the trained (or, with `randomized`, the randomised)
+    maps, with every reason that applies joined by "; ". Randomised sets are told apart by their
+    copy (COPY_KEYS: the twin, each cascade step, the label-permutation run). The classifier rule
+    applies to trained maps only: a randomised copy has no classifier of its own to vouch for."""
     rows = cams[cams["randomized"] == randomized] if len(cams) else cams
+    copies = COPY_KEYS if randomized and set(COPY_KEYS) <= set(rows.columns) else []
+    columns = EXCLUDED_COLUMNS + copies
     if rows.empty:
-        return pd.DataFrame(columns=EXCLUDED_COLUMNS)
+        return pd.DataFrame(columns=columns)
     flat = _flat(rows)
-    layer = _layers(rows)
+    keys = [rows["model"].astype(str), rows["seed"], rows["cam_method"], _layers(rows), *(rows[k] for k in copies)]
     found = []
-    for (model, seed, method, name), part in flat.groupby([rows["model"].astype(str), rows["seed"], rows["cam_method"],
-                                                           layer], sort=False):
+    for (model, seed, method, name, *copy), part in flat.groupby(keys, sort=False):
         reasons = []
         if part.sum() > MAX_FLAT_SHARE * len(part):
             reasons.append(f"{int(part.sum())} of {len(part)} maps are all-zero or constant")
@@ -39,8 +44,8 @@ def degenerate_sets(cams: pd.DataFrame, test_metrics: pd.DataFrame, randomized: 
             reasons.append(classifier)
         if reasons:
             found.append({"model": model, "seed": int(seed), "method": method, "layer": name,
-                          "reason": "; ".join(reasons)})
-    return pd.DataFrame(found, columns=EXCLUDED_COLUMNS)
+                          **dict(zip(copies, copy)), "reason": "; ".join(reasons)})
+    return pd.DataFrame(found, columns=columns)
 
 
 def _flat(rows: pd.DataFrame) -> pd.Series:

@@ -1,9 +1,10 @@
 """The explain stage: Ray Data CAM extraction and scoring into Parquet, for every trained (model, seed).
 
 One pipeline for all unfinished runs: the scored test images of each run (rows of the
-preprocessing cache) x {trained, randomised copy} -> `map_batches` with an actor class that
-loads a run's checkpoint once (and keeps that run's two models while its rows keep coming),
-computes CAMs on its device and scores them. The driver collects each run's rows as they
+preprocessing cache) -> `map_batches` with an actor class that loads a run's checkpoint once,
+with the copies its sanity checks need (the weight-randomised twin, the cascade's working copy:
+`explain.randomization`), keeps them while that run's rows keep coming, maps each batch with
+all of them on its device and scores the maps. The driver collects each run's rows as they
 stream in and writes the run's Parquet into a temporary folder renamed to
 `cams/<model>-seed<k>/` as soon as the run is complete, so a finished run is never half
 written, a crash loses only the runs still in flight, and a rerun skips the finished ones.
@@ -19,8 +20,10 @@ Each scored image gets one row per CAM method and layer (`cam.layers`: every lay
 comes from one forward and one autograd call, `explain.cam.sweep`); the columns are
 `explain.rows.COLUMNS`. The metrics are computed from the float16 map exactly as stored, so
 re-scoring the Parquet reproduces them. `cams/<run>/` holds the trained model's maps only; the
-weight-randomised twin's rows (same columns, `randomized` true) go to `sanity/<run>/`, so a
-reader who globs `cams/` gets the report's numbers (for the paper's layer: `final_layer`).
+twin's and the cascade's rows (same columns, `randomized` true, `randomization` "full" or
+"cascade", with their similarity to the trained map) go to `sanity/<run>/`, so a reader who
+globs `cams/` gets the report's numbers (for the paper's layer: `final_layer`). A
+label-permutation run's maps (`randomization` "labels") go to `sanity/<run>-permuted/`.
 The validation positives are explained too, only to tune each map set's IoU threshold
 (`explain.tuning`); their rows are not stored, the threshold and their ids are (`_tuning.json`).
 """
@@ -36,7 +39,8 @@ import pandas as pd
 import pyarrow as pa
 
 from explain import tuning
-from explain.rows import map_table
+from explain.cam import GRADIENT_METHODS
+from explain.rows import TRAINED, Copy, map_table
 from training import registry
 from training.atomic import atomic_dir
 from training.cache import read_index
@@ -79,10 +83,11 @@ def tuning_images(cache_dir: Path) -> pd.DataFrame:
 
 
 class CamScorer:
-    """Ray Data actor: per run, builds the trained model and its randomised twin once, then scores
-    batches. `runs` maps a run key to (model name, seed, run folder)."""
+    """Ray Data actor: per run, builds the trained model and the copies the sanity checks need once
+    (`explain.randomization`), then maps every batch of images with all of them. `runs` maps a
+    run key to (model name, seed, run folder, permuted)."""
 
-    def __init__(self, config, runs: dict[str, tuple[str, int, str]], cache_dir: str):
+    def __init__(self, config, runs: dict[str, tuple[str, int, str, bool]], cache_dir: str):
         import torch
 
         self.torch, self.config, self.runs = torch, config, runs
@@ -95,33 +100,31 @@ class CamScorer:
         parts = []
         for key, rows in batch.groupby("run", sort=False):
             spec, models = self._models(key)
-            seed = self.runs[key][1]
-            parts += [table for flag in (False, True) if (rows["randomized"] == flag).any()
-                      for table in self._score(rows[rows["randomized"] == flag], spec, seed, models[flag])]
+            parts += self._score(rows, spec, self.runs[key][1], models)
         return pa.concat_tables(parts)
 
     def _models(self, key: str) -> tuple[registry.ModelSpec, dict]:
-        if self.loaded is None or self.loaded[0] != key:
-            self.loaded = None  # free the previous run's models before building the next
-            model_name, seed, run_dir = self.runs[key]
-            spec = registry.get_spec(self.config.models, model_name)
-            self.loaded = (key, spec, {False: self._trained(spec, Path(run_dir)), True: self._randomised(spec, seed)})
-        return self.loaded[1], self.loaded[2]
+        from explain.randomization import Cascade, twin
 
-    def _trained(self, spec, run_dir: Path):
         from training.loop import load_trained_model
 
-        return load_trained_model(spec, self.config, run_dir).to(self.device).eval()
+        if self.loaded is None or self.loaded[0] != key:
+            self.loaded = None  # free the previous run's models before building the next
+            model_name, seed, run_dir, permuted = self.runs[key]
+            spec = registry.get_spec(self.config.models, model_name)
+            models = {"trained": load_trained_model(spec, self.config, Path(run_dir)).to(self.device).eval()}
+            copies = copies_of(self.config, permuted)
+            if copies["full"] or copies["cascade"]:
+                models["twin"] = twin(spec, self.config, seed, self.device)
+            if copies["cascade"]:
+                models["cascade"] = Cascade(models["trained"], models["twin"], cascade_units(spec, self.config))
+            models["copies"] = copies
+            self.loaded = (key, spec, models)
+        return self.loaded[1], self.loaded[2]
 
-    def _randomised(self, spec, seed: int):
-        # Adebayo et al. 2018 model-parameter randomisation: same architecture, fresh weights
-        self.torch.manual_seed(10_000 + seed)
-        preprocess = self.config.preprocess
-        return registry.build_model(spec, init="random", image_size=preprocess.image_size,
-                                    in_chans=preprocess.channels).to(self.device).eval()
-
-    def _score(self, rows: pd.DataFrame, spec, seed: int, model) -> list[pa.Table]:
-        """Every method at every configured layer of `model` for these rows: one table per map set."""
+    def _score(self, rows: pd.DataFrame, spec, seed: int, models: dict) -> list[pa.Table]:
+        """Every method at every configured layer of the trained model (or of a label-permutation
+        run), of the twin, and the cascade's steps at the paper's layer: one table per map set."""
         from explain.cam import sweep
 
         from training.loop import prepare_input
@@ -134,33 +137,67 @@ class CamScorer:
         layers = cam_layers(spec, self.config.cam.layers)
         geometry = registry.layer_geometry(spec, tuple(layers), self.config.preprocess.image_size,
                                            self.config.preprocess.channels)
-        maps = sweep(model, spec, images, 1, layers, self.config.cam.methods)
-        return [map_table(rows, masks, heat, self.config.metrics, model=spec.name, seed=seed, method=method,
-                          layer=layer, depth=geometry[layer][0], map_size=geometry[layer][1],
-                          **layer_roles(spec, layer))
-                for layer, by_method in maps.items() for method, heat in by_method.items()]
+        copies = models["copies"]
+
+        def tables(maps: dict, copy: Copy, reference: dict | None = None) -> list[pa.Table]:
+            return [map_table(rows, masks, heat, self.config.metrics, model=spec.name, seed=seed, method=method,
+                              layer=layer, depth=geometry[layer][0], map_size=geometry[layer][1],
+                              **layer_roles(spec, layer), copy=copy,
+                              reference=None if reference is None else reference[layer][method])
+                    for layer, by_method in maps.items() for method, heat in by_method.items()]
+
+        trained = sweep(models["trained"], spec, images, 1, layers, self.config.cam.methods)
+        found = tables(trained, copies["trained"])
+        if copies["full"]:
+            maps = sweep(models["twin"], spec, images, 1, layers, self.config.cam.methods)
+            found += tables(maps, Copy("full", len(cascade_units(spec, self.config)), "all"), trained)
+        if copies["cascade"]:
+            methods = [m for m in self.config.cam.methods if m in GRADIENT_METHODS]
+            for step, unit, model in models["cascade"].steps():
+                maps = sweep(model, spec, images, 1, [spec.target_layer], methods)
+                found += tables(maps, Copy("cascade", step, unit), trained)
+        return found
+
+
+def copies_of(config, permuted: bool) -> dict:
+    """Which copies a run's images are mapped with: a label-permutation run only as trained (its
+    maps are the data-randomisation test); a trained run also with the twin and the cascade when
+    `cam.sanity_randomized` and `sanity.cascade` ask for them."""
+    return {"trained": Copy("labels") if permuted else TRAINED,
+            "full": config.cam.sanity_randomized and not permuted,
+            "cascade": config.sanity.cascade and not permuted}
+
+
+def cascade_units(spec, config) -> tuple:
+    return registry.cascade_units(spec, config.preprocess.image_size, config.preprocess.channels)
 
 
 def run_work(config, cache_dir: Path, plan) -> pd.DataFrame:
     """One run's rows to explain: its scored test images and the validation positives that tune
-    its thresholds, once per model copy (trained, randomised). Empty when no test image is scored."""
+    its thresholds. Empty when no test image is scored."""
     test = scored_images(config, cache_dir, plan.run_dir)
     if test.empty:
-        return test.assign(randomized=False, run=plan.key)
-    rows = pd.concat([test, tuning_images(cache_dir)], ignore_index=True)
-    flags = [False, True] if config.cam.sanity_randomized else [False]
-    return pd.concat([rows.assign(randomized=flag, run=plan.key) for flag in flags], ignore_index=True)
+        return test.assign(run=plan.key)
+    return pd.concat([test, tuning_images(cache_dir)], ignore_index=True).assign(run=plan.key)
 
 
-def maps_per_image(spec, config) -> int:
-    """Rows one image gives: every method at every configured layer (rollout has no layer: once)."""
+def maps_per_image(spec, config, permuted: bool = False) -> int:
+    """Rows one image gives: every method at every configured layer (rollout has no layer: once),
+    for the trained model and the twin, and every gradient method at each cascade step."""
     methods = [m for m in config.cam.methods if m != "rollout"]
-    return len(cam_layers(spec, config.cam.layers)) * len(methods) + ("rollout" in config.cam.methods)
+    per_copy = len(cam_layers(spec, config.cam.layers)) * len(methods) + ("rollout" in config.cam.methods)
+    copies = copies_of(config, permuted)
+    cascade = 0
+    if copies["cascade"]:
+        steps = len(cascade_units(spec, config)) + 1  # step 0 (as trained) and one per unit
+        cascade = steps * sum(m in GRADIENT_METHODS for m in config.cam.methods)
+    return per_copy * (1 + copies["full"]) + cascade
 
 
 def extraction_reason(config, store, plan) -> str | None:
     """None when the run's CAM output was made from the inputs the config asks for now, else why not."""
-    return record_reason(store.cams_dir(plan.spec.name, plan.seed) / DONE, explain_inputs(config, plan.fingerprint))
+    return record_reason(store.maps_dir(plan.spec.name, plan.seed, plan.permuted) / DONE,
+                         explain_inputs(config, plan.fingerprint))
 
 
 def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0) -> None:
@@ -201,11 +238,11 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
     order = [plan.key for plan in registry.largest_first(todo)]
     blocks = [work[key].iloc[i:i + BLOCK_ROWS] for key in order for i in range(0, len(work[key]), BLOCK_ROWS)]
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
-    expected = {plan.key: len(work[plan.key]) * maps_per_image(plan.spec, config) for plan in todo}
+    expected = {plan.key: len(work[plan.key]) * maps_per_image(plan.spec, config, plan.permuted) for plan in todo}
     maps = sum(expected.values())
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
           f"validation positives to tune on, per model copy), {maps} heatmaps to compute, {actors} actor(s)")
-    runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir)) for plan in todo}
+    runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), plan.permuted) for plan in todo}
     collected: dict[str, list[pa.Table]] = {key: [] for key in work}
     plan_of, started = {plan.key: plan for plan in todo}, time.time()
     context = ray.data.DataContext.get_current()
@@ -228,38 +265,59 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
 
 
 def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """The rows of each run in `table` (a label-permutation run's rows are its "labels" copy)."""
     import pyarrow.compute as pc
 
-    runs = table.select(["model", "seed"]).group_by(["model", "seed"]).aggregate([]).to_pylist()
-    return [(run_key(run["model"], run["seed"]),
-             table.filter((pc.field("model") == run["model"]) & (pc.field("seed") == run["seed"]))) for run in runs]
+    permuted = pc.equal(table["randomization"], "labels")
+    keyed = table.append_column("_permuted", permuted)
+    runs = keyed.select(["model", "seed", "_permuted"]).group_by(["model", "seed", "_permuted"]).aggregate([])
+    return [(run_key(run["model"], run["seed"], run["_permuted"]),
+             table.filter((pc.field("model") == run["model"]) & (pc.field("seed") == run["seed"])
+                          & (pc.field("randomization") == "labels") == run["_permuted"]))
+            for run in runs.to_pylist()]
 
 
 def _write_run(config, store, plan, table: pa.Table | None) -> Path:
-    """cams/<run>/ (trained maps, _tuning.json, _done.json last) and sanity/<run>/ (the twin's maps)."""
-    import pyarrow.parquet as pq
-
-    out, sanity = store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
+    """cams/<run>/ (trained maps, _tuning.json, _done.json last) and sanity/<run>/ (the twin's and
+    the cascade's maps); a label-permutation run's maps, tuning and record all go to
+    sanity/<run>-permuted/."""
     records: list[dict] = []
     if table is not None:
-        table, records = tuning.apply(table, ["cam_method", "cam_layer", "randomized"], config.metrics)
-    trained, randomised = _by_copy(table, False), _by_copy(table, True)
+        table, records = tuning.apply(table, TUNING_KEYS, config.metrics)
+    if plan.permuted:
+        return _write_maps(config, store.sanity_dir(plan.spec.name, plan.seed, True), plan, table, records)
+    sanity = store.sanity_dir(plan.spec.name, plan.seed)
+    randomised = _of_copy(table, randomized=True)
     if randomised is not None and len(randomised):  # before cams/: its _done.json vouches for both
         with atomic_dir(sanity) as tmp:
-            pq.write_table(randomised, tmp / StudyStore.CAM_PART)
-    else:  # cam.sanity_randomized turned off: no stale twin maps beside the new ones
+            _write_parquet(randomised, tmp)
+    else:  # the sanity checks turned off: no stale maps beside the new ones
         shutil.rmtree(sanity, ignore_errors=True)
-    with atomic_dir(out) as tmp:
-        if trained is not None:
-            pq.write_table(trained, tmp / StudyStore.CAM_PART)
+    return _write_maps(config, store.cams_dir(plan.spec.name, plan.seed), plan, _of_copy(table, randomized=False),
+                       records, sanity_rows=0 if randomised is None else len(randomised))
+
+
+TUNING_KEYS = ["cam_method", "cam_layer", "randomization", "stages_randomized"]  # one threshold per map set
+
+
+def _write_maps(config, folder: Path, plan, table: pa.Table | None, records: list[dict], **info) -> Path:
+    """The maps, _tuning.json and, last, _done.json with the inputs they were made from."""
+    with atomic_dir(folder) as tmp:
+        if table is not None:
+            _write_parquet(table, tmp)
         tuning.write_records(tmp / StudyStore.CAM_TUNING, records, config.metrics)
-        write_record(tmp / DONE, explain_inputs(config, plan.fingerprint),
-                     rows=0 if trained is None else len(trained),
-                     sanity_rows=0 if randomised is None else len(randomised))
-    return out
+        write_record(tmp / DONE, explain_inputs(config, plan.fingerprint), rows=0 if table is None else len(table),
+                     **info)
+    return folder
 
 
-def _by_copy(table: pa.Table | None, randomized: bool) -> pa.Table | None:
+def _write_parquet(table: pa.Table, folder: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, folder / StudyStore.CAM_PART)
+
+
+def _of_copy(table: pa.Table | None, randomized: bool) -> pa.Table | None:
     import pyarrow.compute as pc
 
     if table is None:

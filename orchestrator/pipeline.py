@@ -82,8 +82,8 @@ def run_explain(config, store: StudyStore, force: bool = False) -> None:
     init_ray(config)
     plans = plan_runs(config, store)
     if force:
-        _remove_runs(plans, lambda plan: store.cams_dir(plan.spec.name, plan.seed))
-        _remove_runs(plans, lambda plan: store.sanity_dir(plan.spec.name, plan.seed))
+        _remove_runs(plans, lambda plan: store.maps_dir(plan.spec.name, plan.seed, plan.permuted))
+        _remove_runs(plans, lambda plan: store.sanity_dir(plan.spec.name, plan.seed, plan.permuted))
     explain_baselines(config, store, force=force)
     finished = [plan for plan in plans if is_finished(plan)]
     for plan in plans:
@@ -103,7 +103,7 @@ def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force
     from analysis.report import analyze
 
     sweep(store)
-    runs = [(plan.spec.name, plan.seed) for plan in plan_runs(config, store)]
+    runs = [(plan.spec.name, plan.seed, plan.permuted) for plan in plan_runs(config, store)]
     inputs, record = analyze_inputs(config, store, runs), store.stage_record("analyze")
     report = store.analysis_dir / "report.html"
     reason = "--force" if force else record_reason(record, inputs)

@@ -48,10 +48,11 @@ class RunPlan:
     seed: int
     run_dir: Path
     inputs: dict = field(compare=False, repr=False)  # what the run computes from (study contract)
+    permuted: bool = False  # trained on permuted labels (sanity.label_permutation, STUDY.md §10)
 
     @property
     def key(self) -> str:
-        return run_key(self.spec.name, self.seed)
+        return run_key(self.spec.name, self.seed, self.permuted)
 
     @property
     def fingerprint(self) -> str:
@@ -59,12 +60,18 @@ class RunPlan:
 
 
 def plan_runs(config, store: StudyStore) -> list[RunPlan]:
-    """Every (model, seed) of the config, in registry order then seed order."""
+    """Every (model, seed) of the config, in registry order then seed order; with
+    sanity.label_permutation, one run per model on permuted labels after them."""
     plans = []
     for spec in registry.specs_for(config.models):
         recipe = registry.recipe_for(spec, config.recipes)
         for seed in config.training.seeds:
             plans.append(RunPlan(spec, seed, store.run_dir(spec.name, seed), run_inputs(spec, recipe, config, seed)))
+    if config.sanity.label_permutation:
+        seed = config.sanity.permutation_seed
+        for spec in registry.specs_for(config.models):
+            inputs = run_inputs(spec, registry.recipe_for(spec, config.recipes), config, seed, permuted_labels=True)
+            plans.append(RunPlan(spec, seed, store.run_dir(spec.name, seed, True), inputs, permuted=True))
     return plans
 
 
@@ -85,7 +92,7 @@ def child_params(config, plan: RunPlan) -> dict[str, Any]:
         "pretrained": config.models.init, "cam_layer": plan.spec.target_layer,
         "timm_name": plan.spec.timm_name, "selection": config.training.selection,
         "threshold": config.training.threshold, "workers_per_run": config.resources.workers_per_run,
-        "fingerprint": plan.fingerprint,
+        "labels": "permuted" if plan.permuted else "as given", "fingerprint": plan.fingerprint,
     }
 
 
@@ -107,7 +114,8 @@ def _fit(config, plan: RunPlan, store_root: str, progress: Queue, placement: dic
         train_worker,
         train_loop_config={"config": config, "model": plan.spec.name, "seed": plan.seed,
                            "cache_dir": str(StudyStore(store_root).cache_dir), "run_dir": str(plan.run_dir),
-                           "fingerprint": plan.fingerprint, "torch_threads": placement["torch_threads"]},
+                           "fingerprint": plan.fingerprint, "torch_threads": placement["torch_threads"],
+                           "permuted": plan.permuted},
         scaling_config=ScalingConfig(num_workers=placement["workers"], use_gpu=placement["gpus"] > 0,
                                      resources_per_worker={**placement["resources"],
                                                            **config.resources.model_resources.get(plan.spec.name, {})}),
@@ -144,7 +152,7 @@ def _root_cause(error: BaseException) -> str:
 def placement(config) -> dict:
     """Resources of one run and how many runs fit at once on this cluster."""
     resources_cfg, cluster = config.resources, ray.cluster_resources()
-    runs = len(registry.specs_for(config.models)) * len(config.training.seeds)
+    runs = len(registry.specs_for(config.models)) * (len(config.training.seeds) + config.sanity.label_permutation)
     gpus_here = cluster.get("GPU", 0)
     gpus = resources_cfg.gpus_per_run
     if gpus == "auto":

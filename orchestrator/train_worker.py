@@ -54,7 +54,8 @@ def train_worker(loop_config: dict) -> None:
                   run_dir, loop_config["seed"],
                   report=lambda epoch, metrics: ray.train.report({"epoch": epoch, **metrics}),
                   # Ray's pick of this worker's GPU (its index among the visible ones need not be LOCAL_RANK)
-                  device=get_device(), fingerprint=loop_config["fingerprint"])
+                  device=get_device(), fingerprint=loop_config["fingerprint"],
+                  permuted_labels=loop_config.get("permuted", False))
     except CamstudyError as error:
         if rank0:
             write_text_atomic(run_dir / StudyStore.ERROR,

@@ -198,7 +198,7 @@ def test_report_is_self_contained_and_holds_every_table(single_seed):
         if csv.stem != "run_summary":
             assert f"id='table-{csv.stem}'" in text, csv.stem
     for heading in ("1. Setup", "2. Data", "Table 1", "Table 2", "chance level", "the paper's analysis",
-                    "paired analysis", "13. Conclusions"):
+                    "paired analysis", "14. Conclusions"):
         assert heading in text
     assert "Missing or incomplete inputs" not in text
 
@@ -380,10 +380,13 @@ def test_a_naive_read_of_cams_and_scores_parquet_give_table2(degenerate):
     table2 = pd.read_csv(degenerate.root / "analysis" / "tables" / "table2.csv").set_index("model")["mean"]
     pd.testing.assert_series_equal(by_model.sort_index(), table2.sort_index(), check_names=False)
     scores = pd.read_parquet(degenerate.root / "analysis" / "scores.parquet")
-    trained = scores[scores["set"] == "trained"].set_index("model")
+    trained = scores[(scores["set"] == "trained") & (scores["level"] == "run")].set_index("model")
     pd.testing.assert_series_equal(trained["diff_gradcam"].sort_index(), table2.sort_index(), check_names=False)
     assert set(trained.index[trained["degenerate"]]) == {ALL_ZERO, NO_CLASSIFIER}
     assert set(scores["set"]) == {"trained", "randomized"} and {"diff_gradcam_lo", "diff_gradcam_hi"} <= set(scores)
+    model_level = scores[scores["level"] == "model"].set_index("model")
+    assert model_level["seed"].isna().all() and model_level["ci_method"].str.startswith("hierarchical bootstrap").all()
+    pd.testing.assert_series_equal(model_level["diff_gradcam"].sort_index(), table2.sort_index(), check_names=False)
 
 
 def test_the_report_opens_with_the_summary_and_a_table_of_contents(degenerate):

@@ -20,10 +20,13 @@ from training.loop import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
+LAYERS = 4  # demo.yaml's cam.layers [final, stages, matched] for resnet18: layer1.-1 ... layer4.-1
+STEPS = 6  # its cascade: step 0 (as trained), the head, then layer4 ... layer1 (with the stem)
 CAM_COLUMNS = ["image_id", "model", "seed", "label", "probability", "correct", "mask_fraction", "rle_rows",
-               "n_regions", "elongation", "randomized", "cam_method", "cam_layer", "layer_depth", "map_size",
-               "final_layer", "matched_layer", *COLUMNS, "cam_constant", "tuned_threshold", "iou_tuned", "hit_tuned",
-               "heatmap"]
+               "n_regions", "elongation", "randomized", "randomization", "stages_randomized", "randomized_from",
+               "cam_method", "cam_layer", "layer_depth", "map_size", "final_layer", "matched_layer", *COLUMNS,
+               "cam_constant", "spearman_to_trained", "ssim_to_trained", "top10_iou_to_trained", "tuned_threshold",
+               "iou_tuned", "hit_tuned", "heatmap"]
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +55,24 @@ def test_one_pipeline_writes_every_run_with_the_documented_columns(study, capsys
     extract_runs(config, store, plans, actors=2, gpus_per_actor=0)
     assert "2 run(s)" in capsys.readouterr().out
     positives = _positives_in_test(store)
+    assert len(registry.cascade_units(plans[0].spec, TINY_SIZE)) + 1 == STEPS
     for plan in plans:
         out = store.cams_dir(plan.spec.name, plan.seed)
-        for folder, randomized in ((out, False), (store.sanity_dir(plan.spec.name, plan.seed), True)):
+        # cams/: the trained model at every layer; sanity/: its randomised twin at every layer and
+        # every cascade step at the paper's layer
+        for folder, randomized, copies in ((out, False, LAYERS), (store.sanity_dir(plan.spec.name, plan.seed), True,
+                                                                   LAYERS + STEPS)):
             table = pq.read_table(folder)  # plain pyarrow, no Ray
             assert table.column_names == CAM_COLUMNS
-            assert table.num_rows == positives  # cams/: the trained model only; sanity/: its randomised twin
+            assert table.num_rows == positives * copies
             frame = table.drop(["heatmap"]).to_pandas()
             assert set(frame["seed"]) == {plan.seed} and set(frame["model"]) == {"resnet18"}
             assert set(frame["randomized"]) == {randomized}
             heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
-            assert heat.shape == (positives, TINY_SIZE, TINY_SIZE) and 0 <= heat.min() and heat.max() <= 1
+            assert heat.shape == (positives * copies, TINY_SIZE, TINY_SIZE) and 0 <= heat.min() and heat.max() <= 1
             assert (frame["cam_constant"] == (heat.max(axis=(1, 2)) == heat.min(axis=(1, 2)))).all()
         record = json.loads((out / DONE).read_text())
-        assert record["rows"] == positives and record["sanity_rows"] == positives
+        assert record["rows"] == positives * LAYERS and record["sanity_rows"] == positives * (LAYERS + STEPS)
         assert record["inputs"]["train"] == {"fingerprint": plan.fingerprint}
         assert record["inputs"]["cam"]["methods"] == ["gradcam"]
 
@@ -77,10 +84,11 @@ def test_rescoring_the_stored_heatmaps_with_naive_code_reproduces_every_stored_m
     extract_runs(config, store, plans, actors=2, gpus_per_actor=0)
     masks = np.load(store.cache_dir / StudyStore.CACHE_MASKS).astype(bool)
     row_of = pq.read_table(store.cache_dir / StudyStore.CACHE_INDEX).to_pandas().set_index("image_id")["row"]
-    checked = 0
+    checked, stored = 0, 0
     for plan in plans:
         for folder in (store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)):
             table = pq.read_table(folder)
+            stored += table.num_rows
             heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
             assert heat.dtype == np.float16
             frame = table.drop(["heatmap"]).to_pandas()
@@ -90,7 +98,7 @@ def test_rescoring_the_stored_heatmaps_with_naive_code_reproduces_every_stored_m
                 for name, value in expected.items():
                     np.testing.assert_allclose(getattr(row, name), value, rtol=0, atol=1e-12, err_msg=name)
                 checked += 1
-    assert checked == 2 * len(plans) * _positives_in_test(store)
+    assert checked == stored == len(plans) * _positives_in_test(store) * (2 * LAYERS + STEPS)
 
 
 def test_a_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, capsys):
@@ -108,7 +116,7 @@ def test_a_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, capsys
     assert f"[explain] {plans[0].key}: up to date, skipped" in out and "1 run(s)" in out
     assert f"[explain] {plans[1].key}: not done yet; computing its heatmaps" in out
     assert kept.stat().st_mtime_ns == before
-    assert pq.read_table(lost).num_rows == _positives_in_test(store)
+    assert pq.read_table(lost).num_rows == _positives_in_test(store) * LAYERS
 
 
 def test_a_changed_explain_setting_recomputes_every_run_and_says_why(study, capsys):
@@ -122,7 +130,8 @@ def test_a_changed_explain_setting_recomputes_every_run_and_says_why(study, caps
     for plan in plans:
         assert f"[explain] {plan.key}: cam.methods changed; computing its heatmaps" in out
         frame = pq.read_table(store.cams_dir(plan.spec.name, plan.seed)).drop(["heatmap"]).to_pandas()
-        assert frame.groupby("cam_method").size().to_dict() == {"gradcam": positives, "gradcam++": positives}
+        assert frame.groupby("cam_method").size().to_dict() == {"gradcam": positives * LAYERS,
+                                                                  "gradcam++": positives * LAYERS}
     capsys.readouterr()
     extract_runs(config, store, plans, actors=2, gpus_per_actor=0)  # back to the old setting: redone again
     assert capsys.readouterr().out.count("cam.methods changed") == len(plans)
@@ -140,8 +149,44 @@ def test_a_one_channel_study_trains_and_explains(tiny_cache, tmp_path):
     train_run(plan.spec, registry.recipe_for(plan.spec, config.recipes), config, tiny_cache, plan.run_dir,
               plan.seed, fingerprint=plan.fingerprint)
     work = run_work(config, tiny_cache, plan)
-    scorer = CamScorer(config, {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir))}, str(tiny_cache))
+    scorer = CamScorer(config, {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), False)}, str(tiny_cache))
     table = scorer(work)
-    assert table.num_rows == len(work) and sorted(set(table.column("randomized").to_pylist())) == [False, True]
+    maps = 2 * LAYERS + STEPS  # trained and twin at every layer, the cascade at the paper's
+    assert table.num_rows == len(work) * maps and sorted(set(table.column("randomized").to_pylist())) == [False, True]
     heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
-    assert heat.shape == (len(work), TINY_SIZE, TINY_SIZE) and heat.max() <= 1
+    assert heat.shape == (len(work) * maps, TINY_SIZE, TINY_SIZE) and heat.max() <= 1
+
+
+def test_the_cascade_starts_at_the_trained_map_and_ends_at_the_twin(study):
+    """Step 0 (the working copy before any re-initialisation) gives the trained maps, so its
+    similarity to them is 1; the last step, every unit re-initialised, is the twin: its maps are
+    the full randomisation's. Steps are numbered head first."""
+    config, store, plans = study
+    extract_runs(config, store, plans, actors=2, gpus_per_actor=0)
+    plan = plans[0]
+    sanity = pq.read_table(store.sanity_dir(plan.spec.name, plan.seed))
+    frame = sanity.drop(["heatmap"]).to_pandas()
+    heat = sanity.column("heatmap").combine_chunks().to_numpy_ndarray()
+    cascade = frame[frame["randomization"] == "cascade"]
+    units = registry.cascade_units(plan.spec, TINY_SIZE)
+    assert sorted(cascade["stages_randomized"].unique()) == list(range(len(units) + 1))
+    firsts = cascade.drop_duplicates("stages_randomized").set_index("stages_randomized")["randomized_from"]
+    assert list(firsts) == ["", *[name for name, _ in units]] and firsts[1] == "head"
+    step0 = cascade[cascade["stages_randomized"] == 0]
+    assert (step0["ssim_to_trained"] == 1.0).all() and (step0["top10_iou_to_trained"] == 1.0).all()
+    cams = pq.read_table(store.cams_dir(plan.spec.name, plan.seed))
+    final = cams.column("final_layer").to_numpy()
+    trained = dict(zip(np.asarray(cams.column("image_id").to_pylist())[final],
+                       cams.column("heatmap").combine_chunks().to_numpy_ndarray()[final]))
+    for i in step0.index:
+        np.testing.assert_array_equal(heat[i], trained[frame.loc[i, "image_id"]])
+    is_last = ((frame["randomization"] == "cascade") & (frame["stages_randomized"] == len(units))).to_numpy()
+    is_full = ((frame["randomization"] == "full") & frame["final_layer"]).to_numpy()
+    last_heat = dict(zip(frame.loc[is_last, "image_id"], heat[is_last]))
+    full_heat = dict(zip(frame.loc[is_full, "image_id"], heat[is_full]))
+    assert set(last_heat) == set(full_heat) and len(full_heat) == _positives_in_test(store)
+    for image, expected in full_heat.items():
+        np.testing.assert_allclose(last_heat[image].astype(float), expected.astype(float), rtol=0, atol=2e-3)
+    full = frame[frame["randomization"] == "full"]  # every layer (at 32 px layer4's map is 1x1: flat)
+    assert (full["stages_randomized"] == len(units)).all() and full["ssim_to_trained"].notna().all()
+    assert (full["ssim_to_trained"] < 0.99).mean() > 0.5  # fresh weights, other maps

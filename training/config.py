@@ -260,11 +260,43 @@ class BaselinesConfig:
 
 
 @dataclass(frozen=True)
+class SanityConfig:
+    """Are the maps themselves reliable? (STUDY.md §10; the full weight randomisation is
+    `cam.sanity_randomized`.)"""
+
+    # cascading model randomisation (Adebayo et al. 2018): re-initialise the trained network
+    # from the head down, one stage at a time, and read the paper's layer after each step
+    cascade: bool = True
+    # data randomisation: one extra run per architecture trained on permuted training labels
+    label_permutation: bool = False
+    permutation_seed: int = 0  # that run's seed (weights, batches) and the seed of the permutation
+    pass_line_pairs: int = 50  # Arun et al. 2021: mean SSIM of trained maps of this many random image pairs
+
+    def __post_init__(self):
+        _check(0 <= self.permutation_seed <= MAX_SEED, "sanity.permutation_seed", self.permutation_seed,
+               f"an integer in [0, {MAX_SEED}]")
+        _check(2 <= self.pass_line_pairs <= 100_000, "sanity.pass_line_pairs", self.pass_line_pairs,
+               "an integer in [2, 100000]")
+
+
+@dataclass(frozen=True)
 class StatisticsConfig:
     alpha: float = 0.05
+    # TOST equivalence margin for pairs that do not differ, in each metric's own units (STUDY.md §10)
+    equivalence_margin: float = 0.02
+    power: float = 0.8  # the power at which the minimum detectable difference is stated
+    bootstrap_replicates: int = 1000  # hierarchical bootstrap of model-level CIs (seeds, then images)
+    bootstrap_seed: int = 0
 
     def __post_init__(self):
         _check(0 < self.alpha < 1, "statistics.alpha", self.alpha, "a value in (0, 1)")
+        _check(0 < self.equivalence_margin <= 10, "statistics.equivalence_margin", self.equivalence_margin,
+               "a positive margin in the metric's units, at most 10")
+        _check(0 < self.power < 1, "statistics.power", self.power, "a value in (0, 1)")
+        _check(1000 <= self.bootstrap_replicates <= 1_000_000, "statistics.bootstrap_replicates",
+               self.bootstrap_replicates, "an integer in [1000, 1000000] (STUDY.md §10: at least 1,000)")
+        _check(0 <= self.bootstrap_seed <= MAX_SEED, "statistics.bootstrap_seed", self.bootstrap_seed,
+               f"an integer in [0, {MAX_SEED}]")
 
 
 @dataclass(frozen=True)
@@ -323,6 +355,7 @@ class StudyConfig:
     cam: CamConfig = field(default_factory=CamConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    sanity: SanityConfig = field(default_factory=SanityConfig)
     statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

@@ -1,6 +1,7 @@
 """The study contract: every fact that more than one stage relies on, stated once (torch-free).
 
-- **Run keys**: `run_key("resnet50", 2) == "resnet50-seed2"`, and `parse_run_key` back.
+- **Run keys**: `run_key("resnet50", 2) == "resnet50-seed2"` (a label-permutation run:
+  `run_key("resnet50", 0, permuted=True) == "resnet50-seed0-permuted"`), and `parse_run_key` back.
 - **The store layout**: `StudyStore` names every folder and file a stage reads or writes; no
   other module spells a store path.
 - **The completion rule**: a stage's output (the prepared data, one run's CAMs, the analysis)
@@ -39,18 +40,19 @@ ANALYSIS_VERSION = 3  # 3: baseline ladder, layer sweep, resolution-matched arm,
 
 # --------------------------------------------------------------------------- run keys
 
-_RUN_KEY = re.compile(r"^(?P<model>[A-Za-z0-9_.]+)-seed(?P<seed>\d+)$")
+PERMUTED = "-permuted"  # the run key's suffix of a run trained on permuted labels (STUDY.md §10)
+_RUN_KEY = re.compile(r"^(?P<model>[A-Za-z0-9_.]+)-seed(?P<seed>\d+)(?P<permuted>-permuted)?$")
 
 
-def run_key(model: str, seed: int) -> str:
+def run_key(model: str, seed: int, permuted: bool = False) -> str:
     """The one name of a (model, seed) run: its folders, its MLflow child, its log lines."""
-    return f"{model}-seed{seed}"
+    return f"{model}-seed{seed}{PERMUTED if permuted else ''}"
 
 
-def parse_run_key(name: str) -> Optional[tuple[str, int]]:
-    """("resnet50", 2) for "resnet50-seed2"; None for a name of another form."""
+def parse_run_key(name: str) -> Optional[tuple[str, int, bool]]:
+    """("resnet50", 2, False) for "resnet50-seed2"; None for a name of another form."""
     match = _RUN_KEY.match(name)
-    return (match["model"], int(match["seed"])) if match else None
+    return (match["model"], int(match["seed"]), bool(match["permuted"])) if match else None
 
 
 # --------------------------------------------------------------------------- the completion rule
@@ -139,12 +141,13 @@ def explain_inputs(config: Any, train_fingerprint: str) -> dict[str, Any]:
     """One run's CAM output: the trained run, which maps are made at which layers on which images,
     how they are scored, and the prepared data (validation positives tune the IoU threshold; the
     lesion covariates come from the cache index). (`cam.batch_size` changes only the speed.)"""
-    cam = config.cam
+    cam, plain = config.cam, config.to_dict()
     return {"train": {"fingerprint": train_fingerprint},
             "cam": {"methods": list(cam.methods), "layers": list(cam.layers), "images": cam.images,
                     "sanity_randomized": cam.sanity_randomized},
+            "sanity": {"cascade": plain["sanity"]["cascade"]},
             "prepare": fingerprint(prepare_inputs(config)),
-            "metrics": config.to_dict()["metrics"], "scoring_version": SCORING_VERSION}
+            "metrics": plain["metrics"], "scoring_version": SCORING_VERSION}
 
 
 def baselines_inputs(config: Any) -> dict[str, Any]:
@@ -154,17 +157,18 @@ def baselines_inputs(config: Any) -> dict[str, Any]:
             "metrics": plain["metrics"], "scoring_version": SCORING_VERSION}
 
 
-def analyze_inputs(config: Any, store: "StudyStore", runs: list[tuple[str, int]]) -> dict[str, Any]:
+def analyze_inputs(config: Any, store: "StudyStore", runs: list[tuple]) -> dict[str, Any]:
     """The analysis: the CAM output and training run of every run the config names (each by its
     record's fingerprint; None when it has none), the baselines, the prepared data, the statistics settings,
     the decision threshold the report quotes, and where results are logged."""
     plain = config.to_dict()
     recorded = lambda path: (read_record(path) or {}).get("fingerprint")  # noqa: E731
-    cams = {run_key(*run): recorded(store.cams_dir(*run) / StudyStore.CAM_DONE) for run in runs}
+    cams = {run_key(*run): recorded(store.maps_dir(*run) / StudyStore.CAM_DONE) for run in runs}
     trained = {run_key(*run): recorded(store.run_dir(*run) / StudyStore.DONE) for run in runs}
     return {"cams": cams, "train": trained, "prepare": fingerprint(prepare_inputs(config)),
             "baselines": recorded(store.baselines_dir / StudyStore.CAM_DONE),
-            "statistics": plain["statistics"], "training": {"threshold": plain["training"]["threshold"]},
+            "statistics": plain["statistics"], "sanity": plain["sanity"],
+            "training": {"threshold": plain["training"]["threshold"]},
             "tracking": plain["tracking"], "analysis_version": ANALYSIS_VERSION}
 
 
@@ -182,7 +186,8 @@ class StudyStore:
         train/<run key>/                 checkpoint.pt, best-eNNNN.pt, model.pt, predictions.parquet,
                                          test_metrics.json, attempt.json, error.json, done.json (last)
         cams/<run key>/                  part-00000.parquet (trained-model maps only), _tuning.json, _done.json (last)
-        sanity/<run key>/                part-00000.parquet: the weight-randomised twin's maps, same columns
+        sanity/<run key>/                part-00000.parquet: the weight-randomised twin's and the cascade's maps
+        sanity/<run key>-permuted/       a label-permutation run's maps, _tuning.json, _done.json (last)
         baselines/                       part-00000.parquet: location prior and image-only maps, same
                                          columns; _tuning.json, _done.json (last)
         analysis/                        tables, statistics, figures, report.html
@@ -224,14 +229,19 @@ class StudyStore:
     lock_path = property(lambda self: self.root / ".lock")
     ray_dir = property(lambda self: self.root / "ray")  # Ray Train's own run state (storage_path)
 
-    def run_dir(self, model: str, seed: int) -> Path:
-        return self.root / "train" / run_key(model, seed)
+    def run_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
+        return self.root / "train" / run_key(model, seed, permuted)
 
     def cams_dir(self, model: str, seed: int) -> Path:
         return self.root / "cams" / run_key(model, seed)
 
-    def sanity_dir(self, model: str, seed: int) -> Path:
-        return self.root / "sanity" / run_key(model, seed)
+    def sanity_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
+        return self.root / "sanity" / run_key(model, seed, permuted)
+
+    def maps_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
+        """Where a run's explain output is complete (its _done.json): cams/ for a trained run,
+        sanity/ for a label-permutation run (every map of it is a sanity map)."""
+        return self.sanity_dir(model, seed, True) if permuted else self.cams_dir(model, seed)
 
     baselines_dir = property(lambda self: self.root / "baselines")
 

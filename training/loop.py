@@ -141,14 +141,16 @@ class RunState:
 
 def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Path, run_dir: str | Path,
               seed: int, report: Optional[Report] = None, device: Optional[str | torch.device] = None,
-              fingerprint: Optional[str] = None) -> RunResult:
+              fingerprint: Optional[str] = None, permuted_labels: bool = False) -> RunResult:
     """Train `spec` with `recipe` under the study `config`; resume or skip from what `run_dir` holds.
 
     `fingerprint` identifies the settings (default: `run_fingerprint`); a checkpoint or done.json
-    with another fingerprint is refused, never silently reused.
+    with another fingerprint is refused, never silently reused. `permuted_labels`: the data
+    randomisation test (STUDY.md §10): the training split's labels are permuted with `seed`
+    (validation and test keep theirs, so model selection and the test metrics stay honest).
     """
     run_dir = Path(run_dir)
-    inputs = run_inputs(spec, recipe, config, seed)
+    inputs = run_inputs(spec, recipe, config, seed, permuted_labels)
     fingerprint = fingerprint or inputs_fingerprint(inputs)
     done = finished_run(run_dir, fingerprint, inputs)
     if done is not None:
@@ -160,6 +162,8 @@ def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Pat
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)  # model init (random head) and dropout
     data = {name: load_device_split(cache_dir, name, device) for name in ("train", "val", "test")}
+    if permuted_labels:
+        data["train"] = permute_labels(data["train"], seed)
     state = _start(spec, recipe, config, run_dir, seed, device, fingerprint, ranks)
     resumed_from = state.epoch + 1
     for epoch in range(resumed_from, recipe.epochs + 1):
@@ -225,6 +229,12 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(parameters, **common)
     return torch.optim.SGD(parameters, momentum=recipe.momentum, **common)
+
+
+def permute_labels(split: Split, seed: int) -> Split:
+    """The split with its labels shuffled among its images (a fixed permutation per seed)."""
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
+    return Split(split.image_ids, split.images, split.labels[order.to(split.labels.device)])
 
 
 def load_device_split(cache_dir: str | Path, split: str, device: torch.device) -> Split:
@@ -524,7 +534,7 @@ def run_fingerprint(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> 
     return inputs_fingerprint(run_inputs(spec, recipe, config, seed))
 
 
-def run_inputs(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> dict:
+def run_inputs(spec: ModelSpec, recipe: Recipe, config: Any, seed: int, permuted_labels: bool = False) -> dict:
     """Everything that changes what a run computes (the inputs of the study contract's rule)."""
     training = config.training
     relevant = {"spec": {name: getattr(spec, name) for name in TRAINING_FIELDS}, "recipe": dataclasses.asdict(recipe), "seed": seed,
@@ -536,6 +546,8 @@ def run_inputs(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> dict:
                 "selection": training.selection, "threshold": training.threshold, "amp": training.amp}
     if config.resources.workers_per_run > 1:  # only then: single-worker fingerprints stay as they were
         relevant["workers_per_run"] = config.resources.workers_per_run
+    if permuted_labels:  # likewise
+        relevant["permuted_labels"] = True
     return json.loads(json.dumps(relevant, default=str))  # as stored in done.json and compared
 
 

@@ -164,3 +164,42 @@ def layer_geometry(spec: ModelSpec, layers: tuple[str, ...], image_size: int,
 
 def _side(model: nn.Module, spec: ModelSpec, output: torch.Tensor) -> int:
     return int(model.patch_embed.grid_size[0]) if spec.token_reshape else int(output.shape[-2])
+
+
+@functools.lru_cache(maxsize=None)  # asked once per run by the explain stage
+def cascade_units(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The units of the cascading randomisation (STUDY.md §10), head first: ("head", the modules
+    that run after the last stage layer), then one unit per stage layer, deepest first (the
+    modules that run after the previous stage layer's output, up to and including this one's),
+    the shallowest unit holding the stem too. Each unit lists the names of the modules that own
+    parameters or buffers; together they hold every such module once (one never run counts as
+    head), so randomising every unit randomises the whole network. Found by one forward on the
+    meta device, in the order the modules run."""
+    with torch.device("meta"):
+        model = timm.create_model(spec.timm_name, pretrained=False,
+                                  **create_kwargs(spec, image_size=image_size, in_chans=in_chans)).eval()
+    owners = [name for name, m in model.named_modules() if m._parameters or m._buffers]
+    started: list[str] = []
+    boundary: dict[str, int] = {}
+
+    def start(name: str) -> None:  # a hook that returns a value replaces the input
+        if name not in started:
+            started.append(name)
+
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_pre_hook(lambda m, i, name=name: start(name)) for name in owners]
+    for layer in spec.stage_layers:
+        handles.append(resolve_layer(model, layer).register_forward_hook(
+            lambda m, i, o, layer=layer: boundary.setdefault(layer, len(started)) and None))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, image_size, image_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    cuts = [boundary[layer] for layer in spec.stage_layers]
+    never_run = tuple(name for name in owners if name not in started)
+    units = [("head", tuple(started[cuts[-1]:]) + never_run)]
+    for k in range(len(cuts) - 1, -1, -1):
+        units.append((spec.stage_layers[k], tuple(started[cuts[k - 1] if k else 0:cuts[k]])))
+    return tuple(units)
