@@ -36,7 +36,8 @@ CAM_OPTIONAL = ["label", "probability", "correct", "mask_fraction", "rle_rows", 
                 "ehr_auc_oracle", "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
                 "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit",
                 "iou_otsu", "auprc", "auroc_pixel", "mask_fraction_scored", "cam_all_zero", "cam_constant",
-                "tuned_threshold", "iou_tuned", "hit_tuned"]
+                "tuned_threshold", "iou_tuned", "hit_tuned", "randomization", "stages_randomized", "randomized_from",
+                "spearman_to_trained", "ssim_to_trained", "top10_iou_to_trained"]
 def model_table(models: list[str], known: Optional[Mapping[str, tuple[str, int]]] = None) -> pd.DataFrame:
     """model, family, depth, in plot order: by family (VGG, ResNet, ViT, others), then depth.
 

@@ -22,20 +22,21 @@ TINY_SIZE = 32
 TINY_SPLITS = {"train": 96, "val": 32, "test": 32}
 
 
-def make_tiny_cache(path, seed: int = 0) -> None:
-    """A preprocessing cache of 32x32 z-scored noise; positives carry a bright disc (the "lesion"),
-    so a ResNet-18 from scratch separates the classes within three short epochs."""
+def make_tiny_cache(path, seed: int = 0, size: int = TINY_SIZE) -> None:
+    """A preprocessing cache of size x size (32 by default) z-scored noise; positives carry a
+    bright disc (the "lesion"), so a ResNet-18 from scratch separates the classes within three
+    short epochs."""
     from training.cache import write_cache
 
     rng = np.random.default_rng(seed)
     split = np.concatenate([[name] * n for name, n in TINY_SPLITS.items()])
     labels = np.arange(len(split)) % 2
-    images = rng.normal(0, 1, (len(split), TINY_SIZE, TINY_SIZE)).astype(np.float32)
+    images = rng.normal(0, 1, (len(split), size, size)).astype(np.float32)
     masks = np.zeros(images.shape, np.uint8)
-    rows, cols = np.mgrid[:TINY_SIZE, :TINY_SIZE]
+    rows, cols = np.mgrid[:size, :size]
     for i in np.flatnonzero(labels):
-        centre = rng.integers(TINY_SIZE // 4, 3 * TINY_SIZE // 4, 2)
-        disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= (TINY_SIZE / 6) ** 2
+        centre = rng.integers(size // 4, 3 * size // 4, 2)
+        disc = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= (size / 6) ** 2
         images[i][disc] += 3.0
         masks[i][disc] = 1
     from training.lesions import lesion_covariates

@@ -81,7 +81,9 @@ def test_killed_five_times_the_study_resumes_without_redoing_finished_work(tmp_p
         summary = json.loads((run_dir / "done.json").read_text())
         assert len(summary["history"]) == summary["epochs"]
         cams, sanity = (pd.read_parquet(study / folder / f"{model}-seed0") for folder in ("cams", "sanity"))
-        assert len(cams) == len(sanity) > 0 and set(cams["randomized"]) == {False} and set(sanity["randomized"]) == {True}
+        assert set(cams["randomized"]) == {False} and set(sanity["randomized"]) == {True}
+        assert set(sanity["randomization"]) == {"full", "cascade"}  # the twin at every layer, the cascade's steps
+        assert (sanity["randomization"] == "full").sum() == len(cams) > 0
     assert not list(study.rglob(".*.tmp-*")), "a temporary output was left behind"
     assert (study / "analysis" / "report.html").is_file()
     assert "compare runs: mlflow ui --backend-store-uri sqlite:///" in last.stdout
