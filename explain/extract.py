@@ -124,38 +124,58 @@ class CamScorer:
 
     def _score(self, rows: pd.DataFrame, spec, seed: int, models: dict) -> list[pa.Table]:
         """Every method at every configured layer of the trained model (or of a label-permutation
-        run), of the twin, and the cascade's steps at the paper's layer: one table per map set."""
+        run) for every row; for the test rows also the cascade's steps and the twin at the
+        paper's layer (the sanity copies need no threshold of their own: `tuning_fallback`)."""
         from explain.cam import sweep
 
-        from training.loop import prepare_input
-
         torch = self.torch
-        take = rows["row"].to_numpy()
-        images = torch.from_numpy(np.ascontiguousarray(self.images[take])).to(self.device)
-        images = prepare_input(images[:, None], self.config.preprocess.channels, channels_last=False)
-        masks = torch.from_numpy(np.ascontiguousarray(self.masks[take])).to(self.device).bool()
+        images, masks = self._batch(rows)
         layers = cam_layers(spec, self.config.cam.layers)
         geometry = registry.layer_geometry(spec, tuple(layers), self.config.preprocess.image_size,
                                            self.config.preprocess.channels)
-        copies = models["copies"]
 
-        def tables(maps: dict, copy: Copy, reference: dict | None = None) -> list[pa.Table]:
-            return [map_table(rows, masks, heat, self.config.metrics, model=spec.name, seed=seed, method=method,
+        def tables(part: pd.DataFrame, part_masks, maps: dict, copy: Copy, reference: dict | None = None):
+            return [map_table(part, part_masks, heat, self.config.metrics, model=spec.name, seed=seed, method=method,
                               layer=layer, depth=geometry[layer][0], map_size=geometry[layer][1],
                               **layer_roles(spec, layer), copy=copy,
                               reference=None if reference is None else reference[layer][method])
                     for layer, by_method in maps.items() for method, heat in by_method.items()]
 
         trained = sweep(models["trained"], spec, images, 1, layers, self.config.cam.methods)
-        found = tables(trained, copies["trained"])
-        if copies["full"]:
-            maps = sweep(models["twin"], spec, images, 1, layers, self.config.cam.methods)
-            found += tables(maps, Copy("full", len(cascade_units(spec, self.config)), "all"), trained)
+        found = tables(rows, masks, trained, models["copies"]["trained"])
+        test = torch.from_numpy((rows["split"] == "test").to_numpy()).to(self.device)
+        if test.any() and (models["copies"]["full"] or models["copies"]["cascade"]):
+            reference = {spec.target_layer: {m: heat[test] for m, heat in trained[spec.target_layer].items()}}
+            sanity = self._sanity(spec, images[test], models)
+            found += [table for copy, maps in sanity for table in
+                      tables(rows[test.cpu().numpy()], masks[test], maps, copy, reference)]
+        return found
+
+    def _batch(self, rows: pd.DataFrame):
+        """The rows' images (as the network takes them) and masks, on the device."""
+        from training.loop import prepare_input
+
+        take = rows["row"].to_numpy()
+        images = self.torch.from_numpy(np.ascontiguousarray(self.images[take])).to(self.device)
+        images = prepare_input(images[:, None], self.config.preprocess.channels, channels_last=False)
+        return images, self.torch.from_numpy(np.ascontiguousarray(self.masks[take])).to(self.device).bool()
+
+    def _sanity(self, spec, images, models: dict) -> list[tuple[Copy, dict]]:
+        """(copy, layer -> method -> maps) at the paper's layer: each cascade step, then the twin,
+        whose gradient-method maps are the cascade's last step (the same weights)."""
+        from explain.cam import sweep
+
+        target, methods, copies = spec.target_layer, self.config.cam.methods, models["copies"]
+        found, last = [], {}
         if copies["cascade"]:
-            methods = [m for m in self.config.cam.methods if m in GRADIENT_METHODS]
+            gradient = [m for m in methods if m in GRADIENT_METHODS]
             for step, unit, model in models["cascade"].steps():
-                maps = sweep(model, spec, images, 1, [spec.target_layer], methods)
-                found += tables(maps, Copy("cascade", step, unit), trained)
+                last = sweep(model, spec, images, 1, [target], gradient)[target]
+                found.append((Copy("cascade", step, unit), {target: last}))
+        if copies["full"]:
+            rest = [m for m in methods if m not in last]
+            twin = {**last, **(sweep(models["twin"], spec, images, 1, [target], rest)[target] if rest else {})}
+            found.append((Copy("full", len(cascade_units(spec, self.config)), "all"), {target: twin}))
         return found
 
 
@@ -181,17 +201,24 @@ def run_work(config, cache_dir: Path, plan) -> pd.DataFrame:
     return pd.concat([test, tuning_images(cache_dir)], ignore_index=True).assign(run=plan.key)
 
 
-def maps_per_image(spec, config, permuted: bool = False) -> int:
-    """Rows one image gives: every method at every configured layer (rollout has no layer: once),
-    for the trained model and the twin, and every gradient method at each cascade step."""
+def maps_per_row(spec, config, permuted: bool, test: bool) -> int:
+    """Maps one image row gives: every method at every configured layer (rollout has no layer:
+    once) of the trained model; for a test row of a trained run also each cascade step's and the
+    twin's maps at the paper's layer."""
     methods = [m for m in config.cam.methods if m != "rollout"]
-    per_copy = len(cam_layers(spec, config.cam.layers)) * len(methods) + ("rollout" in config.cam.methods)
+    trained = len(cam_layers(spec, config.cam.layers)) * len(methods) + ("rollout" in config.cam.methods)
     copies = copies_of(config, permuted)
-    cascade = 0
-    if copies["cascade"]:
-        steps = len(cascade_units(spec, config)) + 1  # step 0 (as trained) and one per unit
-        cascade = steps * sum(m in GRADIENT_METHODS for m in config.cam.methods)
-    return per_copy * (1 + copies["full"]) + cascade
+    if not test:
+        return trained
+    steps = (len(cascade_units(spec, config)) + 1) if copies["cascade"] else 0  # step 0 and one per unit
+    cascade = steps * sum(m in GRADIENT_METHODS for m in config.cam.methods)
+    return trained + cascade + len(config.cam.methods) * copies["full"]
+
+
+def expected_maps(spec, config, permuted: bool, rows: pd.DataFrame) -> int:
+    test = int((rows[tuning.SPLIT] == "test").sum())
+    return (len(rows) - test) * maps_per_row(spec, config, permuted, False) + test * maps_per_row(
+        spec, config, permuted, True)
 
 
 def extraction_reason(config, store, plan) -> str | None:
@@ -238,7 +265,7 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
     order = [plan.key for plan in registry.largest_first(todo)]
     blocks = [work[key].iloc[i:i + BLOCK_ROWS] for key in order for i in range(0, len(work[key]), BLOCK_ROWS)]
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
-    expected = {plan.key: len(work[plan.key]) * maps_per_image(plan.spec, config, plan.permuted) for plan in todo}
+    expected = {plan.key: expected_maps(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
     maps = sum(expected.values())
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
           f"validation positives to tune on, per model copy), {maps} heatmaps to compute, {actors} actor(s)")
@@ -283,7 +310,7 @@ def _write_run(config, store, plan, table: pa.Table | None) -> Path:
     sanity/<run>-permuted/."""
     records: list[dict] = []
     if table is not None:
-        table, records = tuning.apply(table, TUNING_KEYS, config.metrics)
+        table, records = tuning.apply(table, TUNING_KEYS, config.metrics, fallback=tuning_fallback)
     if plan.permuted:
         return _write_maps(config, store.sanity_dir(plan.spec.name, plan.seed, True), plan, table, records)
     sanity = store.sanity_dir(plan.spec.name, plan.seed)
@@ -298,6 +325,13 @@ def _write_run(config, store, plan, table: pa.Table | None) -> Path:
 
 
 TUNING_KEYS = ["cam_method", "cam_layer", "randomization", "stages_randomized"]  # one threshold per map set
+
+
+def tuning_fallback(key: tuple) -> tuple:
+    """A sanity copy (mapped on test images only) is scored at the threshold its trained model's
+    map set of the same method and layer was tuned to: the trained model's operating point."""
+    method, layer, _, _ = key
+    return method, layer, "none", 0
 
 
 def _write_maps(config, folder: Path, plan, table: pa.Table | None, records: list[dict], **info) -> Path:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,22 +39,32 @@ def choose(curves: np.ndarray) -> tuple[Optional[int], np.ndarray]:
     return int(np.nanargmax(mean)), mean  # the first maximum: the lowest threshold on a tie
 
 
-def apply(table: pa.Table, keys: Sequence[str], metrics_config: Any) -> tuple[pa.Table, list[dict]]:
+def apply(table: pa.Table, keys: Sequence[str], metrics_config: Any,
+          fallback: Optional[Callable[[tuple], tuple]] = None) -> tuple[pa.Table, list[dict]]:
     """The test rows of `table` with COLUMNS added, each set (rows equal on `keys`) scored at its
-    own tuned threshold; and one record per set for _tuning.json."""
+    own tuned threshold; a set without validation rows at the threshold of the set `fallback`
+    names (none without one); and one record per set for _tuning.json."""
     grid, hit_iou = tuning_thresholds(metrics_config.tuning_steps), metrics_config.hit_iou
     curves = _curves(table)
     split = table.column(SPLIT).to_numpy(zero_copy_only=False)
     groups = table.select(list(keys)).to_pandas()
+    sets = {(values if isinstance(values, tuple) else (values,)): rows
+            for values, rows in groups.groupby(list(keys), sort=False, dropna=False).indices.items()}
+    chosen = {key: choose(curves[rows[split[rows] == "val"]]) for key, rows in sets.items()}
     threshold, iou, records = np.full(len(table), np.nan), np.full(len(table), np.nan), []
-    for values, rows in groups.groupby(list(keys), sort=False, dropna=False).indices.items():
-        values = values if isinstance(values, tuple) else (values,)
-        val, test = rows[split[rows] == "val"], rows[split[rows] == "test"]
-        index, mean = choose(curves[val])
-        chosen = float(grid[index]) if index is not None else float("nan")
-        threshold[test], iou[test] = chosen, curves[test, index] if index is not None else np.nan
-        records.append({**{k: _plain(v) for k, v in zip(keys, values)}, "threshold": _plain(chosen),
-                        "val_images": len(val), "image_ids": table.column("image_id").take(val).to_pylist(),
+    validation = {key: rows[split[rows] == "val"] for key, rows in sets.items()}
+    for key, rows in sets.items():
+        test = rows[split[rows] == "test"]
+        source = key if len(validation[key]) or fallback is None else fallback(key)
+        tuned_on = validation.get(source, np.array([], np.int64))
+        index, mean = chosen.get(source, (None, np.full(len(grid), np.nan)))
+        if index is not None:
+            threshold[test], iou[test] = grid[index], curves[test, index]
+        records.append({**{k: _plain(v) for k, v in zip(keys, key)},
+                        "threshold": float(grid[index]) if index is not None else None,
+                        "tuned_on": "its own maps" if source == key else
+                        "the maps of " + ", ".join(f"{k}={_plain(v)}" for k, v in zip(keys, source)),
+                        "val_images": len(tuned_on), "image_ids": table.column("image_id").take(tuned_on).to_pylist(),
                         "mean_iou_by_threshold": dict(zip(map(float, grid), map(_plain, mean)))})
     tuned = table.append_column(COLUMNS[0], pa.array(threshold)).append_column(COLUMNS[1], pa.array(iou))
     hit = np.where(np.isfinite(iou), iou >= hit_iou, np.nan)
