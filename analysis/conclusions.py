@@ -167,7 +167,8 @@ def summary_items(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     """The report's first screen: what ran, which classifiers work, which map sets localise above
     chance, the sanity verdict, where the paper's claims hold or fail, what was left out."""
     items = [_what_ran(inputs, outputs), _classifiers_summary(outputs), _localisation_summary(outputs),
-             _sanity_summary(outputs), _paper_summary(outputs), excluded_sentence(outputs)]
+             _sanity_summary(outputs), _cascade_conclusion(outputs), _stability_conclusion(outputs),
+             _paper_summary(outputs), excluded_sentence(outputs)]
     if inputs.missing or outputs.notes:
         items.append(f"{len(inputs.missing) + len(outputs.notes)} expected input(s) or analyses are missing; "
                      "see 'Missing or incomplete inputs'.")
@@ -266,10 +267,17 @@ def _stability_conclusion(outputs: AnalysisOutputs) -> str:
     summary = outputs.statistics.get("stability")
     if not summary:
         return ""
-    return (f"Map stability (SSIM of two runs' maps of the same image): {summary['repeatability']:.2f} between seeds "
-            f"of one architecture, {summary['reproducibility']:.2f} between architectures"
-            + (" — seeds disagree about as much as architectures do, so one seed per architecture cannot carry an "
-               "architecture claim" if summary["repeatability"] - summary["reproducibility"] < 0.05 else "") + ".")
+    across, within = summary["reproducibility"], summary["repeatability"]
+    if within is None:
+        return (f"Map stability: two architectures' maps of the same image have mean SSIM {across:.2f}; with one seed "
+                "per architecture the seed-to-seed agreement is unmeasured, so an architecture difference cannot be "
+                "told from a seed difference (run with --seeds 0,1,2).")
+    text = f"Map stability (mean SSIM of two runs' maps of the same image): {within:.2f} between seeds of one architecture"
+    if across is None:
+        return text + "."
+    return (text + f", {across:.2f} between architectures"
+            + (" — seeds disagree about as much as architectures do, so architecture differences in these maps are "
+               "not larger than seed-to-seed variation" if within - across < 0.05 else "") + ".")
 
 
 def _equivalence_conclusion(outputs: AnalysisOutputs) -> str:

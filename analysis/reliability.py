@@ -123,11 +123,11 @@ def _order(trained: pd.DataFrame):
 
 def stability_summary(stability: pd.DataFrame, measure: str = "ssim") -> Optional[dict[str, Any]]:
     """Mean repeatability (same architecture, different seeds) beside mean reproducibility (two
-    architectures) for one measure; None without both kinds."""
+    architectures) for one measure (None for a kind without pairs); None without any pair."""
     part = stability[stability["measure"] == measure]
-    kinds = part.groupby("kind")["mean"].mean()
-    if not {"repeatability", "reproducibility"} <= set(kinds.index):
+    if part.empty:
         return None
-    return {"measure": measure, "repeatability": float(kinds["repeatability"]),
-            "reproducibility": float(kinds["reproducibility"]),
+    kinds = part.groupby("kind")["mean"].mean()
+    return {"measure": measure, **{kind: float(kinds[kind]) if kind in kinds.index else None
+                                   for kind in ("repeatability", "reproducibility")},
             "pairs": {k: int(v) for k, v in part.groupby("kind").size().items()}}

@@ -97,11 +97,15 @@ class CamScorer:
         self.loaded: tuple[str, registry.ModelSpec, dict] | None = None  # one run's models at a time
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        import ray
+
         parts = []
         for key, rows in batch.groupby("run", sort=False):
             spec, models = self._models(key)
             parts += self._score(rows, spec, self.runs[key][1], models)
-        return pa.concat_tables(parts)
+        table = pa.concat_tables(parts)
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return table.append_column(NODE, pa.array([node] * len(table)))  # recorded in _done.json, not stored
 
     def _models(self, key: str) -> tuple[registry.ModelSpec, dict]:
         from explain.randomization import Cascade, twin
@@ -309,10 +313,13 @@ def _write_run(config, store, plan, table: pa.Table | None) -> Path:
     the cascade's maps); a label-permutation run's maps, tuning and record all go to
     sanity/<run>-permuted/."""
     records: list[dict] = []
+    nodes = sorted(set(table.column(NODE).to_pylist())) if table is not None and NODE in table.column_names else []
     if table is not None:
+        table = table.drop_columns([NODE]) if NODE in table.column_names else table
         table, records = tuning.apply(table, TUNING_KEYS, config.metrics, fallback=tuning_fallback)
     if plan.permuted:
-        return _write_maps(config, store.sanity_dir(plan.spec.name, plan.seed, True), plan, table, records)
+        return _write_maps(config, store.sanity_dir(plan.spec.name, plan.seed, True), plan, table, records,
+                           nodes=nodes)
     sanity = store.sanity_dir(plan.spec.name, plan.seed)
     randomised = _of_copy(table, randomized=True)
     if randomised is not None and len(randomised):  # before cams/: its _done.json vouches for both
@@ -321,10 +328,11 @@ def _write_run(config, store, plan, table: pa.Table | None) -> Path:
     else:  # the sanity checks turned off: no stale maps beside the new ones
         shutil.rmtree(sanity, ignore_errors=True)
     return _write_maps(config, store.cams_dir(plan.spec.name, plan.seed), plan, _of_copy(table, randomized=False),
-                       records, sanity_rows=0 if randomised is None else len(randomised))
+                       records, sanity_rows=0 if randomised is None else len(randomised), nodes=nodes)
 
 
 TUNING_KEYS = ["cam_method", "cam_layer", "randomization", "stages_randomized"]  # one threshold per map set
+NODE = "_node"  # the Ray node that computed a row: the run's _done.json lists them
 
 
 def tuning_fallback(key: tuple) -> tuple:

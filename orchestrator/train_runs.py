@@ -28,18 +28,22 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import ray
 import ray.train
 from ray.util.queue import Empty, Queue
 
-from orchestrator import tracking
+from orchestrator import schedule, tracking
 from orchestrator.train_worker import EpochReporter, train_worker
 from training import errors, registry
+from training.atomic import write_text_atomic
 from training.contract import StudyStore, fingerprint, finished_run, read_record, run_key
 from training.errors import CamstudyError, TrainingError
 from training.loop import run_inputs
+
+
+NODE_TAG = "camstudy.node"  # the Ray node a run trained on (its host in camstudy.node_host)
 
 
 @dataclass(frozen=True)
@@ -150,11 +154,14 @@ def _root_cause(error: BaseException) -> str:
 
 
 def placement(config) -> dict:
-    """Resources of one run and how many runs fit at once on this cluster."""
+    """How runs are placed on this cluster: the resources of one run, and either a number of runs
+    in flight (`concurrency`) or, with GPUs and `resources.gpus_per_run: auto`, GPU packing
+    (`packing`: each run asks for its own share, `orchestrator.schedule`)."""
     resources_cfg, cluster = config.resources, ray.cluster_resources()
     runs = len(registry.specs_for(config.models)) * (len(config.training.seeds) + config.sanity.label_permutation)
     gpus_here = cluster.get("GPU", 0)
     gpus = resources_cfg.gpus_per_run
+    packing = gpus == "auto" and gpus_here > 0
     if gpus == "auto":
         gpus = 1 if gpus_here else 0
     workers, cpus = resources_cfg.workers_per_run, resources_cfg.cpus_per_worker
@@ -167,9 +174,49 @@ def placement(config) -> dict:
         else:
             concurrency = int(cluster.get("CPU", 1) // (cpus * workers))
     threads = resources_cfg.torch_threads
-    return {"workers": workers, "gpus": gpus, "concurrency": max(1, concurrency),
-            "torch_threads": max(1, int(cpus)) if threads == "auto" else threads,
+    return {"workers": workers, "gpus": gpus, "concurrency": max(1, concurrency), "packing": packing,
+            "cluster_gpus": int(gpus_here), "torch_threads": max(1, int(cpus)) if threads == "auto" else threads,
             "resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+REFERENCE_FLOPS_PER_S = 1e14  # only orders runs: any constant gives the same order
+
+
+def expected_seconds(plan: RunPlan, config) -> float:
+    """A run's training work in GPU-seconds at a nominal speed (forward FLOPs x 3 for the backward,
+    x epochs; the training split is the same for every run): what orders the runs."""
+    flops, _ = registry.forward_cost(plan.spec, config.preprocess.image_size, config.preprocess.channels)
+    return 3 * flops * registry.recipe_for(plan.spec, config.recipes).epochs / REFERENCE_FLOPS_PER_S
+
+
+def run_demands(config, store: StudyStore, plans: list[RunPlan],
+                duration: Callable[[RunPlan, Any], float] = expected_seconds) -> dict[str, schedule.Demand]:
+    """Each run's GPU share (measured peak memory when the store has one, else the estimate;
+    `resources.model_resources.<model>.GPU` overrides) and expected duration (`duration`; the
+    schedule simulator passes measured throughputs)."""
+    seconds = {plan.key: duration(plan, config) for plan in plans}
+    longest = max(seconds.values())
+    found = {}
+    for plan in plans:
+        override = config.resources.model_resources.get(plan.spec.name, {}).get("GPU")
+        share = float(override) if override is not None else schedule.gpu_share(
+            _memory_gb(plan, config, store), config.resources.gpu_memory_gb, seconds[plan.key], longest)
+        found[plan.key] = schedule.Demand(plan.key, share * config.resources.workers_per_run, seconds[plan.key])
+    return found
+
+
+def _memory_gb(plan: RunPlan, config, store: StudyStore) -> float:
+    key = schedule.memory_key(plan.spec.name, config.training.batch_size, config.preprocess.image_size,
+                              config.training.amp, config.resources.workers_per_run)
+    measured = schedule.measured_memory_gb(store.gpu_memory_path, key)
+    if measured is not None:
+        return measured * schedule.HEADROOM
+    _, activations = registry.forward_cost(plan.spec, config.preprocess.image_size, config.preprocess.channels)
+    params = registry.parameter_count_millions(plan.spec, config.preprocess.image_size,
+                                               in_chans=config.preprocess.channels)
+    per_worker = config.training.batch_size // config.resources.workers_per_run
+    return schedule.estimated_memory_gb(params, activations, per_worker,
+                                        registry.recipe_for(plan.spec, config.recipes).optimizer)
 
 
 def train_stage(config, store: StudyStore, tracker: tracking.StudyTracker) -> list[RunPlan]:
@@ -183,8 +230,12 @@ def train_stage(config, store: StudyStore, tracker: tracking.StudyTracker) -> li
     if not todo:
         return plans
     layout = placement(config)
-    print(f"[train] {len(todo)} run(s), up to {layout['concurrency']} at once, "
-          f"{layout['workers']} worker(s) x {layout['resources']} each")
+    if layout["packing"]:
+        print(f"[train] {len(todo)} run(s) packed on {layout['cluster_gpus']} GPU(s), each asking for its own share "
+              f"(resources.gpus_per_run: auto), longest first")
+    else:
+        print(f"[train] {len(todo)} run(s), up to {layout['concurrency']} at once, "
+              f"{layout['workers']} worker(s) x {layout['resources']} each")
     failures = _run_all(config, store, tracker, todo, layout)
     if failures:
         raise TrainingError("training failed for " + "; ".join(f"{k}: {e}" for k, e in failures.items())
@@ -196,24 +247,26 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
     """Every run of `todo`, at most `concurrency` at once. A crashed run (after its retries) is
     reported at the end; camstudy's own error in any run stops them all and is raised at once;
     an interrupt (Ctrl-C, SIGTERM from `ray job stop`) marks every run in flight KILLED."""
-    pending = registry.largest_first(todo)
+    starts = Starts(config, store, todo, layout)
     progress, in_flight, failures, run_ids = Queue(), {}, {}, {}
     status = StageProgress(config, todo)
     try:
-        while pending or in_flight:
-            while pending and len(in_flight) < layout["concurrency"]:
-                plan = pending.pop(0)
+        while starts.pending or in_flight:
+            for plan, plan_layout in starts.now(len(in_flight)):
                 run_ids[plan.key] = _start_child(config, store, tracker, plan)
-                in_flight[_fit.remote(config, plan, str(store.root), progress, layout)] = plan
+                in_flight[_fit.remote(config, plan, str(store.root), progress, plan_layout)] = plan
             finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
             _log_progress(progress, status, tracker, run_ids)  # before any finished run is closed
             status.heartbeat(len(in_flight))
             for ref in finished:
                 plan = in_flight.pop(ref)
+                starts.finished(plan)
                 status.runs_done += 1
                 outcome = ray.get(ref)
                 if run_ids[plan.key]:
                     tracker.call(_close_child, tracker.client, run_ids[plan.key], plan, outcome.error)
+                if outcome.error is None:
+                    record_gpu_memory(config, store, plan)
                 print(f"[train] {plan.key}: {'FAILED: ' + outcome.error if outcome.error else 'done'}")
                 if outcome.own:
                     raise getattr(errors, outcome.kind, CamstudyError)(outcome.error)
@@ -223,6 +276,36 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
         _stop_in_flight(tracker, in_flight, run_ids, stop)
         raise
     return failures
+
+
+class Starts:
+    """Which pending runs start now. Without packing: a fixed number in flight, largest model
+    first. With packing: every run that fits on the GPUs' free shares, longest first
+    (`orchestrator.schedule.Packer`), each asking Ray for its own share."""
+
+    def __init__(self, config, store: StudyStore, todo: list[RunPlan], layout: dict):
+        self.layout = layout
+        self.pending = registry.largest_first(todo)
+        self.packer = schedule.Packer(layout["cluster_gpus"]) if layout["packing"] else None
+        self.demands = run_demands(config, store, todo) if layout["packing"] else {}
+
+    def now(self, in_flight: int) -> list[tuple[RunPlan, dict]]:
+        if self.packer is None:
+            chosen = self.pending[:max(0, self.layout["concurrency"] - in_flight)]
+            self.pending = self.pending[len(chosen):]
+            return [(plan, self.layout) for plan in chosen]
+        by_key = {plan.key: plan for plan in self.pending}
+        started = self.packer.startable([self.demands[key] for key in by_key])
+        self.pending = [plan for plan in self.pending if plan.key not in {d.key for d in started}]
+        return [(by_key[d.key], self._layout(d)) for d in started]
+
+    def finished(self, plan: RunPlan) -> None:
+        if self.packer is not None:
+            self.packer.release(plan.key)
+
+    def _layout(self, demand: schedule.Demand) -> dict:
+        share = demand.gpus / self.layout["workers"]
+        return {**self.layout, "gpus": share, "resources": {**self.layout["resources"], "GPU": share}}
 
 
 def _start_child(config, store, tracker, plan: RunPlan) -> Optional[str]:
@@ -235,6 +318,20 @@ def _start_child(config, store, tracker, plan: RunPlan) -> Optional[str]:
         tracker.client.log_artifact(run_id, str(store.config_path))  # the resolved config, as run
         return run_id
     return tracker.call(start)
+
+
+def record_gpu_memory(config, store: StudyStore, plan: RunPlan) -> None:
+    """The peak GPU memory a finished run measured, into the store's gpu_memory.json (the driver
+    is its one writer), so later runs of the model with these settings ask for what it took."""
+    peak = (read_record(plan.run_dir / StudyStore.DONE) or {}).get("gpu_peak_gb")
+    if not isinstance(peak, (int, float)):
+        return
+    path = store.gpu_memory_path
+    known = read_record(path) or {}
+    key = schedule.memory_key(plan.spec.name, config.training.batch_size, config.preprocess.image_size,
+                              config.training.amp, config.resources.workers_per_run)
+    known[key] = max(float(peak), float(known.get(key, 0.0)))
+    write_text_atomic(path, json.dumps(known, indent=1, sort_keys=True))
 
 
 def _stop_in_flight(tracker, in_flight: dict, run_ids: dict[str, Optional[str]], stop: BaseException) -> None:
@@ -354,4 +451,7 @@ def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
                                            if k in metrics})
         client.log_artifact(run_id, str(plan.run_dir / StudyStore.TEST_METRICS))
         client.log_artifact(run_id, str(plan.run_dir / StudyStore.PREDICTIONS))
+        node = (read_record(plan.run_dir / StudyStore.DONE) or {}).get("node") or {}
+        tracking.set_tags(client, run_id, {NODE_TAG: node.get("ray_node_id") or node.get("host") or "unknown",
+                                           f"{NODE_TAG}_host": node.get("host") or "unknown"})
     tracking.end_run(client, run_id, error)

@@ -309,7 +309,11 @@ class TrackingConfig:
 class ResourcesConfig:
     """How work is placed on the Ray cluster."""
 
-    gpus_per_run: Union[float, Literal["auto"]] = "auto"  # auto: 1 when the cluster has GPUs, else 0
+    # auto: on a cluster with GPUs each run asks for the share of one GPU its model needs (memory at
+    # this batch and image size; measured once a run has trained: orchestrator.schedule), big and
+    # long runs whole GPUs, packed longest first; without GPUs, 0. A number: that for every run.
+    gpus_per_run: Union[float, Literal["auto"]] = "auto"
+    gpu_memory_gb: float = 80.0  # memory of one GPU of the cluster (an H100: 80), for the shares
     workers_per_run: int = 1  # >1 = DDP inside one run: training.batch_size is split across the workers
     cpus_per_worker: float = 1.0
     max_concurrent_runs: Union[int, Literal["auto"]] = "auto"  # auto: GPUs, or what the CPUs fit
@@ -326,6 +330,8 @@ class ResourcesConfig:
                "an integer in [1, 1024] (1 = one process per run; k > 1 = DDP across k Ray Train workers)")
         _check(0 < self.cpus_per_worker <= 1024, "resources.cpus_per_worker", self.cpus_per_worker,
                "a number of CPUs in (0, 1024]")
+        _check(1 <= self.gpu_memory_gb <= 10_000, "resources.gpu_memory_gb", self.gpu_memory_gb,
+               "the memory of one GPU in GB, in [1, 10000]")
         if self.gpus_per_run != "auto":
             _check(0 <= self.gpus_per_run <= 64, "resources.gpus_per_run", self.gpus_per_run,
                    "a number of GPUs in [0, 64] (fractions share a GPU) or 'auto'")

@@ -180,6 +180,7 @@ class StudyStore:
     files go to a temporary sibling `.<name>.tmp-<pid>` and are renamed.
 
         study.json                       the study's id (made with the store) and creation time
+        gpu_memory.json                  measured peak GPU memory per model and settings
         config.yaml                      resolved config, as last run
         source/                          synthetic SIIM-format data (data.source: synthetic)
         data/manifest.parquet, report.json, cache/{index.parquet, images.npy, masks.npy}
@@ -228,6 +229,8 @@ class StudyStore:
     log_path = property(lambda self: self.root / "camstudy.log")
     lock_path = property(lambda self: self.root / ".lock")
     ray_dir = property(lambda self: self.root / "ray")  # Ray Train's own run state (storage_path)
+    # measured peak GPU memory per model and settings (orchestrator.schedule sizes GPU shares by it)
+    gpu_memory_path = property(lambda self: self.root / "gpu_memory.json")
 
     def run_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         return self.root / "train" / run_key(model, seed, permuted)

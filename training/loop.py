@@ -471,11 +471,32 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
     summary = {"model": spec.name, "seed": seed, "run_dir": str(run_dir), "epochs": state.epoch,
                "best_epoch": state.best_epoch, "history": state.history, "test_metrics": metrics,
                "weights": state.weights, "parameters": registry.parameter_count(state.model),
+               "node": this_node(), "gpu_peak_gb": _gpu_peak_gb(device),
                "fingerprint": fingerprint, "inputs": inputs}
     write_text_atomic(run_dir / DONE, _dumps(summary))
     for leftover in [run_dir / CHECKPOINT, *run_dir.glob("best-e*.pt")]:
         leftover.unlink(missing_ok=True)
     return summary
+
+
+def this_node() -> dict[str, Any]:
+    """Where this process runs: the host, and the Ray node when it runs inside Ray."""
+    import socket
+
+    node: dict[str, Any] = {"host": socket.gethostname(), "ray_node_id": None}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node["ray_node_id"] = ray.get_runtime_context().get_node_id()
+    except ImportError:  # the loop runs without Ray too
+        pass
+    return node
+
+
+def _gpu_peak_gb(device: torch.device) -> Optional[float]:
+    """Peak memory this process allocated on its GPU (what the scheduler's share is corrected by)."""
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
 def _read_best(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:

@@ -203,3 +203,29 @@ def cascade_units(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[
     for k in range(len(cuts) - 1, -1, -1):
         units.append((spec.stage_layers[k], tuple(started[cuts[k - 1] if k else 0:cuts[k]])))
     return tuple(units)
+
+
+@functools.lru_cache(maxsize=None)  # asked once per run by the train stage's scheduler
+def forward_cost(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[float, float]:
+    """(FLOPs, activation elements) of one image's forward pass, counted on the meta device
+    (`torch.utils.flop_counter`; activations: the outputs of every leaf module)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = timm.create_model(spec.timm_name, pretrained=False,
+                                  **create_kwargs(spec, image_size=image_size, in_chans=in_chans)).eval()
+    elements = [0]
+
+    def count(module: nn.Module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            elements[0] += output.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if not any(True for _ in m.children())]
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            model(torch.zeros(1, in_chans, image_size, image_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return float(counter.get_total_flops()), float(elements[0])
