@@ -126,6 +126,7 @@ def _setup_section(inputs: StudyInputs) -> str:
             ("seeds", get("training", "seeds")), ("image size", get("preprocess", "image_size")),
             ("recipes", "; ".join(f"{k}: {v.get('optimizer')} lr {v.get('lr')} × {v.get('epochs')} epochs"
                                   for k, v in (config.get("recipes") or {}).items())),
+            ("recipe tuning", _tuning_text(config.get("tuning") or {})),
             ("decision threshold", threshold_of(config)), ("CAM methods", get("cam", "methods")),
             ("scored images", get("cam", "images")), ("alpha", alpha_of(config)),
             ("runs finished", f"{int(inputs.runs['finished'].sum())} of {len(inputs.runs)}")]
@@ -133,6 +134,17 @@ def _setup_section(inputs: StudyInputs) -> str:
     full = html.escape(json.dumps(config, indent=1, default=str))
     return (f"<h2 id='setup'>1. Setup</h2>{_table_html(table, 'Configuration summary')}"
             f"<details><summary>Full resolved configuration</summary><pre>{full}</pre></details>")
+
+
+def _tuning_text(tuning: dict) -> str:
+    """Whether the recipes were tuned, and how (the `tuning` record `camstudy tune` writes)."""
+    families = tuning.get("families") or {}
+    if not families:
+        return "none: the recipes are as configured (one fixed recipe per family, not tuned per architecture)"
+    outcomes = tuning.get("outcomes") or {}
+    tuned = "; ".join(f"{family} on {model} (best validation AUC {outcomes.get(family, {}).get('best_val_auc', float('nan')):.3f})"
+                      for family, model in families.items())
+    return f"{tuned}. {tuning.get('method', '')} Recipe file: {tuning.get('file', '?')}."
 
 
 def _data_section(inputs: StudyInputs) -> str:

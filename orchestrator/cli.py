@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     fetch = _stage(commands, "fetch-weights", "download the pretrained weights a config needs (needs internet)")
     fetch.set_defaults(handler=_fetch_weights)
+    tune = _stage(commands, "tune", "search each family's recipe with Ray Tune (ASHA on validation AUC)")
+    tune.add_argument("--trials", type=int, default=8, help="trials per family (default 8)")
+    tune.add_argument("--out", type=Path, required=True, help="the recipe file to write (YAML), for --recipes")
+    tune.set_defaults(handler=_tune)
     return parser
 
 
@@ -104,13 +108,16 @@ def _stage(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     stage.add_argument("config", type=Path, help="study config YAML, e.g. configs/demo.yaml")
     stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.seeds=[0,1,2] (repeatable)")
+    stage.add_argument("--recipes", type=Path, metavar="FILE",
+                       help="recipes chosen by `camstudy tune` (replace the config's for their families)")
     return stage
 
 
 def _load(args):
-    from training.config import load_config, parse_override
+    from training.config import load_config, parse_override, recipe_overrides
 
-    overrides = dict(parse_override(text) for text in args.overrides)
+    overrides = recipe_overrides(args.recipes) if getattr(args, "recipes", None) else {}
+    overrides.update(parse_override(text) for text in args.overrides)
     if getattr(args, "seeds", None):
         overrides["training.seeds"] = _seeds(args.seeds)
     return load_config(args.config, overrides)
@@ -179,6 +186,20 @@ def _run(args) -> int:
     config = _load(args)
     with open_study(config) as (store, tracker):
         run_study(config, store, tracker, force=args.force)
+    return 0
+
+
+def _tune(args) -> int:
+    from orchestrator.pipeline import open_study
+    from orchestrator.ray_setup import init_ray
+    from orchestrator.stages import prepare_stage
+    from orchestrator.tune import tune_recipes
+
+    config = _load(args)
+    with open_study(config) as (store, tracker):
+        prepare_stage(config)
+        init_ray(config)
+        tune_recipes(config, store, tracker, args.trials, args.out.resolve())
     return 0
 
 

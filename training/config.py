@@ -280,6 +280,38 @@ class SanityConfig:
 
 
 @dataclass(frozen=True)
+class TrialOutcome:
+    """One `camstudy tune` trial: its recipe and how far it got."""
+
+    lr: float
+    weight_decay: float
+    best_val_auc: float
+    epochs: int
+
+
+@dataclass(frozen=True)
+class FamilyTuning:
+    model: str  # the family's model the trials trained
+    best_val_auc: float
+    trials: tuple[TrialOutcome, ...] = ()
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    """How the recipes were chosen: empty when as configured; written by `camstudy tune` into its
+    recipe file beside the recipes, and read with them by `--recipes FILE` (the report shows it)."""
+
+    families: dict[str, str] = field(default_factory=dict)  # tuned family -> the model it was tuned on
+    method: str = ""
+    trials: int = 0
+    file: str = ""
+    outcomes: dict[str, FamilyTuning] = field(default_factory=dict)  # per family: every trial's outcome
+
+    def __post_init__(self):
+        _check(0 <= self.trials <= 1_000_000, "tuning.trials", self.trials, "an integer in [0, 1000000]")
+
+
+@dataclass(frozen=True)
 class StatisticsConfig:
     alpha: float = 0.05
     # TOST equivalence margin for pairs that do not differ, in each metric's own units (STUDY.md §10)
@@ -357,6 +389,7 @@ class StudyConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     recipes: dict[str, Recipe] = field(default_factory=lambda: dict(PAPER_RECIPES))
+    tuning: TuningRecord = field(default_factory=TuningRecord)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -481,6 +514,24 @@ def read_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML: {str(error).splitlines()[0][:200]}") from None
     except RecursionError:
         raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+
+
+def recipe_overrides(path: str | Path) -> dict[str, Any]:
+    """The dotted-key overrides of a `camstudy tune` recipe file: each family's recipe replaces the
+    config's (`recipes.<family>`), and its `tuning` record says how they were chosen."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--recipes {path}: file not found; write one with `camstudy tune CONFIG --out {path}`")
+    fragment = read_yaml(_config_text(path), str(path))
+    if not isinstance(fragment, dict) or not isinstance(fragment.get("recipes"), dict) or set(fragment) - {"recipes",
+                                                                                                          "tuning"}:
+        raise ConfigError(f"{path}: not a recipe file: expected the sections 'recipes' (family -> recipe) and "
+                          "'tuning', as `camstudy tune` writes them")
+    _check_keys(fragment["recipes"], f"{path}: recipes")
+    overrides: dict[str, Any] = {f"recipes.{family}": recipe for family, recipe in fragment["recipes"].items()}
+    if "tuning" in fragment:
+        overrides["tuning"] = fragment["tuning"]
+    return overrides
 
 
 def parse_override(text: str) -> tuple[str, Any]:

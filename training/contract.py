@@ -167,7 +167,7 @@ def analyze_inputs(config: Any, store: "StudyStore", runs: list[tuple]) -> dict[
     trained = {run_key(*run): recorded(store.run_dir(*run) / StudyStore.DONE) for run in runs}
     return {"cams": cams, "train": trained, "prepare": fingerprint(prepare_inputs(config)),
             "baselines": recorded(store.baselines_dir / StudyStore.CAM_DONE),
-            "statistics": plain["statistics"], "sanity": plain["sanity"],
+            "statistics": plain["statistics"], "sanity": plain["sanity"], "tuning": plain["tuning"],
             "training": {"threshold": plain["training"]["threshold"]},
             "tracking": plain["tracking"], "analysis_version": ANALYSIS_VERSION}
 
@@ -192,6 +192,7 @@ class StudyStore:
         baselines/                       part-00000.parquet: location prior and image-only maps, same
                                          columns; _tuning.json, _done.json (last)
         analysis/                        tables, statistics, figures, report.html
+        tune/<family>/<trial>/, tune/ray/ `camstudy tune`'s trial runs and Ray Tune's own state
         stages/<stage>.json              completion records of prepare and analyze
         camstudy.log                     full traces of failed Ray tasks (the console gets one line)
         .lock                            held by the one command writing the study
@@ -229,6 +230,7 @@ class StudyStore:
     log_path = property(lambda self: self.root / "camstudy.log")
     lock_path = property(lambda self: self.root / ".lock")
     ray_dir = property(lambda self: self.root / "ray")  # Ray Train's own run state (storage_path)
+    tune_dir = property(lambda self: self.root / "tune")  # `camstudy tune`: trial runs, Ray Tune's state
     # measured peak GPU memory per model and settings (orchestrator.schedule sizes GPU shares by it)
     gpu_memory_path = property(lambda self: self.root / "gpu_memory.json")
 
