@@ -15,7 +15,6 @@ from (`training.contract.baselines_inputs`).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +25,7 @@ import pyarrow as pa
 
 from explain import tuning
 from explain.rows import map_table
+from training import objectstore
 from training.atomic import atomic_dir
 from training.cache import read_index
 from training.contract import StudyStore, baselines_inputs, record_reason, write_record
@@ -70,7 +70,7 @@ def baselines_reason(config, store: StudyStore) -> Optional[str]:
 def explain_baselines(config, store: StudyStore, force: bool = False) -> Optional[Path]:
     """Score both baselines into baselines/ unless they are up to date (None when turned off)."""
     if not config.baselines.enabled:
-        shutil.rmtree(store.baselines_dir, ignore_errors=True)  # no stale ladder beside new results
+        objectstore.remove([store.baselines_dir])  # no stale ladder beside new results
         return None
     reason = "--force" if force else baselines_reason(config, store)
     if reason is None:

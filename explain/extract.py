@@ -30,7 +30,6 @@ The validation positives are explained too, only to tune each map set's IoU thre
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import pyarrow as pa
 from explain import tuning
 from explain.cam import GRADIENT_METHODS
 from explain.rows import TRAINED, Copy, map_table
-from training import registry
+from training import objectstore, registry
 from training.atomic import atomic_dir
 from training.cache import read_index
 from training.contract import StudyStore, explain_inputs, record_reason, run_key, write_record
@@ -92,6 +91,8 @@ class CamScorer:
 
         self.torch, self.config, self.runs = torch, config, runs
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.store = StudyStore(config.study_dir)  # in object storage: this node's mirror
+        self.store.pull(Path(cache_dir))  # staged once per node
         self.images = np.load(Path(cache_dir) / StudyStore.CACHE_IMAGES, mmap_mode="r")
         self.masks = np.load(Path(cache_dir) / StudyStore.CACHE_MASKS, mmap_mode="r")
         self.loaded: tuple[str, registry.ModelSpec, dict] | None = None  # one run's models at a time
@@ -116,6 +117,7 @@ class CamScorer:
             self.loaded = None  # free the previous run's models before building the next
             model_name, seed, run_dir, permuted = self.runs[key]
             spec = registry.get_spec(self.config.models, model_name)
+            self.store.pull(Path(run_dir))
             models = {"trained": load_trained_model(spec, self.config, Path(run_dir)).to(self.device).eval()}
             copies = copies_of(self.config, permuted)
             if copies["full"] or copies["cascade"]:
@@ -326,7 +328,7 @@ def _write_run(config, store, plan, table: pa.Table | None) -> Path:
         with atomic_dir(sanity) as tmp:
             _write_parquet(randomised, tmp)
     else:  # the sanity checks turned off: no stale maps beside the new ones
-        shutil.rmtree(sanity, ignore_errors=True)
+        objectstore.remove([sanity])
     return _write_maps(config, store.cams_dir(plan.spec.name, plan.seed), plan, _of_copy(table, randomized=False),
                        records, sanity_rows=0 if randomised is None else len(randomised), nodes=nodes)
 

@@ -11,17 +11,17 @@ that stage and every later one, then redoes them.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from typing import Iterator
 
 import ray
 
 from orchestrator import tracking
-from orchestrator.lock import command_line, study_lock
+from orchestrator.lock import command_line, object_store_lock, study_lock
 from orchestrator.ray_setup import init_ray
 from orchestrator.stages import prepare_stage
 from orchestrator.train_runs import RunPlan, is_finished, placement, plan_runs, train_stage
+from training import objectstore
 from training.contract import StudyStore, analyze_inputs, read_record, record_reason, write_record
 from training.ray_data import study_log
 
@@ -38,11 +38,13 @@ def open_study(config, command: str | None = None) -> Iterator[tuple[StudyStore,
     """The study store, locked for this command, and its tracker with the parent run RUNNING."""
     store = StudyStore(config.study_dir)
     store.root.mkdir(parents=True, exist_ok=True)
-    with study_lock(store.lock_path, command or command_line()):
-        print(f"[study] {config.study} (id {store.study_id()}) in {store.root}", flush=True)
+    command = command or command_line()
+    with study_lock(store.lock_path, command), _object_store_lock(store, command):
+        _pull(store)
+        print(f"[study] {config.study} (id {store.study_id()}) in {store.location}", flush=True)
         sweep(store)
         tracker = tracking.StudyTracker(config, store)
-        tracker.start(command or command_line())
+        tracker.start(command)
         try:
             with study_log(store.log_path):
                 yield store, tracker
@@ -52,7 +54,23 @@ def open_study(config, command: str | None = None) -> Iterator[tuple[StudyStore,
         except BaseException as error:
             tracker.finish("FAILED", error)
             raise
-        tracker.finish("FINISHED")
+        else:
+            tracker.finish("FINISHED")
+        finally:  # what is written without the atomic helpers: MLflow's local files, the log
+            store.push(store.mlflow_db, store.root / "mlartifacts", store.log_path)
+
+
+def _object_store_lock(store: StudyStore, command: str):
+    return object_store_lock(store.remote, command) if store.remote else contextlib.nullcontext()
+
+
+def _pull(store: StudyStore) -> None:
+    """A study in object storage: its mirror brought up to date before anything reads it."""
+    if store.remote:
+        started = time.time()
+        pulled = store.pull()
+        print(f"[study] {store.remote.uri}: {pulled} file(s) pulled into the local mirror {store.root} "
+              f"({time.time() - started:.1f}s)", flush=True)
 
 
 def sweep(store: StudyStore) -> None:
@@ -113,7 +131,7 @@ def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force
         print(f"[analyze] up to date: {report}")
         return str(report)
     print(f"[analyze] {reason or 'report missing'}; analysing {len(runs)} run(s)")
-    record.unlink(missing_ok=True)
+    objectstore.remove([record])
     report = analyze(store.root, config.to_dict(), tracker=tracker, runs=runs)
     write_record(record, inputs, logged=tracker.online)
     print(f"[analyze] report: {report}")
@@ -143,5 +161,4 @@ def run_study(config, store: StudyStore, tracker: tracking.StudyTracker, force: 
 
 
 def _remove_runs(plans: list[RunPlan], folder) -> None:
-    for plan in plans:
-        shutil.rmtree(folder(plan), ignore_errors=True)
+    objectstore.remove(folder(plan) for plan in plans)

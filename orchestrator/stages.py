@@ -10,6 +10,7 @@ import dataclasses
 import json
 
 from orchestrator.ray_setup import init_ray
+from training import objectstore
 from training.atomic import write_text_atomic
 from training.config import StudyConfig, dump_config
 from training.contract import StudyStore, fingerprint, prepare_inputs, record_reason, write_record
@@ -33,7 +34,7 @@ def prepare_stage(config: StudyConfig, force: bool = False) -> StudyStore:
         print(f"prepare: up to date in {store.data_dir} (inputs {fingerprint(inputs)}); nothing to do")
         return store
     print(f"prepare: {reason}; preparing the data")
-    record.unlink(missing_ok=True)
+    objectstore.remove([record])
     index = _load_source(config, store)
     prepared = _build(config, store, index)
     report = _report(config, store, index, prepared)
@@ -67,6 +68,10 @@ def _load_source(config: StudyConfig, store: StudyStore) -> SiimIndex:
 
 def _build(config: StudyConfig, store: StudyStore, index: SiimIndex) -> Prepared:
     workers = config.resources.prepare_actors
+    if store.remote and config.data.source == "synthetic" and workers != 0:
+        # the synthetic source lives in this node's mirror only: Ray tasks elsewhere could not read it
+        print("prepare: synthetic data of a study in object storage is preprocessed in this process")
+        workers = 0
     if workers != 0:  # 0: the in-process loop, no Ray
         init_ray(config)
     prepared = prepare_data(index.images, config.split, config.preprocess, workers,

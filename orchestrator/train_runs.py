@@ -110,20 +110,20 @@ class Outcome:
 
 
 @ray.remote(num_cpus=0)
-def _fit(config, plan: RunPlan, store_root: str, progress: Queue, placement: dict) -> Outcome:
-    """Run one Ray Train run to completion and say how it ended."""
+def _fit(config, plan: RunPlan, progress: Queue, placement: dict) -> Outcome:
+    """Run one Ray Train run to completion and say how it ended. Its workers find the study from
+    the config (a study in object storage: in their node's mirror, pulled as needed)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     trainer = _trainer_class(placement["workers"])(
         train_worker,
         train_loop_config={"config": config, "model": plan.spec.name, "seed": plan.seed,
-                           "cache_dir": str(StudyStore(store_root).cache_dir), "run_dir": str(plan.run_dir),
                            "fingerprint": plan.fingerprint, "torch_threads": placement["torch_threads"],
                            "permuted": plan.permuted},
         scaling_config=ScalingConfig(num_workers=placement["workers"], use_gpu=placement["gpus"] > 0,
                                      resources_per_worker={**placement["resources"],
                                                            **config.resources.model_resources.get(plan.spec.name, {})}),
-        run_config=RunConfig(name=plan.key, storage_path=str(StudyStore(store_root).ray_dir),
+        run_config=RunConfig(name=plan.key, storage_path=StudyStore(config.study_dir).ray_storage,
                              failure_config=FailureConfig(max_failures=config.training.max_failures),
                              callbacks=[EpochReporter(plan.key, progress)]),
     )
@@ -254,7 +254,7 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
         while starts.pending or in_flight:
             for plan, plan_layout in starts.now(len(in_flight)):
                 run_ids[plan.key] = _start_child(config, store, tracker, plan)
-                in_flight[_fit.remote(config, plan, str(store.root), progress, plan_layout)] = plan
+                in_flight[_fit.remote(config, plan, progress, plan_layout)] = plan
             finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
             _log_progress(progress, status, tracker, run_ids)  # before any finished run is closed
             status.heartbeat(len(in_flight))
@@ -263,6 +263,7 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
                 starts.finished(plan)
                 status.runs_done += 1
                 outcome = ray.get(ref)
+                store.pull(plan.run_dir)  # a study in object storage: what the run's workers uploaded
                 if run_ids[plan.key]:
                     tracker.call(_close_child, tracker.client, run_ids[plan.key], plan, outcome.error)
                 if outcome.error is None:

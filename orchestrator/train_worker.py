@@ -37,20 +37,23 @@ def train_worker(loop_config: dict) -> None:
     import torch
     from ray.train.torch import get_device
 
-    from training import registry
+    from training import objectstore, registry
     from training.atomic import write_text_atomic
     from training.contract import StudyStore
     from training.errors import CamstudyError
     from training.loop import train_run
 
     torch.set_num_threads(loop_config["torch_threads"])
-    config, run_dir = loop_config["config"], Path(loop_config["run_dir"])
+    config = loop_config["config"]
+    store = StudyStore(config.study_dir)  # in object storage: this node's mirror, its uploads on
+    run_dir = store.run_dir(loop_config["model"], loop_config["seed"], loop_config.get("permuted", False))
+    store.pull(store.cache_dir, run_dir)  # the cache staged once per node; a checkpoint to resume from
     rank0 = ray.train.get_context().get_world_rank() == 0
     if rank0:
-        (run_dir / StudyStore.ERROR).unlink(missing_ok=True)  # an earlier attempt's
+        objectstore.remove([run_dir / StudyStore.ERROR])  # an earlier attempt's
     try:
         spec = registry.get_spec(config.models, loop_config["model"])
-        train_run(spec, registry.recipe_for(spec, config.recipes), config, loop_config["cache_dir"],
+        train_run(spec, registry.recipe_for(spec, config.recipes), config, store.cache_dir,
                   run_dir, loop_config["seed"],
                   report=lambda epoch, metrics: ray.train.report({"epoch": epoch, **metrics}),
                   # Ray's pick of this worker's GPU (its index among the visible ones need not be LOCAL_RANK)

@@ -93,13 +93,15 @@ def test_hash_is_stable_and_sensitive_only_to_its_sections():
     assert other_split.hash("data", "split", "preprocess") != base.hash("data", "split", "preprocess")
 
 
-def test_storage_is_made_absolute_and_uris_and_files_are_refused_at_load(tmp_path, monkeypatch):
+def test_storage_is_made_absolute_object_stores_kept_and_files_refused_at_load(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(DEMO, {"storage": "runs/here"})
     assert Path(config.storage).is_absolute() and config.storage == str(tmp_path / "runs" / "here")
     assert config.study_dir == f"{tmp_path}/runs/here/demo"
-    with pytest.raises(ConfigError, match=r"demo\.yaml: storage: 's3://bucket/x' is a URI; .* mount the bucket"):
-        load_config(DEMO, {"storage": "s3://bucket/x"})
+    assert load_config(DEMO, {"storage": "s3://bucket/x/"}).study_dir == "s3://bucket/x/demo"
+    for bad in ("ftp://host/x", "s3://", "https://bucket/x"):
+        with pytest.raises(ConfigError, match=r"demo\.yaml: storage: .* is not an object store camstudy can use"):
+            load_config(DEMO, {"storage": bad})
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match=r"storage: .*a-file is a file, not a folder"):
         load_config(DEMO, {"storage": "a-file"})

@@ -1,4 +1,7 @@
-"""Atomic writes: a temporary sibling renamed into place, so a crash never leaves a half file."""
+"""Atomic writes: a temporary sibling renamed into place, so a crash never leaves a half file.
+
+In a study whose storage is an object store, what is renamed into place is then uploaded
+(`training.objectstore.after_write`): the remote copy, too, only ever holds complete files."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from training import objectstore
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -24,6 +29,7 @@ def write_atomic(path: str | Path, writer: Callable[[Path], Any]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+    objectstore.after_write(path)
 
 
 def link_atomic(source: str | Path, path: str | Path) -> None:
@@ -54,3 +60,4 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    objectstore.after_write(path)

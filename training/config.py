@@ -382,7 +382,7 @@ class StudyConfig:
     """The whole study. `storage`/`study` locate the study store."""
 
     study: str = "demo"
-    storage: str = "studies"  # a local or shared (NFS) folder, made absolute; URIs are refused
+    storage: str = "studies"  # a local or shared (NFS) folder, made absolute; or s3://bucket/prefix
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -456,16 +456,24 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def resolve_storage(config: StudyConfig, base: Path) -> StudyConfig:
-    """Make the storage path absolute so Ray workers and MLflow agree on it.
+OBJECT_STORES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # schemes pyarrow.fs opens
 
-    Refused: a URI (the store is a POSIX folder; mount object storage with s3fs/NFS), a path
-    that is a file, and under `ray job submit` a relative path (it would resolve inside the job's
-    temporary working folder, so the study would vanish with the job and never resume)."""
+
+def resolve_storage(config: StudyConfig, base: Path) -> StudyConfig:
+    """Make the storage path absolute so Ray workers and MLflow agree on it; an object-store URI
+    (`s3://bucket/prefix`, any scheme of OBJECT_STORES) is kept as it is (training.objectstore).
+
+    Refused: another URI scheme, a path that is a file, and under `ray job submit` a relative
+    path (it would resolve inside the job's temporary working folder, so the study would vanish
+    with the job and never resume)."""
     storage = config.storage
     if "://" in storage:
-        raise ConfigError(f"storage: {storage!r} is a URI; camstudy stores studies in a folder: mount the "
-                          "bucket or share (s3fs, NFS) and give its local path, e.g. storage: /mnt/studies")
+        scheme, _, rest = storage.partition("://")
+        if scheme not in OBJECT_STORES or not rest.strip("/"):
+            raise ConfigError(f"storage: {storage!r} is not an object store camstudy can use; give a folder, or a "
+                              f"URI with a bucket of one of the schemes {', '.join(OBJECT_STORES)} "
+                              "(e.g. s3://my-bucket/studies)")
+        return dataclasses.replace(config, storage=storage.rstrip("/"))
     if not Path(storage).is_absolute() and os.environ.get(RAY_JOB_ENV):
         raise ConfigError(f"storage: {storage!r} is relative, and under `ray job submit` it would resolve inside "
                           "the job's temporary working folder (deleted with the job); give an absolute path "

@@ -26,8 +26,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from training import objectstore
 from training.atomic import write_text_atomic
-from training.errors import ConfigError, TrainingError
+from training.errors import TrainingError
 
 # Bump when the prepared data gains or changes a column: the prepare stage is redone (its inputs
 # include this), the training runs are not (theirs name the config sections, not this).
@@ -177,7 +178,8 @@ def analyze_inputs(config: Any, store: "StudyStore", runs: list[tuple]) -> dict[
 
 class StudyStore:
     """One folder per study (ARCHITECTURE.md, "the study store"). Nothing is written in place:
-    files go to a temporary sibling `.<name>.tmp-<pid>` and are renamed.
+    files go to a temporary sibling `.<name>.tmp-<pid>` and are renamed. With object storage
+    the folder is a node-local mirror whose writes are uploaded as they complete.
 
         study.json                       the study's id (made with the store) and creation time
         gpu_memory.json                  measured peak GPU memory per model and settings
@@ -213,10 +215,35 @@ class StudyStore:
                            "elongation")
 
     def __init__(self, study_dir: str | Path):
-        if "://" in str(study_dir):
-            raise ConfigError(f"storage {study_dir}: remote URIs are not supported; mount the shared "
-                              "storage (NFS, s3fs) and give its local path")
-        self.root = Path(study_dir)
+        """A local folder, or a URI (`s3://bucket/prefix/study`): then the study lives in the object
+        store and is worked on in a node-local mirror (`training.objectstore`), which is `root`."""
+        self.remote = objectstore.open_remote(str(study_dir)) if objectstore.is_uri(str(study_dir)) else None
+        self.root = self.remote.local if self.remote else Path(study_dir)
+
+    @property
+    def location(self) -> str:
+        """Where the study lives: its URI, or its folder."""
+        return self.remote.uri if self.remote else str(self.root)
+
+    @property
+    def ray_storage(self) -> str:
+        """Ray Train's storage_path: the object store itself for a remote study (Ray writes there
+        through pyarrow.fs), the store's folder otherwise."""
+        return f"{self.remote.uri}/ray" if self.remote else str(self.ray_dir)
+
+    def pull(self, *paths: Path) -> int:
+        """Fetch these folders or files (default: the whole study) from the object store into the
+        mirror when newer there; nothing for a local study. Returns how many files came."""
+        if self.remote is None:
+            return 0
+        return self.remote.pull(*(Path(p).resolve().relative_to(self.root.resolve()) for p in paths))
+
+    def push(self, *paths: Path) -> None:
+        """Upload files written without the atomic helpers (MLflow's SQLite file, the log)."""
+        if self.remote is not None:
+            for path in paths:
+                if Path(path).exists():
+                    self.remote.upload(Path(path))
 
     study_path = property(lambda self: self.root / "study.json")
     config_path = property(lambda self: self.root / "config.yaml")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from training import augment, registry
+from training import augment, objectstore, registry
 from training.atomic import link_atomic, write_atomic, write_text_atomic
 from training.cache import load_split
 from training.classification import auc, classification_report
@@ -360,9 +360,8 @@ def _keep_best(run_dir: Path, state: RunState, recipe: Recipe, selection: str) -
             link_atomic(run_dir / CHECKPOINT, keep)
         else:
             keep = None  # no later epoch will replace that checkpoint
-    for stale in run_dir.glob("best-e*.pt"):  # earlier bests, crashed epochs, or no longer needed
-        if stale != keep:
-            stale.unlink(missing_ok=True)
+    objectstore.remove(stale for stale in run_dir.glob("best-e*.pt") if stale != keep)  # earlier bests, crashed
+    # epochs, or no longer needed
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -474,8 +473,7 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
                "node": this_node(), "gpu_peak_gb": _gpu_peak_gb(device),
                "fingerprint": fingerprint, "inputs": inputs}
     write_text_atomic(run_dir / DONE, _dumps(summary))
-    for leftover in [run_dir / CHECKPOINT, *run_dir.glob("best-e*.pt")]:
-        leftover.unlink(missing_ok=True)
+    objectstore.remove([run_dir / CHECKPOINT, *run_dir.glob("best-e*.pt")])
     return summary
 
 
