@@ -27,16 +27,20 @@ def synthetic_split(n: int, size: int) -> Split:
     return Split([f"img{i}" for i in range(n)], images, torch.arange(n) % 2)
 
 
-def model_images_per_s(spec, config, split: Split) -> float:
-    device = torch.device("cpu")
+def model_images_per_s(spec, config, split: Split, device: torch.device = torch.device("cpu")) -> float:
+    split = Split(split.image_ids, split.images.to(device), split.labels.to(device))
     model = make_model(spec, config, device)
     state = RunState(model, make_optimizer(model, registry.recipe_for(spec, config.recipes)),
                      torch.Generator().manual_seed(0), torch.Generator().manual_seed(1), weights="random")
     train_epoch(state, Split(split.image_ids[:config.training.batch_size * 2],
                              split.images[:config.training.batch_size * 2],
                              split.labels[:config.training.batch_size * 2]), config, False, device)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    _, seen = train_epoch(state, split, config, False, device)
+    _, seen = train_epoch(state, split, config, device.type == "cuda" and not spec.token_reshape, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
