@@ -117,11 +117,7 @@ def parameter_count(model: nn.Module) -> int:
 def parameter_count_millions(spec: ModelSpec, image_size: int = 224, num_classes: int = 2, in_chans: int = 3) -> float:
     """Parameters of the 2-way model, in millions, counted on the meta device (no memory; 0.1-0.5 s
     the first time per spec, then cached)."""
-    with torch.device("meta"):
-        model = timm.create_model(spec.timm_name, pretrained=False,
-                                  **create_kwargs(spec, image_size=image_size, num_classes=num_classes,
-                                                  in_chans=in_chans))
-    return parameter_count(model) / 1e6
+    return parameter_count(_meta_model(spec, image_size, in_chans, num_classes)) / 1e6
 
 
 def largest_first(plans: list) -> list:
@@ -139,9 +135,7 @@ def layer_geometry(spec: ModelSpec, layers: tuple[str, ...], image_size: int,
     the order they run, the head included) that have run when the layer's output exists: 0 at the
     input, 1 after the head. The map size is the side of the layer's (h, w) map, or of the patch
     grid for token layers."""
-    with torch.device("meta"):
-        model = timm.create_model(spec.timm_name, pretrained=False,
-                                  **create_kwargs(spec, image_size=image_size, in_chans=in_chans)).eval()
+    model = _meta_model(spec, image_size, in_chans)
     ran: list[nn.Module] = []
     seen: dict[str, tuple[int, int]] = {}
 
@@ -153,13 +147,28 @@ def layer_geometry(spec: ModelSpec, layers: tuple[str, ...], image_size: int,
     for layer in layers:
         handles.append(resolve_layer(model, layer).register_forward_hook(
             lambda m, i, o, layer=layer: record(layer, o)))
+    _hooked_forward(model, handles, image_size, in_chans)
+    return {layer: (seen[layer][0] / len(ran), seen[layer][1]) for layer in layers}
+
+
+def _meta_model(spec: ModelSpec, image_size: int, in_chans: int, num_classes: int = 2) -> nn.Module:
+    """The 2-way model on the meta device (no memory, no weights): for counting, not computing."""
+    with torch.device("meta"):
+        return timm.create_model(spec.timm_name, pretrained=False, **create_kwargs(
+            spec, image_size=image_size, num_classes=num_classes, in_chans=in_chans)).eval()
+
+
+def _hooked_forward(model: nn.Module, handles: list, image_size: int, in_chans: int,
+                    context: Optional[Any] = None) -> None:
+    """One forward of a meta model on one image (inside `context`, if given); the hooks removed after."""
+    import contextlib
+
     try:
-        with torch.no_grad():
+        with context or contextlib.nullcontext(), torch.no_grad():
             model(torch.zeros(1, in_chans, image_size, image_size, device="meta"))
     finally:
         for handle in handles:
             handle.remove()
-    return {layer: (seen[layer][0] / len(ran), seen[layer][1]) for layer in layers}
 
 
 def _side(model: nn.Module, spec: ModelSpec, output: torch.Tensor) -> int:
@@ -175,9 +184,7 @@ def cascade_units(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[
     parameters or buffers; together they hold every such module once (one never run counts as
     head), so randomising every unit randomises the whole network. Found by one forward on the
     meta device, in the order the modules run."""
-    with torch.device("meta"):
-        model = timm.create_model(spec.timm_name, pretrained=False,
-                                  **create_kwargs(spec, image_size=image_size, in_chans=in_chans)).eval()
+    model = _meta_model(spec, image_size, in_chans)
     owners = [name for name, m in model.named_modules() if m._parameters or m._buffers]
     started: list[str] = []
     boundary: dict[str, int] = {}
@@ -191,12 +198,7 @@ def cascade_units(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[
     for layer in spec.stage_layers:
         handles.append(resolve_layer(model, layer).register_forward_hook(
             lambda m, i, o, layer=layer: boundary.setdefault(layer, len(started)) and None))
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, in_chans, image_size, image_size, device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _hooked_forward(model, handles, image_size, in_chans)
     cuts = [boundary[layer] for layer in spec.stage_layers]
     never_run = tuple(name for name in owners if name not in started)
     units = [("head", tuple(started[cuts[-1]:]) + never_run)]
@@ -211,9 +213,7 @@ def forward_cost(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[f
     (`torch.utils.flop_counter`; activations: the outputs of every leaf module)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
-        model = timm.create_model(spec.timm_name, pretrained=False,
-                                  **create_kwargs(spec, image_size=image_size, in_chans=in_chans)).eval()
+    model = _meta_model(spec, image_size, in_chans)
     elements = [0]
 
     def count(module: nn.Module, inputs, output) -> None:
@@ -222,10 +222,5 @@ def forward_cost(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[f
 
     handles = [m.register_forward_hook(count) for m in model.modules() if not any(True for _ in m.children())]
     counter = FlopCounterMode(display=False)
-    try:
-        with counter, torch.no_grad():
-            model(torch.zeros(1, in_chans, image_size, image_size, device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _hooked_forward(model, handles, image_size, in_chans, counter)
     return float(counter.get_total_flops()), float(elements[0])
