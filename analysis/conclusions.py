@@ -219,7 +219,7 @@ def _localisation_summary(outputs: AnalysisOutputs) -> str:
             f"95% CI above 0{': ' + listed if listed else ''}). " + prior)
 
 
-PRIOR_SUMMARY_METRICS = ("auprc", "diff_gradcam")  # threshold-free first, then the paper's metric
+PRIOR_SUMMARY_METRICS = {"auprc": "pixel AUPRC", "diff_gradcam": "Diff_GradCAM"}  # threshold-free, then the paper's
 
 
 def _prior_conclusion(outputs: AnalysisOutputs) -> str:
@@ -228,12 +228,12 @@ def _prior_conclusion(outputs: AnalysisOutputs) -> str:
     if prior is None or prior.empty:
         return ""
     parts = []
-    for metric in (m for m in PRIOR_SUMMARY_METRICS if m in set(prior["metric"])):
+    for metric, name in ((m, n) for m, n in PRIOR_SUMMARY_METRICS.items() if m in set(prior["metric"])):
         part = prior[prior["metric"] == metric]
         winners = [f"{figures.label(r.model)} (+{r.difference:.3f} [{r.lo:.3f}, {r.hi:.3f}])"
                    for r in part.itertuples() if r.beats_prior]
         below = [figures.label(r.model) for r in part.itertuples() if r.verdict == "below the prior"]
-        parts.append(f"by {metric}, {len(winners)} of {len(part)} beat it" + (f": {', '.join(winners)}" if winners else "")
+        parts.append(f"by {name}, {len(winners)} of {len(part)} beat it" + (f": {', '.join(winners)}" if winners else "")
                      + (f"; {', '.join(below)} score below it" if below else ""))
     return ("Against the location prior (the mean training mask; paired over images, Holm): " + "; ".join(parts)
             + ". A map that does not beat the prior shows no image-specific localisation.")

@@ -417,7 +417,7 @@ def test_only_the_shifted_model_beats_the_location_prior(single_seed):
         SHIFT, abs=0.05)
     assert (diff.drop(SHIFTED)["verdict"] == "not distinguishable from the prior").all()
     text = single_seed.report.read_text()
-    assert "Against the location prior" in text and "by diff_gradcam, 1 of 4 beat it" in text
+    assert "Against the location prior" in text and "by Diff_GradCAM, 1 of 4 beat it" in text
 
 
 def test_the_ladder_runs_from_chance_to_the_oracle(single_seed):
