@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from explain import tuning
 from explain.rows import map_table
+from explain.sink import MapSink, ParquetSink
 from training import objectstore
 from training.atomic import atomic_dir
 from training.cache import read_index
@@ -86,19 +87,26 @@ def _write(config, store: StudyStore) -> Path:
     masks = np.load(store.cache_dir / StudyStore.CACHE_MASKS, mmap_mode="r")
     rows = _rows(index)
     prior = location_prior(index, masks)
-    parts = [table for start in range(0, len(rows), BATCH)
-             for table in _score(config, rows.iloc[start:start + BATCH], images, masks, prior)]
-    scored, records = tuning.apply(pa.concat_tables(parts), ["model"], config.metrics) if parts else (None, [])
-    with atomic_dir(store.baselines_dir) as tmp:
-        if scored is not None:
-            import pyarrow.parquet as pq
-
-            pq.write_table(scored, tmp / StudyStore.CAM_PART)
-        tuning.write_records(tmp / StudyStore.CAM_TUNING, records, config.metrics)
-        train = int(((index["split"] == "train") & (index["label"] == 1)).sum())
-        write_record(tmp / StudyStore.CAM_DONE, baselines_inputs(config), rows=0 if scored is None else len(scored),
-                     prior_from_train_positives=train)
-    print(f"[explain] baselines: {0 if scored is None else len(scored)} maps written -> {store.baselines_dir}"
+    sink = MapSink(store.root, "baselines", ["model"], config.metrics)
+    try:
+        for start in range(0, len(rows), BATCH):  # scored and spilled a batch at a time: no set held whole
+            for table in _score(config, rows.iloc[start:start + BATCH], images, masks, prior):
+                sink.add(table)
+        records = sink.finish()
+        with atomic_dir(store.baselines_dir) as tmp:
+            maps = ParquetSink(tmp / StudyStore.CAM_PART)
+            try:
+                for table in sink.scored():
+                    maps.write(table)
+            finally:
+                maps.close()
+            tuning.write_records(tmp / StudyStore.CAM_TUNING, records, config.metrics)
+            train = int(((index["split"] == "train") & (index["label"] == 1)).sum())
+            write_record(tmp / StudyStore.CAM_DONE, baselines_inputs(config), rows=maps.rows,
+                         prior_from_train_positives=train)
+    finally:
+        sink.discard()
+    print(f"[explain] baselines: {maps.rows} maps written -> {store.baselines_dir}"
           f" (prior from {train} training masks)")
     return store.baselines_dir
 

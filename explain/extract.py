@@ -40,6 +40,7 @@ import pyarrow as pa
 from explain import tuning
 from explain.cam import GRADIENT_METHODS
 from explain.rows import TRAINED, Copy, map_table
+from explain.sink import MapSink, ParquetSink
 from training import objectstore, registry
 from training.atomic import atomic_dir
 from training.cache import read_index
@@ -233,7 +234,8 @@ def extraction_reason(config, store, plan) -> str | None:
                          explain_inputs(config, plan.fingerprint))
 
 
-def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0) -> None:
+def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0,
+                 memory_per_actor: float = 0) -> None:
     """Score every plan's run into `cams/<model>-seed<k>/` in one Ray Data pipeline; runs whose
     output was made from the same inputs are skipped, the others (re)computed with the reason."""
     todo = []
@@ -255,17 +257,18 @@ def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_
     if not todo:
         return
     try:
-        collected = _stream(config, store, work, todo, actors, gpus_per_actor, cpus_per_actor)
+        unfinished = _stream(config, store, work, todo, actors, gpus_per_actor, cpus_per_actor, memory_per_actor)
     except Exception as error:
         reraise_own(error)
         raise
-    if collected:  # only if rows were lost on the way: say so rather than write a short run
-        raise RuntimeError(f"[explain] incomplete CAM output for {sorted(collected)}; rerun `camstudy explain`")
+    if unfinished:  # only if rows were lost on the way: say so rather than write a short run
+        raise RuntimeError(f"[explain] incomplete CAM output for {sorted(unfinished)}; rerun `camstudy explain`")
 
 
 def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpus_per_actor: float,
-            cpus_per_actor: float) -> dict[str, list[pa.Table]]:
-    """Run the pipeline; write each run as soon as all its rows are back. Returns what is left."""
+            cpus_per_actor: float, memory_per_actor: float = 0) -> dict[str, MapSink]:
+    """Run the pipeline; each run's rows go to its `MapSink` as they arrive (its test rows spill to
+    disk), and the run is written as soon as all its rows are in. Returns the runs left unfinished."""
     import ray.data
 
     order = [plan.key for plan in registry.largest_first(todo)]
@@ -276,25 +279,86 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
           f"validation positives to tune on, per model copy), {maps} heatmaps to compute, {actors} actor(s)")
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), plan.permuted) for plan in todo}
-    collected: dict[str, list[pa.Table]] = {key: [] for key in work}
-    plan_of, started = {plan.key: plan for plan in todo}, time.time()
+    plan_of = {plan.key: plan for plan in todo}
+    sinks = {key: MapSink(store.root, key, TUNING_KEYS, config.metrics, fallback=tuning_fallback,
+                          expected=expected[key]) for key in work}
+    nodes: dict[str, set] = {key: set() for key in work}
     context = ray.data.DataContext.get_current()
-    with without_budget_backpressure(context):  # a Dataset copies the context it is made in
-        dataset = ray.data.from_pandas(blocks).map_batches(
-            CamScorer, batch_format="pandas", batch_size=step,
-            fn_constructor_kwargs={"config": config, "runs": runs, "cache_dir": str(store.cache_dir)},
-            # one block at a time per actor: the next goes to whichever actor frees first (the
-            # default queues several per actor up front, which left one actor idle at the end)
-            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-            num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else cpus_per_actor)
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for key, part in _by_run(table):
-                collected[key].append(part)
-                if sum(len(t) for t in collected[key]) == expected[key]:
-                    out = _write_run(config, store, plan_of[key], pa.concat_tables(collected.pop(key)))
-                    print(f"[explain] {key}: {expected[key]} heatmaps made, the test images' written "
-                          f"({time.time() - started:.0f}s) -> {out}")
-    return collected
+    try:
+        with without_budget_backpressure(context), MapProgress(maps) as progress:  # a Dataset copies its context
+            dataset = ray.data.from_pandas(blocks).map_batches(
+                CamScorer, batch_format="pandas", batch_size=step,
+                fn_constructor_kwargs={"config": config, "runs": runs, "cache_dir": str(store.cache_dir)},
+                # one block at a time per actor: the next goes to whichever actor frees first (the
+                # default queues several per actor up front, which left one actor idle at the end)
+                compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+                num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else cpus_per_actor,
+                # host memory (bytes) Ray reserves per actor, so actors that cannot fit together are not started together
+                **({"memory": int(memory_per_actor)} if memory_per_actor else {}))
+            for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for key, part in _by_run(table):
+                    nodes[key].update(part.column(NODE).to_pylist())
+                    sinks[key].add(part.drop_columns([NODE]))
+                    progress.add(len(part))
+                    if sinks[key].complete:
+                        out = _write_run(config, store, plan_of[key], sinks.pop(key), sorted(nodes[key]))
+                        progress.say(f"[explain] {key}: {expected[key]} heatmaps made, the test images' written "
+                                     f"-> {out}")
+    finally:
+        for sink in sinks.values():  # unfinished runs: their spills go, they are redone next time
+            sink.discard()
+    return sinks
+
+
+class MapProgress:
+    """Maps done of the stage's total, the rate and the time left, printed at least every
+    `EVERY_S` seconds (from a timer thread, so a stage waiting on its first batch still speaks).
+    The time left is the maps still to come at the rate of the maps done so far."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, total: int, clock=time.monotonic):
+        import threading
+
+        self.total, self.done, self.clock = total, 0, clock
+        self.started = clock()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="explain-progress", daemon=True)
+
+    def __enter__(self) -> "MapProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+    def add(self, maps: int) -> None:
+        with self._lock:
+            self.done += maps
+
+    def line(self) -> str:
+        elapsed = self.clock() - self.started
+        with self._lock:
+            done = self.done
+        head = f"[explain {elapsed:4.0f}s] {done}/{self.total} heatmaps"
+        if not done:
+            return f"{head}, time left: estimating (actors starting, no batch back yet)"
+        rate = done / max(elapsed, 1e-9)
+        return f"{head}, {rate:.1f} maps/s, ~{_duration(max(0, self.total - done) / rate)} left"
+
+    def say(self, text: str) -> None:
+        print(f"{text} ({self.line()})", flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.EVERY_S):
+            print(self.line(), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
@@ -310,27 +374,50 @@ def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
             for run in runs.to_pylist()]
 
 
-def _write_run(config, store, plan, table: pa.Table | None) -> Path:
+def _write_run(config, store, plan, sink: MapSink | None, nodes: list[str] | None = None) -> Path:
     """cams/<run>/ (trained maps, _tuning.json, _done.json last) and sanity/<run>/ (the twin's and
     the cascade's maps); a label-permutation run's maps, tuning and record all go to
-    sanity/<run>-permuted/."""
-    records: list[dict] = []
-    nodes = sorted(set(table.column(NODE).to_pylist())) if table is not None and NODE in table.column_names else []
-    if table is not None:
-        table = table.drop_columns([NODE]) if NODE in table.column_names else table
-        table, records = tuning.apply(table, TUNING_KEYS, config.metrics, fallback=tuning_fallback)
-    if plan.permuted:
-        return _write_maps(config, store.sanity_dir(plan.spec.name, plan.seed, True), plan, table, records,
-                           nodes=nodes)
-    sanity = store.sanity_dir(plan.spec.name, plan.seed)
-    randomised = _of_copy(table, randomized=True)
-    if randomised is not None and len(randomised):  # before cams/: its _done.json vouches for both
-        with atomic_dir(sanity) as tmp:
-            _write_parquet(randomised, tmp)
-    else:  # the sanity checks turned off: no stale maps beside the new ones
-        objectstore.remove([sanity])
-    return _write_maps(config, store.cams_dir(plan.spec.name, plan.seed), plan, _of_copy(table, randomized=False),
-                       records, sanity_rows=0 if randomised is None else len(randomised), nodes=nodes)
+    sanity/<run>-permuted/. The rows stream from the sink's spill, a row group at a time."""
+    records = sink.finish() if sink is not None else []
+    try:
+        if plan.permuted:
+            folder = store.sanity_dir(plan.spec.name, plan.seed, True)
+            with atomic_dir(folder) as tmp:
+                rows = _write_scored(sink, lambda randomized: tmp)
+                _write_records(config, tmp, plan, records, rows=rows[True] + rows[False], nodes=nodes or [])
+            return folder
+        cams, sanity = store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
+        with atomic_dir(cams) as cams_tmp:
+            with atomic_dir(sanity) as sanity_tmp:  # renamed first: the _done.json in cams/ vouches for both
+                rows = _write_scored(sink, lambda randomized: sanity_tmp if randomized else cams_tmp)
+            if not rows[True]:  # the sanity checks turned off: no stale maps beside the new ones
+                objectstore.remove([sanity])
+            _write_records(config, cams_tmp, plan, records, rows=rows[False], sanity_rows=rows[True],
+                           nodes=nodes or [])
+        return cams
+    finally:
+        if sink is not None:
+            sink.discard()
+
+
+def _write_scored(sink: MapSink | None, folder_for) -> dict[bool, int]:
+    """Stream the sink's scored rows into `folder_for(randomized)`/CAM_PART; the rows of each side."""
+    import pyarrow.compute as pc
+
+    files: dict[Path, ParquetSink] = {}
+    rows = {False: 0, True: 0}
+    try:
+        for table in (sink.scored() if sink is not None else ()):
+            for randomized in (False, True):
+                side = table.filter(table["randomized"] if randomized else pc.invert(table["randomized"]))
+                if len(side):
+                    path = folder_for(randomized) / StudyStore.CAM_PART
+                    files.setdefault(path, ParquetSink(path)).write(side)
+                    rows[randomized] += len(side)
+    finally:
+        for file in files.values():
+            file.close()
+    return rows
 
 
 TUNING_KEYS = ["cam_method", "cam_layer", "randomization", "stages_randomized"]  # one threshold per map set
@@ -344,26 +431,7 @@ def tuning_fallback(key: tuple) -> tuple:
     return method, layer, "none", 0
 
 
-def _write_maps(config, folder: Path, plan, table: pa.Table | None, records: list[dict], **info) -> Path:
-    """The maps, _tuning.json and, last, _done.json with the inputs they were made from."""
-    with atomic_dir(folder) as tmp:
-        if table is not None:
-            _write_parquet(table, tmp)
-        tuning.write_records(tmp / StudyStore.CAM_TUNING, records, config.metrics)
-        write_record(tmp / DONE, explain_inputs(config, plan.fingerprint), rows=0 if table is None else len(table),
-                     **info)
-    return folder
-
-
-def _write_parquet(table: pa.Table, folder: Path) -> None:
-    import pyarrow.parquet as pq
-
-    pq.write_table(table, folder / StudyStore.CAM_PART)
-
-
-def _of_copy(table: pa.Table | None, randomized: bool) -> pa.Table | None:
-    import pyarrow.compute as pc
-
-    if table is None:
-        return None
-    return table.filter(table["randomized"] if randomized else pc.invert(table["randomized"]))
+def _write_records(config, folder: Path, plan, records: list[dict], **info) -> None:
+    """_tuning.json, then, last, _done.json with the inputs the maps were made from."""
+    tuning.write_records(folder / StudyStore.CAM_TUNING, records, config.metrics)
+    write_record(folder / DONE, explain_inputs(config, plan.fingerprint), **info)

@@ -44,34 +44,84 @@ def apply(table: pa.Table, keys: Sequence[str], metrics_config: Any,
     """The test rows of `table` with COLUMNS added, each set (rows equal on `keys`) scored at its
     own tuned threshold; a set without validation rows at the threshold of the set `fallback`
     names (none without one); and one record per set for _tuning.json."""
-    grid, hit_iou = tuning_thresholds(metrics_config.tuning_steps), metrics_config.hit_iou
-    curves = _curves(table)
-    split = table.column(SPLIT).to_numpy(zero_copy_only=False)
-    groups = table.select(list(keys)).to_pandas()
-    sets = {(values if isinstance(values, tuple) else (values,)): rows
-            for values, rows in groups.groupby(list(keys), sort=False, dropna=False).indices.items()}
-    chosen = {key: choose(curves[rows[split[rows] == "val"]]) for key, rows in sets.items()}
-    threshold, iou, records = np.full(len(table), np.nan), np.full(len(table), np.nan), []
-    validation = {key: rows[split[rows] == "val"] for key, rows in sets.items()}
-    for key, rows in sets.items():
-        test = rows[split[rows] == "test"]
-        source = key if len(validation[key]) or fallback is None else fallback(key)
-        tuned_on = validation.get(source, np.array([], np.int64))
-        index, mean = chosen.get(source, (None, np.full(len(grid), np.nan)))
-        if index is not None:
-            threshold[test], iou[test] = grid[index], curves[test, index]
-        records.append({**{k: _plain(v) for k, v in zip(keys, key)},
-                        "threshold": float(grid[index]) if index is not None else None,
-                        "tuned_on": "its own maps" if source == key else
-                        "the maps of " + ", ".join(f"{k}={_plain(v)}" for k, v in zip(keys, source)),
-                        "val_images": len(tuned_on), "image_ids": table.column("image_id").take(tuned_on).to_pylist(),
-                        "mean_iou_by_threshold": dict(zip(map(float, grid), map(_plain, mean)))})
-    tuned = table.append_column(COLUMNS[0], pa.array(threshold)).append_column(COLUMNS[1], pa.array(iou))
-    hit = np.where(np.isfinite(iou), iou >= hit_iou, np.nan)
-    tuned = tuned.append_column(COLUMNS[2], pa.array(hit))
-    kept = tuned.filter(pc.equal(tuned.column(SPLIT), "test")).drop_columns([SPLIT, IOU_CURVE])
-    order = [name for name in kept.column_names if name != "heatmap"] + ["heatmap"]  # the map stays last
-    return kept.select([name for name in order if name in kept.column_names]), records
+    tuner = Tuner(keys, metrics_config, fallback)
+    tuner.add(table)
+    records = tuner.finish()
+    return tuner.score(table.filter(pc.equal(table.column(SPLIT), "test"))), records
+
+
+class Tuner:
+    """`apply` in a form that streams: `add` every row of a run as it arrives (only the
+    validation rows' keys, ids and IoU curves are kept, a few hundred bytes each; test rows
+    contribute their set's key), `finish` once all are in, then `score` the test rows batch by
+    batch. The explain stage spills test rows to disk meanwhile, so no run's heatmaps are ever
+    held at once."""
+
+    def __init__(self, keys: Sequence[str], metrics_config: Any, fallback: Optional[Callable[[tuple], tuple]] = None):
+        self.keys, self.fallback = list(keys), fallback
+        self.grid, self.hit_iou = tuning_thresholds(metrics_config.tuning_steps), metrics_config.hit_iou
+        self.sets: dict[tuple, None] = {}  # every set's key, in order of first appearance
+        self.curves: dict[tuple, list[np.ndarray]] = {}  # validation IoU curves per set
+        self.val_ids: dict[tuple, list[str]] = {}
+        self.chosen: Optional[dict[tuple, tuple[Optional[int], np.ndarray]]] = None
+
+    def add(self, table: pa.Table) -> None:
+        if self.chosen is not None:
+            raise RuntimeError("Tuner.add after finish: the thresholds are already chosen")
+        split = table.column(SPLIT).to_numpy(zero_copy_only=False)
+        validation = np.flatnonzero(split == "val")
+        curves = _curves(table.take(validation)) if len(validation) else None
+        ids = table.column("image_id").take(validation).to_pylist() if len(validation) else []
+        position = {row: i for i, row in enumerate(validation)}
+        for key, rows in self._groups(table):
+            self.sets.setdefault(key, None)
+            val = [row for row in rows if split[row] == "val"]
+            if val:
+                self.curves.setdefault(key, []).extend(curves[[position[row] for row in val]])
+                self.val_ids.setdefault(key, []).extend(ids[position[row]] for row in val)
+
+    def finish(self) -> list[dict]:
+        """Choose every set's threshold; one record per set (for _tuning.json)."""
+        self.chosen = {key: choose(np.stack(curves)) for key, curves in self.curves.items()}
+        records = []
+        for key in self.sets:
+            source = self._source(key)
+            index, mean = self.chosen.get(source, (None, np.full(len(self.grid), np.nan)))
+            records.append({**{k: _plain(v) for k, v in zip(self.keys, key)},
+                            "threshold": float(self.grid[index]) if index is not None else None,
+                            "tuned_on": "its own maps" if source == key else
+                            "the maps of " + ", ".join(f"{k}={_plain(v)}" for k, v in zip(self.keys, source)),
+                            "val_images": len(self.val_ids.get(source, [])),
+                            "image_ids": list(self.val_ids.get(source, [])),
+                            "mean_iou_by_threshold": dict(zip(map(float, self.grid), map(_plain, mean)))})
+        return records
+
+    def score(self, test: pa.Table) -> pa.Table:
+        """Test rows with COLUMNS added (the split and the IoU curve dropped, the map kept last)."""
+        if self.chosen is None:
+            raise RuntimeError("Tuner.score before finish: the thresholds are not chosen yet")
+        curves = _curves(test) if len(test) else np.zeros((0, len(self.grid)))
+        threshold, iou = np.full(len(test), np.nan), np.full(len(test), np.nan)
+        for key, rows in self._groups(test):
+            index, _ = self.chosen.get(self._source(key), (None, None))
+            if index is not None:
+                threshold[rows], iou[rows] = self.grid[index], curves[rows, index]
+        tuned = test.append_column(COLUMNS[0], pa.array(threshold)).append_column(COLUMNS[1], pa.array(iou))
+        hit = np.where(np.isfinite(iou), iou >= self.hit_iou, np.nan)
+        kept = tuned.append_column(COLUMNS[2], pa.array(hit)).drop_columns([SPLIT, IOU_CURVE])
+        order = [name for name in kept.column_names if name != "heatmap"] + ["heatmap"]  # the map stays last
+        return kept.select([name for name in order if name in kept.column_names])
+
+    def _source(self, key: tuple) -> tuple:
+        """The set whose validation maps choose `key`'s threshold: its own, else the fallback's."""
+        return key if key in self.curves or self.fallback is None else self.fallback(key)
+
+    def _groups(self, table: pa.Table) -> list[tuple[tuple, np.ndarray]]:
+        if not len(table):
+            return []
+        groups = table.select(self.keys).to_pandas()
+        return [((values if isinstance(values, tuple) else (values,)), rows)
+                for values, rows in groups.groupby(self.keys, sort=False, dropna=False).indices.items()]
 
 
 def write_records(path: Path, records: list[dict], metrics_config: Any) -> None:
