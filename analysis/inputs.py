@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -210,17 +210,51 @@ def read_cams(directory: Path, missing: list[str]) -> Optional[pd.DataFrame]:
     return frame
 
 
-def read_heatmaps(study_dir: str | Path, model: str, seed: int, image_ids: list[str],
-                  method: str = PRIMARY_CAM_METHOD) -> dict[str, np.ndarray]:
-    """Trained-model heatmaps (float32 S×S) of `image_ids` for one run; absent ids are left out."""
+FINAL = "final"  # the layer filter of the paper's layer: the rows whose `final_layer` is true
+# Rows per batch when maps are streamed: bounds what one read holds (at 224 px, 256 maps are 51 MB as float32)
+MAP_BATCH_ROWS = 256
+
+
+def map_filter(method: str, layer: str = FINAL, image_ids: Optional[Iterable[str]] = None):
+    """The rows of one trained map set: `method` at `layer` (FINAL: the paper's layer, by the
+    `final_layer` flag, never by row order), optionally only `image_ids`."""
+    import pyarrow.compute as pc
+
+    chosen = (pc.field("cam_method") == method) & (pc.field("randomized") == False)  # noqa: E712 (an expression)
+    chosen &= (pc.field("final_layer") == True) if layer == FINAL else (pc.field("cam_layer") == layer)  # noqa: E712
+    if image_ids is not None:
+        chosen &= pc.field("image_id").isin(list(image_ids))
+    return chosen
+
+
+def iter_heatmaps(study_dir: str | Path, model: str, seed: int, method: str = PRIMARY_CAM_METHOD,
+                  layer: str = FINAL, image_ids: Optional[Iterable[str]] = None,
+                  batch_rows: int = MAP_BATCH_ROWS, dtype=np.float32) -> Iterator[tuple[list[str], np.ndarray]]:
+    """One run's trained maps (`map_filter`) as (image ids, maps (B, S, S) as `dtype`) batches of at
+    most `batch_rows`, read a row group at a time (no read-ahead), so memory stays one batch
+    whatever the run's size; each batch is a copy, keeping no Arrow buffer alive."""
+    import pyarrow.dataset as pads
+
     directory = StudyStore(study_dir).cams_dir(model, seed)
     if not _has_parquet(directory):
-        return {}
-    table = pq.read_table(directory, columns=["image_id", "heatmap", "randomized", "cam_method"],
-                          filters=[("image_id", "in", list(image_ids)), ("randomized", "=", False),
-                                   ("cam_method", "=", method)])
-    heat = table.column("heatmap").combine_chunks().to_numpy_ndarray().astype(np.float32)
-    return dict(zip(table.column("image_id").to_pylist(), heat))
+        return
+    dataset = pads.dataset(directory, format="parquet")
+    scanner = dataset.scanner(columns=["image_id", "heatmap"], filter=map_filter(method, layer, image_ids),
+                              batch_size=batch_rows, batch_readahead=0, fragment_readahead=0)
+    for batch in scanner.to_batches():
+        if batch.num_rows:
+            maps = batch.column("heatmap").to_numpy_ndarray().astype(dtype, copy=True)
+            yield batch.column("image_id").to_pylist(), maps
+
+
+def read_heatmaps(study_dir: str | Path, model: str, seed: int, image_ids: Iterable[str],
+                  method: str = PRIMARY_CAM_METHOD, layer: str = FINAL) -> dict[str, np.ndarray]:
+    """Trained-model heatmaps (float32 S×S) of `image_ids` for one run at `layer`; absent ids are
+    left out. For a few images (figures, pass-line pairs): a whole run streams with `iter_heatmaps`."""
+    found: dict[str, np.ndarray] = {}
+    for ids, maps in iter_heatmaps(study_dir, model, seed, method, layer, image_ids=list(image_ids)):
+        found.update(zip(ids, maps))
+    return found
 
 
 def read_backgrounds(study_dir: str | Path, image_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

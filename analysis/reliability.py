@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import stats
-from analysis.inputs import read_heatmaps
-from explain.similarity import MEASURES, similarity
+from analysis.inputs import iter_heatmaps, read_heatmaps
+from explain.similarity import MEASURES, Prepared, compare, similarity
 
 CASCADE_COLUMNS = ["model", "stages_randomized", "randomized_from", "measure", "n", "mean", "lo", "hi", "pass_line",
                    "passes", "degenerate"]
@@ -37,16 +39,18 @@ PAIR_SEED = 0  # the pass line's image pairs: the same for every model and every
 
 def pass_lines(study_dir: str | Path, trained: pd.DataFrame, method: str, pairs: int) -> pd.DataFrame:
     """model -> mean similarity (per measure) of its trained maps of `pairs` random pairs of
-    different images (its first seed; the images every model scored, so all use the same pairs)."""
+    different images (its first seed; the images every model scored, so all use the same pairs).
+    Only the maps of those images are read."""
     common = sorted(set.intersection(*(set(part["image_id"]) for _, part in trained.groupby("model", observed=True))))
     if len(common) < 2:
         return pd.DataFrame(columns=["model", *MEASURES])
     rng = np.random.default_rng(PAIR_SEED)
     first = rng.integers(0, len(common), pairs)
     second = (first + rng.integers(1, len(common), pairs)) % len(common)  # never the same image
+    needed = sorted({common[i] for i in np.concatenate([first, second])})
     rows = []
     for model, part in trained.groupby("model", observed=True, sort=False):
-        maps = read_heatmaps(study_dir, str(model), int(part["seed"].min()), common, method)
+        maps = read_heatmaps(study_dir, str(model), int(part["seed"].min()), needed, method)
         a = np.stack([maps[common[i]] for i in first])
         b = np.stack([maps[common[j]] for j in second])
         found = similarity(a, b)
@@ -93,27 +97,101 @@ def cascade_verdicts(cascade: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# What the stability comparison holds at once: every run's maps of one chunk of images, prepared
+# for the three measures (~49 bytes per pixel). The chunk shrinks as runs or map size grow.
+STABILITY_BUDGET_BYTES = 128 << 20
+PREPARED_BYTES_PER_PIXEL = 49  # 6 float64 arrays (map, local means, ranks) and a bool top set
+
+
 def stability_table(study_dir: str | Path, trained: pd.DataFrame, method: str,
                     alpha: float = stats.ALPHA) -> pd.DataFrame:
     """Every pair of runs (model, seed) of `trained` (the paper's layer, one method): the mean
-    similarity of their maps of the same image, over the images both scored, with its CI."""
-    runs = trained[["model", "seed"]].drop_duplicates().astype({"model": str}).itertuples(index=False)
-    images = {(m, int(s)): sorted(trained.loc[(trained["model"].astype(str) == m) & (trained["seed"] == s), "image_id"])
-              for m, s in runs}
-    maps = {run: read_heatmaps(study_dir, run[0], run[1], ids, method) for run, ids in images.items()}
+    similarity of their maps of the same image, over the images both scored, with its CI.
+
+    Streams: each run's maps are read once, a batch at a time, into a flat float16 file in the
+    order of the images (`_RunMaps`); then the images are taken a chunk at a time, every run's
+    maps of the chunk prepared once (`explain.similarity.Prepared`) and every pair compared. The
+    memory held is one chunk of every run (`STABILITY_BUDGET_BYTES`), whatever the number of
+    images; the time is (pairs of runs) x (images)."""
+    runs = sorted({(str(m), int(s)) for m, s in trained[["model", "seed"]].drop_duplicates().itertuples(index=False)},
+                  key=_order(trained))
+    if len(runs) < 2:
+        return pd.DataFrame(columns=STABILITY_COLUMNS)
+    images = sorted(set(trained["image_id"]))
+    position = {image: i for i, image in enumerate(images)}
+    pairs = list(itertools.combinations(runs, 2))
+    values: dict[tuple, list[dict[str, np.ndarray]]] = {pair: [] for pair in pairs}
+    with tempfile.TemporaryDirectory(prefix=".stability-", suffix=f".tmp-{os.getpid()}", dir=study_dir) as folder:
+        model = trained["model"].astype(str)
+        spilled = {run: _RunMaps.spill(Path(folder), study_dir, run, position, method,
+                                       set(trained.loc[(model == run[0]) & (trained["seed"] == run[1]), "image_id"]))
+                   for run in runs}
+        size = {maps.pixels for maps in spilled.values() if maps.pixels}
+        if len(size) > 1:
+            raise ValueError(f"stability: the runs' maps differ in size ({sorted(size)} pixels); "
+                             "maps of one study are stored at the input size")
+        pixels = size.pop() if size else 1
+        chunk = max(1, STABILITY_BUDGET_BYTES // (len(runs) * pixels * PREPARED_BYTES_PER_PIXEL))
+        for start in range(0, len(images), chunk):
+            rows = slice(start, min(start + chunk, len(images)))
+            prepared = {run: maps.prepared(rows) for run, maps in spilled.items()}
+            for a, b in pairs:
+                (ia, pa_), (ib, pb) = prepared[a], prepared[b]
+                both = np.intersect1d(ia, ib)  # the chunk's images both runs scored, in image order
+                if len(both):
+                    values[(a, b)].append(compare(pa_.take(np.searchsorted(ia, both)),
+                                                  pb.take(np.searchsorted(ib, both))))
     found = []
-    for a, b in itertools.combinations(sorted(maps, key=_order(trained)), 2):
-        common = sorted(set(maps[a]) & set(maps[b]))
-        if not common:
+    for (a, b), parts in values.items():
+        if not parts:
             continue
-        values = similarity(np.stack([maps[a][i] for i in common]), np.stack([maps[b][i] for i in common]))
         kind = "repeatability" if a[0] == b[0] else "reproducibility"
         for measure, column in MEASURES.items():
-            mean, lo, hi = stats.mean_ci(values[column], alpha)
+            measured = np.concatenate([part[column] for part in parts])
+            mean, lo, hi = stats.mean_ci(measured, alpha)
             found.append({"model_a": a[0], "seed_a": a[1], "model_b": b[0], "seed_b": b[1], "kind": kind,
-                          "measure": measure, "n": int(np.isfinite(values[column]).sum()), "mean": mean, "lo": lo,
+                          "measure": measure, "n": int(np.isfinite(measured).sum()), "mean": mean, "lo": lo,
                           "hi": hi})
     return pd.DataFrame(found, columns=STABILITY_COLUMNS)
+
+
+class _RunMaps:
+    """One run's maps in a flat float16 file, row i = the i-th image of the comparison (unwritten
+    rows are images the run did not score), read back a chunk of rows at a time with plain file
+    reads (not a memory map, whose touched pages would count against the process)."""
+
+    def __init__(self, path: Path, scored: np.ndarray, shape: tuple[int, ...]):
+        self.path, self.scored, self.shape = path, scored, shape
+
+    @property
+    def pixels(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 0
+
+    @classmethod
+    def spill(cls, folder: Path, study_dir, run: tuple[str, int], position: dict[str, int], method: str,
+              own: set[str]) -> "_RunMaps":
+        path, scored, shape = folder / f"{run[0]}-{run[1]}.f16", np.zeros(len(position), bool), ()
+        with open(path, "wb") as out:
+            for ids, maps in iter_heatmaps(study_dir, run[0], run[1], method, dtype=np.float16):
+                shape = maps.shape[1:]
+                for image, heat in zip(ids, maps):
+                    if image in own:  # the images this run's rows say it scored
+                        out.seek(position[image] * heat.nbytes)
+                        out.write(heat.tobytes())
+                        scored[position[image]] = True
+        return cls(path, scored, shape)
+
+    def prepared(self, rows: slice) -> tuple[np.ndarray, Optional[Prepared]]:
+        """(positions of the chunk's scored images, their maps prepared for every measure)."""
+        chosen = np.flatnonzero(self.scored[rows]) + rows.start
+        if not len(chosen):
+            return chosen, None
+        maps = np.empty((len(chosen), *self.shape), np.float16)
+        with open(self.path, "rb") as source:
+            for i, row in enumerate(chosen):
+                source.seek(int(row) * maps[i].nbytes)
+                maps[i] = np.frombuffer(source.read(maps[i].nbytes), np.float16).reshape(self.shape)
+        return chosen, Prepared(maps)
 
 
 def _order(trained: pd.DataFrame):

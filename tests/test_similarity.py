@@ -54,3 +54,14 @@ def test_top10_iou_against_a_naive_set_and_self_similarity_is_one():
 def test_shapes_must_match():
     with pytest.raises(ValueError, match="one shape"):
         S.spearman(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+
+
+def test_prepared_pairs_equal_each_function_and_take_selects_maps():
+    a, b = maps(3, b=6, size=24)
+    pa_, pb = S.Prepared(a), S.Prepared(b)
+    found = S.compare(pa_.take([4, 1]), pb.take([4, 1]))
+    np.testing.assert_array_equal(found["ssim_to_trained"], S.ssim(a[[4, 1]], b[[4, 1]]))
+    np.testing.assert_array_equal(found["spearman_to_trained"], S.spearman(a[[4, 1]], b[[4, 1]]))
+    np.testing.assert_array_equal(found["top10_iou_to_trained"], S.top_iou(a[[4, 1]], b[[4, 1]]))
+    with pytest.raises(ValueError, match="one shape"):
+        S.compare(pa_.take([0]), pb.take([0, 1]))
