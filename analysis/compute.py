@@ -131,6 +131,7 @@ def _beyond_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataF
              "beats_prior": ladder.beats_prior(valid, inputs.baselines, alpha)}
     if swept["cam_layer"].nunique() > trained["cam_layer"].nunique():  # cam.layers asked for more than `final`
         found["layer_sweep"] = layers.layer_sweep_table(swept, inputs.models, validity.among(excluded, swept), alpha)
+        found["layer_vs_final"] = layers.layer_vs_final_table(swept, excluded, alpha)
         matched = layers.matched_table(found["layer_sweep"])
         if matched["model"].nunique() == swept["model"].nunique():
             found["resolution_matched"] = matched

@@ -1,18 +1,37 @@
 """The report's conclusions: plain sentences derived from the computed tables and statistics.
 
 Every sentence is about the valid map sets only (STUDY.md §8): a degenerate set is named once, in
-the note before the list, and in no conclusion. No sentence ranks models whose CIs overlap."""
+the note before the list, and in no conclusion. No sentence ranks models whose CIs overlap.
+Each sentence that states a result is one function of the tables (tests/test_sentences.py flips
+each one by flipping its data), and every number in a sentence is written by `prose`, one
+rounding rule, so a sentence never disagrees with its table."""
 
 from __future__ import annotations
 
 import html
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from analysis import figures
+from analysis import figures, paper_values
 from analysis.inputs import StudyInputs
-from analysis.compute import AnalysisOutputs
+from analysis.compute import AnalysisOutputs, threshold_of
+
+
+# ----------------------------------------------------------------------------- numbers in prose
+
+
+def prose(value: Any) -> str:
+    """A number as every sentence writes it: three significant digits ("n/a" when undefined)."""
+    if value is None or not np.isfinite(float(value)):
+        return "n/a"
+    return f"{float(value):.3g}"
+
+
+def interval(row: Any, column: str) -> str:
+    """"value [lo, hi]" of a table row's `column`, `column_lo`, `column_hi`."""
+    return f"{prose(row[column])} [{prose(row[f'{column}_lo'])}, {prose(row[f'{column}_hi'])}]"
 
 
 # ----------------------------------------------------------------------------- conclusions
@@ -20,21 +39,22 @@ from analysis.compute import AnalysisOutputs
 
 def conclusions_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     items = conclusions(inputs, outputs)
-    left_out = excluded_sentence(outputs)
+    left_out = excluded_sentence(outputs, where="above")
     note = f"<p class='note'>{html.escape(left_out)}</p>" if left_out else ""
     return "<h2 id='conclusions'>14. Conclusions the numbers support</h2>" + note + "<ul>" + "".join(
         f"<li>{html.escape(item)}</li>" for item in items) + "</ul>"
 
 
-def excluded_sentence(outputs: AnalysisOutputs) -> str:
+def excluded_sentence(outputs: AnalysisOutputs, where: str = "below") -> str:
     """The degenerate map sets of the paper's layer, each with its reason, in one sentence, and how
-    many more the other layers hold ("" when there is none)."""
+    many more the other layers hold ("" when there is none). `where`: where the report's table of
+    them stands from the sentence ("below" from the summary, "above" from the conclusions)."""
     if outputs.excluded.empty:
         return ""
     primary = outputs.excluded_primary
     sets = [f"{figures.label(r.model)} (seed {r.seed}, {r.method}): {r.reason}" for r in primary.itertuples()]
     others = len(outputs.excluded) - len(primary)
-    tail = (f" {others} further degenerate map set(s) at other layers are listed in the table above and in "
+    tail = (f" {others} further degenerate map set(s) at other layers are listed in the table {where} and in "
             "statistics.json." if others else "")
     head = ("Left out of every comparison, chance level, sanity verdict and conclusion as degenerate map sets "
             "(STUDY.md §8): " + "; ".join(sets) + "." if sets else "")
@@ -48,7 +68,7 @@ def _valid(table: pd.DataFrame) -> pd.DataFrame:
 
 def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     """Plain sentences generated from the results, each hedged by its statistics."""
-    found = [_classification_conclusion(outputs)]
+    found = [_classification_conclusion(outputs), _separation_sentence(outputs, threshold_of(inputs.config))]
     comparison = outputs.statistics["comparisons"].get("diff_gradcam")
     if comparison is not None:
         found += [_localisation_conclusion(comparison), _family_conclusion(comparison, inputs.models),
@@ -57,7 +77,8 @@ def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
         found.append(_ehr_conclusion(outputs.tables["ehr"]))
     if "sanity" in outputs.tables and not outputs.tables["sanity"].empty:
         found.append(_sanity_conclusion(outputs.tables["sanity"]))
-    found += [_prior_conclusion(outputs), _matched_conclusion(outputs), _covariate_conclusion(outputs),
+    found += [_prior_conclusion(outputs), _layer_conclusion(outputs), _matched_conclusion(outputs),
+              _covariate_conclusion(outputs),
               _cascade_conclusion(outputs), _stability_conclusion(outputs), _equivalence_conclusion(outputs)]
     if inputs.missing:
         found.append(f"{len(inputs.missing)} expected input(s) are missing (see the first section); "
@@ -72,21 +93,63 @@ def _classification_conclusion(outputs: AnalysisOutputs) -> str:
     table1 = _valid(table1)
     if table1.empty:
         return ""
-    return (f"Test AUC of the classifiers whose maps are analysed ranges {table1['auc'].min():.3f}–"
-            f"{table1['auc'].max():.3f}; every one is shown to work (AUC CI above 0.5).")
+    ranks = int((table1["auc_lo"] > 0.5).sum()) if "auc_lo" in table1 else 0
+    return (f"Test AUC of the classifiers whose maps are analysed ranges {prose(table1['auc'].min())}–"
+            f"{prose(table1['auc'].max())}; {ranks} of {len(table1)} rank positives above negatives beyond chance "
+            "(AUC CI above 0.5), which says nothing of their calls at the decision threshold (next sentence).")
+
+
+ONE_CLASS = 0.1  # sensitivity or specificity below this: the classifier calls (almost) every image one class
+
+
+def separation(table1: pd.DataFrame) -> pd.DataFrame:
+    """Per model: ranks (AUC CI above 0.5) and separates (accuracy at the threshold shown above
+    0.5: its CI, or with several seeds mean − 1.96 SD/√seeds), and whether it calls (almost)
+    every image one class (sensitivity or specificity below ONE_CLASS)."""
+    rows = []
+    for row in table1.to_dict(orient="records"):
+        accuracy_lo = row.get("accuracy_lo", np.nan)
+        if not np.isfinite(accuracy_lo) and row.get("seeds", 1) > 1:
+            accuracy_lo = row["accuracy"] - 1.96 * row.get("accuracy_sd", np.nan) / np.sqrt(row["seeds"])
+        rows.append({"model": row["model"], "ranks": bool(row.get("auc_lo", np.nan) > 0.5),
+                     "separates": bool(accuracy_lo > 0.5),
+                     "one_class": bool(min(row.get("recall", np.nan), row.get("specificity", np.nan)) < ONE_CLASS),
+                     "accuracy": row.get("accuracy"), "recall": row.get("recall"),
+                     "specificity": row.get("specificity")})
+    return pd.DataFrame(rows, columns=["model", "ranks", "separates", "one_class", "accuracy", "recall",
+                                       "specificity"])
+
+
+def _separation_sentence(outputs: AnalysisOutputs, threshold: float) -> str:
+    """Which classifiers separate the classes at the decision threshold, and which rank but do not."""
+    table1 = _valid(outputs.tables["table1"])
+    if table1.empty or "accuracy" not in table1:
+        return ""
+    found = separation(table1)
+    rates = lambda r: (f"accuracy {prose(r.accuracy)}, sensitivity {prose(r.recall)}, "  # noqa: E731
+                       f"specificity {prose(r.specificity)}")
+    separating = [f"{figures.label(r.model)} ({rates(r)})" for r in found.itertuples() if r.separates]
+    ranking_only = [f"{figures.label(r.model)} ({rates(r)}" + ("; it calls (almost) every image one class)"
+                                                              if r.one_class else ")")
+                    for r in found.itertuples() if r.ranks and not r.separates]
+    text = (f"At the decision threshold {prose(threshold)}, {len(separating)} of {len(found)} classifiers separate the "
+            "classes (accuracy CI above 0.5)" + (f": {', '.join(separating)}" if separating else ""))
+    if ranking_only:
+        text += f"; {', '.join(ranking_only)} rank but do not separate at that threshold"
+    return text + "."
 
 
 def _localisation_conclusion(comparison: dict[str, Any]) -> str:
     estimates = comparison["mixed_model"]["estimates"].sort_values("estimate", ascending=False)
     top, runner_up = estimates.iloc[0], estimates.iloc[1]
     if top["lower"] > estimates["upper"].iloc[1:].max():
-        lead = (f"Diff_GradCAM is highest for {figures.label(top['model'])} (mixed-model mean {top['estimate']:.3f} "
-                f"[{top['lower']:.3f}, {top['upper']:.3f}], its CI clear of every other model's)")
+        lead = (f"Diff_GradCAM is highest for {figures.label(top['model'])} (mixed-model mean {prose(top['estimate'])} "
+                f"[{prose(top['lower'])}, {prose(top['upper'])}], its CI clear of every other model's)")
     else:
         lead = (f"No model's Diff_GradCAM stands out as highest: the mixed-model CIs of the top models overlap "
-                f"({figures.label(top['model'])} {top['estimate']:.3f} [{top['lower']:.3f}, {top['upper']:.3f}], "
-                f"{figures.label(runner_up['model'])} {runner_up['estimate']:.3f} "
-                f"[{runner_up['lower']:.3f}, {runner_up['upper']:.3f}])")
+                f"({figures.label(top['model'])} {prose(top['estimate'])} [{prose(top['lower'])}, {prose(top['upper'])}], "
+                f"{figures.label(runner_up['model'])} {prose(runner_up['estimate'])} "
+                f"[{prose(runner_up['lower'])}, {prose(runner_up['upper'])}])")
     pairs = [_pair_label(p) for p in comparison["significant_pairs"]]
     tail = (f"{len(pairs)} pair(s) differ significantly ({comparison['trusted_basis']}): " + ", ".join(pairs) + "."
             if pairs else f"no model differs significantly from another ({comparison['trusted_basis']}).")
@@ -102,7 +165,7 @@ def _family_conclusion(comparison: dict[str, Any], models: pd.DataFrame) -> str:
     families = estimates.groupby("family", sort=False)["estimate"].mean()
     if len(families) < 2:
         return ""
-    ranked = ", ".join(f"{f} {v:.3f}" for f, v in families.sort_values(ascending=False).items())
+    ranked = ", ".join(f"{f} {prose(v)}" for f, v in families.sort_values(ascending=False).items())
     significant = set(comparison["significant_pairs"])
     trends = [_depth_text(part, significant) for _, part in estimates.groupby("family", sort=False) if len(part) > 1]
     return (f"Mean Diff_GradCAM by family: {ranked} (descriptive; the tests compare models, not families). "
@@ -112,7 +175,7 @@ def _family_conclusion(comparison: dict[str, Any], models: pd.DataFrame) -> str:
 def _depth_text(part: pd.DataFrame, significant: set[str]) -> str:
     """Estimates in depth order and whether any pair inside the family differs significantly."""
     part = part.sort_values("depth", kind="stable")
-    chain = " → ".join(f"{figures.label(r.model)} {r.estimate:.3f}" for r in part.itertuples())
+    chain = " → ".join(f"{figures.label(r.model)} {prose(r.estimate)}" for r in part.itertuples())
     names = set(part["model"])
     inside = [p for p in significant if set(p.split(" vs ")) <= names]
     verdict = (f"significant: {', '.join(_pair_label(p) for p in inside)}" if inside
@@ -126,26 +189,35 @@ def _ehr_conclusion(ehr: pd.DataFrame) -> str:
         return ""
     above = int((ehr["ehr_auc_norm_lo"] > 0).sum())
     return (f"EHR AUC: {above} of {len(ehr)} valid map sets localise above chance (normalised EHR CI above 0); "
-            f"raw EHR values near their chance level (mean {ehr['ehr_auc_chance'].mean():.4f} over these sets) must "
+            f"raw EHR values near their chance level (mean {prose(ehr['ehr_auc_chance'].mean())} over these sets) must "
             "not be read as localisation quality.")
 
 
 def _sanity_conclusion(sanity: pd.DataFrame) -> str:
-    """Per sanity copy (the weight-randomised twin; the label-permutation run): for how many
-    valid map sets (compute.py leaves the others out) the trained maps score higher (Holm)."""
+    """Per sanity copy (the weight-randomised twin; the label-permutation run), in both
+    directions: the valid map sets (compute.py leaves the others out) whose trained maps score
+    higher (Holm), those whose randomised copy scores higher, and those with no difference shown."""
     sentences = []
-    for copy, words in (("full", "weight-randomised ones"), ("labels", "those of a model trained on permuted labels")):
+    for copy, words in (("full", "weight-randomised copies'"), ("labels", "a model's trained on permuted labels")):
         part = sanity[(sanity["metric"] == "diff_gradcam") & (_copy(sanity) == copy)]
         if part.empty:
             continue
-        passed = part[part["reject"] & (part["difference"] > 0)]["model"].map(figures.label).tolist()
-        failed = [figures.label(m) for m in part["model"] if figures.label(m) not in passed]
-        sentences.append(f"trained heatmaps beat {words} (Holm) for {len(passed)} of {len(part)} models"
-                         + (f"; not for {', '.join(failed)}" if failed else ""))
+        higher = part[part["reject"] & (part["difference"] > 0)]
+        lower = part[part["reject"] & (part["difference"] < 0)]
+        neither = part[~part["reject"]]
+        text = (f"trained maps score higher Diff_GradCAM than their {words} for {len(higher)} of {len(part)} models"
+                + (f" ({', '.join(figures.label(m) for m in higher['model'])})" if len(higher) else ""))
+        if len(lower):
+            text += "; the randomised copy scores higher for " + ", ".join(
+                f"{figures.label(r.model)} (difference {prose(r.difference)}, Holm p = {prose(r.p_adj)})"
+                for r in lower.itertuples())
+        if len(neither):
+            text += "; no difference shown for " + ", ".join(figures.label(m) for m in neither["model"])
+        sentences.append(text)
     if not sentences:
         return ""
-    return ("Sanity check: " + "; ".join(sentences) + ". A model whose maps do not beat a randomised copy's may show "
-            "the architecture more than what it learned.")
+    return ("Sanity check (paired over images, Holm): " + "; ".join(sentences) + ". A model whose maps do not beat a "
+            "randomised copy's may show the architecture more than what it learned.")
 
 
 def _copy(sanity: pd.DataFrame) -> pd.Series:
@@ -166,9 +238,10 @@ def _paper_claims_conclusion(outputs: AnalysisOutputs) -> str:
 def summary_items(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     """The report's first screen: what ran, which classifiers work, which map sets localise above
     chance, the sanity verdict, where the paper's claims hold or fail, what was left out."""
-    items = [_what_ran(inputs, outputs), _classifiers_summary(outputs), _localisation_summary(outputs),
+    items = [_what_ran(inputs, outputs), _classifiers_summary(outputs),
+             _separation_sentence(outputs, threshold_of(inputs.config)), _localisation_summary(outputs),
              _sanity_summary(outputs), _cascade_conclusion(outputs), _stability_conclusion(outputs),
-             _paper_summary(outputs), excluded_sentence(outputs)]
+             _layer_conclusion(outputs), _paper_summary(outputs), excluded_sentence(outputs, where="below")]
     if inputs.missing or outputs.notes:
         items.append(f"{len(inputs.missing) + len(outputs.notes)} expected input(s) or analyses are missing; "
                      "see 'Missing or incomplete inputs'.")
@@ -187,10 +260,6 @@ def _what_ran(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
             f"{(config.get('preprocess') or {}).get('image_size', '?')} px).")
 
 
-def _ci(row: Any, column: str, digits: int = 2) -> str:
-    return f"{row[column]:.{digits}f} [{row[f'{column}_lo']:.{digits}f}, {row[f'{column}_hi']:.{digits}f}]"
-
-
 def _classifiers_summary(outputs: AnalysisOutputs) -> str:
     table1 = outputs.tables["table1"]
     if table1.empty or "auc_lo" not in table1:
@@ -198,11 +267,11 @@ def _classifiers_summary(outputs: AnalysisOutputs) -> str:
     rows = list(table1.itertuples(index=False))
     working = [r for r in rows if r.auc_lo > 0.5]
     failing = [r for r in rows if not r.auc_lo > 0.5]
-    text = "Classifiers shown to work (test AUC 95% CI above 0.5): " + (
-        ", ".join(f"{figures.label(r.model)} {_ci(r._asdict(), 'auc')}" for r in working) if working else "none")
+    text = "Classifiers that rank above chance (test AUC 95% CI above 0.5): " + (
+        ", ".join(f"{figures.label(r.model)} {interval(r._asdict(), 'auc')}" for r in working) if working else "none")
     if failing:
-        text += "; not shown to work: " + ", ".join(f"{figures.label(r.model)} {_ci(r._asdict(), 'auc')}"
-                                                   for r in failing)
+        text += "; not shown to: " + ", ".join(f"{figures.label(r.model)} {interval(r._asdict(), 'auc')}"
+                                               for r in failing)
     return text + "."
 
 
@@ -212,7 +281,7 @@ def _localisation_summary(outputs: AnalysisOutputs) -> str:
         return ""
     valid = _valid(ehr)
     above = [r for r in valid.to_dict(orient="records") if r["ehr_auc_norm_lo"] > 0]
-    listed = ", ".join(f"{figures.label(r['model'])} {_ci(r, 'ehr_auc_norm', 3)}" for r in above)
+    listed = ", ".join(f"{figures.label(r['model'])} {interval(r, 'ehr_auc_norm')}" for r in above)
     prior = _prior_conclusion(outputs) or ("No location-prior baseline was scored (baselines.enabled is off), so "
                                            "'above chance' is not shown to be 'above where lesions usually are'.")
     return (f"Localisation: {len(above)} of {len(valid)} valid map sets localise above chance (normalised EHR AUC, "
@@ -230,13 +299,38 @@ def _prior_conclusion(outputs: AnalysisOutputs) -> str:
     parts = []
     for metric, name in ((m, n) for m, n in PRIOR_SUMMARY_METRICS.items() if m in set(prior["metric"])):
         part = prior[prior["metric"] == metric]
-        winners = [f"{figures.label(r.model)} (+{r.difference:.3f} [{r.lo:.3f}, {r.hi:.3f}])"
+        winners = [f"{figures.label(r.model)} ({prose(r.difference)} [{prose(r.lo)}, {prose(r.hi)}])"
                    for r in part.itertuples() if r.beats_prior]
         below = [figures.label(r.model) for r in part.itertuples() if r.verdict == "below the prior"]
         parts.append(f"by {name}, {len(winners)} of {len(part)} beat it" + (f": {', '.join(winners)}" if winners else "")
                      + (f"; {', '.join(below)} score below it" if below else ""))
     return ("Against the location prior (the mean training mask; paired over images, Holm): " + "; ".join(parts)
             + ". A map that does not beat the prior shows no image-specific localisation.")
+
+
+def _layer_conclusion(outputs: AnalysisOutputs) -> str:
+    """Per-layer claims, only as the paired test against the paper's layer makes them
+    (`layers.layer_vs_final_table`), for its first metric (threshold-free AUPRC)."""
+    table = outputs.tables.get("layer_vs_final")
+    if table is None or table.empty:
+        return ""
+    metric = table["metric"].iloc[0]
+    part = table[table["metric"] == metric]
+    names = {"auprc": "pixel AUPRC", "diff_gradcam": "Diff_GradCAM"}
+    shown = part[part["verdict"] != "no difference shown"]
+    described = lambda rows: ", ".join(f"{figures.label(r.model)} {r.layer} ({prose(r.difference)} "  # noqa: E731
+                                       f"[{prose(r.lo)}, {prose(r.hi)}])" for r in rows.itertuples())
+    text = (f"Layers against the paper's layer ({names.get(metric, metric)}, paired over images, Holm over "
+            f"{len(part)} comparisons): {len(shown)} differ")
+    for verdict in ("better", "worse"):
+        rows = part[part["verdict"] == verdict]
+        if len(rows):
+            text += f"; {verdict} than the paper's layer: {described(rows)}"
+    unchanged = [figures.label(m) for m, rows in part.groupby("model", sort=False)
+                 if (rows["verdict"] == "no difference shown").all()]
+    if unchanged:
+        text += f"; no layer of {', '.join(unchanged)} differs from its paper's layer"
+    return text + "."
 
 
 def _matched_conclusion(outputs: AnalysisOutputs) -> str:
@@ -252,15 +346,29 @@ def _matched_conclusion(outputs: AnalysisOutputs) -> str:
 
 
 def _cascade_conclusion(outputs: AnalysisOutputs) -> str:
+    """The fully randomised step against the pass line, then each cascade step by step: which
+    fall below the line and stay below, which climb back (not monotone), which never fall."""
     verdicts = outputs.statistics.get("cascade") or []
     if not verdicts:
         return ""
     passing = [v for v in verdicts if v["passes"]]
     failing = [figures.label(v["model"]) for v in verdicts if not v["passes"]]
-    return (f"Cascading randomisation: for {len(passing)} of {len(verdicts)} valid map sets the fully randomised map is "
+    text = (f"Cascading randomisation: for {len(passing)} of {len(verdicts)} valid map sets the fully randomised map is "
             "shown to be less similar (SSIM) to the trained map than two unrelated images' maps are (Arun et al.'s pass "
             "line)" + (f"; not for {', '.join(failing)}, whose maps survive the destruction of their weights" if failing
-                       else "") + ".")
+                       else ""))
+    monotone = [figures.label(v["model"]) for v in verdicts if v.get("monotone")]
+    climbing = [f"{figures.label(v['model'])} (below from step {v['first_step_below']}, not shown below again at "
+                f"step{'s' if len(v['back_above']) > 1 else ''} {', '.join(map(str, v['back_above']))}, SSIM up to "
+                f"{prose(v['back_above_max_ssim'])})" for v in verdicts if v.get("back_above")]
+    never = [figures.label(v["model"]) for v in verdicts if v.get("first_step_below") is None]
+    if monotone:
+        text += f". Step by step, {', '.join(monotone)} fall below the line and stay below"
+    if climbing:
+        text += (". " if not monotone else "; ") + "not monotone: " + "; ".join(climbing)
+    if never:
+        text += (". " if not (monotone or climbing) else "; ") + f"no step of {', '.join(never)} is shown below it"
+    return text + "."
 
 
 def _stability_conclusion(outputs: AnalysisOutputs) -> str:
@@ -269,13 +377,13 @@ def _stability_conclusion(outputs: AnalysisOutputs) -> str:
         return ""
     across, within = summary["reproducibility"], summary["repeatability"]
     if within is None:
-        return (f"Map stability: two architectures' maps of the same image have mean SSIM {across:.2f}; with one seed "
+        return (f"Map stability: two architectures' maps of the same image have mean SSIM {prose(across)}; with one seed "
                 "per architecture the seed-to-seed agreement is unmeasured, so an architecture difference cannot be "
                 "told from a seed difference (run with --seeds 0,1,2).")
-    text = f"Map stability (mean SSIM of two runs' maps of the same image): {within:.2f} between seeds of one architecture"
+    text = f"Map stability (mean SSIM of two runs' maps of the same image): {prose(within)} between seeds of one architecture"
     if across is None:
         return text + "."
-    return (text + f", {across:.2f} between architectures"
+    return (text + f", {prose(across)} between architectures"
             + (" — seeds disagree about as much as architectures do, so architecture differences in these maps are "
                "not larger than seed-to-seed variation" if within - across < 0.05 else "") + ".")
 
@@ -289,8 +397,8 @@ def _equivalence_conclusion(outputs: AnalysisOutputs) -> str:
         return ""
     equivalent = int(open_pairs["equivalent"].sum())
     return (f"Of {len(open_pairs)} model pairs that do not differ in Diff_GradCAM, {equivalent} are shown equivalent "
-            f"within ±{table['margin'].iloc[0]:g} (TOST); the other {len(open_pairs) - equivalent} are inconclusive, "
-            f"with differences up to {open_pairs['mde'].max():.3f} detectable at the configured power — "
+            f"within ±{prose(table['margin'].iloc[0])} (TOST); the other {len(open_pairs) - equivalent} are inconclusive, "
+            f"with differences up to {prose(open_pairs['mde'].max())} detectable at the configured power — "
             "'no significant difference' is not 'no difference'.")
 
 
@@ -302,7 +410,7 @@ def _covariate_conclusion(outputs: AnalysisOutputs) -> str:
     if significant.empty:
         return ("No lesion covariate (size, regions, elongation) or the predicted probability has a significant effect "
                 "in the mixed models of " + ", ".join(dict.fromkeys(table["metric"])) + ".")
-    effects = [f"{r.term} on {r.metric} ({r.estimate:+.3g} [{r.lower:.3g}, {r.upper:.3g}])" for r in significant.itertuples()]
+    effects = [f"{r.term} on {r.metric} ({prose(r.estimate)} [{prose(r.lower)}, {prose(r.upper)}])" for r in significant.itertuples()]
     return "Lesion covariates with a significant effect (mixed model, images as random effect): " + "; ".join(effects) + "."
 
 
@@ -321,8 +429,9 @@ def _paper_summary(outputs: AnalysisOutputs) -> str:
                      "agree with the trusted paired result (pairs with a degenerate set cannot be checked)")
     every = outputs.statistics.get("paper_all_models", {}).get("diff_gradcam")
     if every is not None:
-        parts.append(f"the paper's one-way ANOVA over every model gives p = {every['anova']['p']:.3g}")
+        parts.append(f"the paper's one-way ANOVA over every model gives p = {prose(every['anova']['p'])}")
     if "ehr" in outputs.tables:
-        parts.append("its EHR AUC values (0.0145–0.0319) sit at the chance level of lesions of that size, "
-                     "so they cannot show localisation")
+        quoted = [value.value for value in paper_values.EHR_AUC.values()]
+        parts.append(f"its EHR AUC values ({prose(min(quoted))}–{prose(max(quoted))}) sit at the chance level of "
+                     "lesions of that size, so they cannot show localisation")
     return ("The paper's claims: " + "; ".join(parts) + ".") if parts else ""

@@ -84,3 +84,47 @@ def matched_statistics(trained: pd.DataFrame, excluded: pd.DataFrame, alpha: flo
         if valid["model"].nunique() >= 2:
             result["comparisons"][metric] = stats.compare_models(valid.dropna(subset=[metric]), metric, alpha=alpha)
     return result
+
+
+LAYER_VS_FINAL_METRICS = ("auprc", "diff_gradcam")  # threshold-free first, then the paper's
+LAYER_VS_FINAL_COLUMNS = ["model", "layer", "final", "metric", "n", "difference", "lo", "hi", "statistic", "p",
+                          "p_holm", "verdict"]
+
+
+def layer_vs_final_table(swept: pd.DataFrame, excluded: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Each valid non-final layer against its model's paper's layer, paired over images
+    (seed-averaged per image): mean difference (layer − paper's layer) with its 95% CI, the
+    Wilcoxon signed-rank p, Holm over every comparison of that metric, and the verdict
+    ("better", "worse", or "no difference shown"). The only source of a per-layer claim."""
+    valid = validity.without(swept, excluded)
+    if valid.empty or "final_layer" not in valid:
+        return pd.DataFrame(columns=LAYER_VS_FINAL_COLUMNS)
+    rows = []
+    for metric in (m for m in LAYER_VS_FINAL_METRICS if m in valid):
+        found = []
+        for model, part in valid.groupby("model", observed=True, sort=False):
+            per_image = part.astype({metric: float}).pivot_table(index="image_id", columns="cam_layer", values=metric,
+                                                                  aggfunc="mean", observed=True)
+            finals = part.loc[part["final_layer"].astype(bool), "cam_layer"].unique()
+            if len(finals) != 1 or finals[0] not in per_image:
+                continue
+            final = finals[0]
+            for layer in part.sort_values("layer_depth", kind="stable")["cam_layer"].unique():
+                if layer == final:
+                    continue
+                pair = per_image[[layer, final]].dropna()
+                difference = (pair[layer] - pair[final]).to_numpy()
+                mean, lo, hi = stats.mean_ci(difference, alpha)
+                statistic, p = stats.wilcoxon(difference) if len(difference) else (float("nan"), float("nan"))
+                found.append({"model": str(model), "layer": layer, "final": final, "metric": metric,
+                              "n": len(difference), "difference": mean, "lo": lo, "hi": hi, "statistic": statistic,
+                              "p": p})
+        if not found:
+            continue
+        frame = pd.DataFrame(found)
+        frame["p_holm"] = stats.holm(frame["p"])
+        frame["verdict"] = [("better" if r.difference > 0 else "worse") if r.p_holm < alpha else "no difference shown"
+                            for r in frame.itertuples()]
+        rows.append(frame)
+    return pd.concat(rows, ignore_index=True)[LAYER_VS_FINAL_COLUMNS] if rows else pd.DataFrame(
+        columns=LAYER_VS_FINAL_COLUMNS)

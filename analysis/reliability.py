@@ -82,18 +82,26 @@ def cascade_table(sanity: pd.DataFrame, lines: pd.DataFrame, flags: dict[str, st
 
 
 def cascade_verdicts(cascade: pd.DataFrame) -> pd.DataFrame:
-    """Per valid model: the SSIM of the fully randomised step against the pass line, and the
-    first step whose SSIM is shown below it (None: never)."""
+    """Per valid model, from its SSIM steps against the pass line: the fully randomised step's
+    SSIM and verdict, the first step shown below the line (None: never), and every later step
+    that is not shown below it (`back_above`: a cascade that is not monotone), with the highest
+    SSIM among them."""
     ssim = cascade[(cascade["measure"] == "ssim") & (cascade["degenerate"] == "")]
     rows = []
     for model, part in ssim.groupby("model", sort=False):
         part = part.sort_values("stages_randomized")
         passing = part[part["passes"]]
         last = part.iloc[-1]
+        first = int(passing["stages_randomized"].iloc[0]) if len(passing) else None
+        later = part[(part["stages_randomized"] > first) & ~part["passes"]] if first is not None else part.iloc[0:0]
         rows.append({"model": model, "full_ssim": last["mean"], "full_lo": last["lo"], "full_hi": last["hi"],
                      "pass_line": last["pass_line"], "passes": bool(last["passes"]),
-                     "first_step_below": int(passing["stages_randomized"].iloc[0]) if len(passing) else None,
-                     "first_unit_below": passing["randomized_from"].iloc[0] if len(passing) else None})
+                     "first_step_below": first,
+                     "first_unit_below": passing["randomized_from"].iloc[0] if len(passing) else None,
+                     "steps": int(part["stages_randomized"].max()),
+                     "back_above": [int(step) for step in later["stages_randomized"]],
+                     "back_above_max_ssim": float(later["mean"].max()) if len(later) else None,
+                     "monotone": first is not None and later.empty})
     return pd.DataFrame(rows)
 
 

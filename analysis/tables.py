@@ -18,7 +18,7 @@ from analysis import paper_values, stats, validity
 from analysis.inputs import PRIMARY_CAM_METHOD
 from training.contract import run_key
 
-CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "auc"]
+CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "specificity", "auc"]
 EHR_VARIANTS = ["ehr_auc", "ehr_auc_inputiba"]
 RUN_SUMMARY = {"diff_gradcam_mean": "diff_gradcam", "ehr_auc_mean": "ehr_auc", "ehr_auc_norm_mean": "ehr_auc_norm",
                "pointing_game": "pointing_hit", "energy_in_mask_mean": "energy_in_mask", "iou_otsu_mean": "iou_otsu",
