@@ -78,3 +78,21 @@ def test_resize_mask_keeps_zero_one_and_area():
 
 def test_resize_mask_of_an_empty_mask_is_empty():
     assert not resize_mask(np.zeros((50, 60), bool), 16).any()
+
+
+def test_resize_mask_is_pils_nearest_and_not_scikit_images_order_0():
+    """The comment in resize_mask says which reference the stored masks follow: PIL's NEAREST
+    (pixel centres) at every size, and not scikit-image's resize(order=0)."""
+    import numpy as np
+    from PIL import Image
+    from skimage.transform import resize
+
+    from training.preprocess import resize_mask
+
+    rng = np.random.default_rng(0)
+    mask = (rng.random((256, 256)) > 0.5).astype(np.uint8)
+    for size in (96, 224, 500):
+        pil = np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+        np.testing.assert_array_equal(resize_mask(mask, size), pil)
+    scikit = resize(mask, (96, 96), order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+    assert (resize_mask(mask, 96) != scikit).any()

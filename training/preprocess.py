@@ -46,8 +46,10 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """A 2-D boolean (or 0/1) mask -> uint8 (size, size) of 0/1, nearest neighbour."""
     if mask.ndim != 2:
         raise ValueError(f"resize_mask expects a 2-D mask; got shape {mask.shape}")
-    # INTER_NEAREST_EXACT samples pixel centres (as PIL and scikit-image do); plain INTER_NEAREST
-    # is shifted by up to half a source pixel
+    # INTER_NEAREST_EXACT samples at pixel centres and equals PIL's NEAREST (tested); plain
+    # INTER_NEAREST is shifted by up to half a source pixel. scikit-image's resize(order=0) rounds
+    # sample positions differently and disagrees on many pixels at 256 -> 96: the two are not
+    # interchangeable, and a re-implementation must use this rule to reproduce the stored masks
     return cv2.resize((np.asarray(mask) != 0).astype(np.uint8), (size, size),
                       interpolation=cv2.INTER_NEAREST_EXACT)
 
