@@ -113,14 +113,30 @@ def _stage(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     return stage
 
 
-def _load(args):
+def _load(args, reads_data: bool = False):
+    """The command's config, refused here when it cannot run, before the study folder, its lock or
+    an MLflow run exists; `reads_data`: the command reads the images (data.root is checked too).
+    Commands call this before importing the pipeline (Ray, MLflow, torch: many seconds), so a
+    config that cannot run fails at once."""
     from training.config import load_config, parse_override, recipe_overrides
 
-    overrides = recipe_overrides(args.recipes) if getattr(args, "recipes", None) else {}
-    overrides.update(parse_override(text) for text in args.overrides)
+    overrides, given_as = {}, {}
+    if getattr(args, "recipes", None):
+        overrides = recipe_overrides(args.recipes)
+        given_as = dict.fromkeys(overrides, f"--recipes {args.recipes}")
+    for text in args.overrides:
+        key, value = parse_override(text)
+        overrides[key], given_as[key] = value, f"--set {_as_typed(text)}"
     if getattr(args, "seeds", None):
-        overrides["training.seeds"] = _seeds(args.seeds)
-    return load_config(args.config, overrides)
+        overrides["training.seeds"], given_as["training.seeds"] = _seeds(args.seeds), f"--seeds {_as_typed(args.seeds)}"
+    return load_config(args.config, overrides, given_as, reads_data=reads_data)
+
+
+def _as_typed(text: str) -> str:
+    """An argument as typed, for an error line: quoted and cut where it would break or flood the line."""
+    from training.errors import shown
+
+    return text if len(text) <= 100 and text.isprintable() else shown(text)
 
 
 def _seeds(text: str) -> list[int]:
@@ -142,20 +158,20 @@ def _synth(args) -> int:
 
 
 def _prepare(args) -> int:
+    config = _load(args, reads_data=True)
     from orchestrator.pipeline import open_study
     from orchestrator.stages import prepare_stage
 
-    config = _load(args)
     with open_study(config):
         prepare_stage(config, force=args.force)
     return 0
 
 
 def _train(args) -> int:
+    config = _load(args, reads_data=True)
     from orchestrator.pipeline import open_study, run_train
     from orchestrator.stages import prepare_stage
 
-    config = _load(args)
     with open_study(config) as (store, tracker):
         prepare_stage(config)
         run_train(config, store, tracker, force=args.force)
@@ -163,39 +179,39 @@ def _train(args) -> int:
 
 
 def _explain(args) -> int:
+    config = _load(args)
     from orchestrator.pipeline import open_study, run_explain
 
-    config = _load(args)
     with open_study(config) as (store, _):
         run_explain(config, store, force=args.force)
     return 0
 
 
 def _analyze(args) -> int:
+    config = _load(args)
     from orchestrator.pipeline import open_study, run_analyze
 
-    config = _load(args)
     with open_study(config) as (store, tracker):
         run_analyze(config, store, tracker, force=args.force)
     return 0
 
 
 def _run(args) -> int:
+    config = _load(args, reads_data=True)
     from orchestrator.pipeline import open_study, run_study
 
-    config = _load(args)
     with open_study(config) as (store, tracker):
         run_study(config, store, tracker, force=args.force)
     return 0
 
 
 def _tune(args) -> int:
+    config = _load(args, reads_data=True)
     from orchestrator.pipeline import open_study
     from orchestrator.ray_setup import init_ray
     from orchestrator.stages import prepare_stage
     from orchestrator.tune import tune_recipes
 
-    config = _load(args)
     with open_study(config) as (store, tracker):
         prepare_stage(config)
         init_ray(config)
@@ -204,8 +220,9 @@ def _tune(args) -> int:
 
 
 def _fetch_weights(args) -> int:
+    config = _load(args)
     from training.weights import fetch_weights
 
-    for line in fetch_weights(_load(args)):
+    for line in fetch_weights(config):
         print(line)
     return 0

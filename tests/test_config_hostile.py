@@ -108,8 +108,8 @@ def test_yaml_1_1_number_forms_are_numbers(text, value):
 
 
 def test_an_empty_section_can_take_overrides():
-    config = load_config(DEMO, dict([parse_override("data.synthetic.n=50")]))
-    assert config.data.synthetic.n == 50
+    config = load_config(DEMO, dict([parse_override("data.synthetic.n=150")]))
+    assert config.data.synthetic.n == 150
 
 
 def test_storage_that_is_a_file_or_under_a_file_is_refused(tmp_path, capsys):

@@ -22,8 +22,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from training.contract import fingerprint
-from training.errors import ConfigError, require as _check, shown
-from training.models import LAYER_ARMS
+from training.errors import CamstudyError, ConfigError, require as _check, shown
+from training.models import LAYER_ARMS, cam_layers, specs_for
 from training.recipes import PAPER_RECIPES, Recipe
 
 # --------------------------------------------------------------------------- schema
@@ -172,6 +172,7 @@ class ModelsConfig:
     def __post_init__(self):
         _check(len(self.names) >= 1, "models.names", self.names, "a non-empty list of model keys")
         _check(len(set(self.names)) == len(self.names), "models.names", self.names, "a list without duplicates")
+        specs_for(self)  # every name is a built-in or a models.extra key (else training fails after prepare)
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,14 @@ class StudyConfig:
         for name, extra in self.models.extra.items():
             _check(extra.family in self.recipes, f"models.extra.{name}.family", extra.family,
                    f"one of the recipe families {sorted(self.recipes)}")
+        # what explain would refuse after every model has trained, refused before anything runs
+        specs = specs_for(self.models)
+        for spec in specs:
+            cam_layers(spec, self.cam.layers)  # an arm the model declares no layers for
+        cnns = [spec.name for spec in specs if not spec.token_reshape]  # token_reshape: a ViT's attention blocks
+        if "rollout" in self.cam.methods and cnns:
+            raise ConfigError(f"cam.methods: 'rollout' reads attention blocks, which only ViTs have, but the study "
+                              f"trains the CNNs {', '.join(cnns)}; drop 'rollout' from cam.methods or train only ViTs")
 
     @property
     def study_dir(self) -> str:
@@ -429,9 +438,22 @@ class StudyConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
-    """Read a YAML config, apply dotted-key overrides, validate, and resolve local storage."""
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                given_as: dict[str, str] | None = None, reads_data: bool = False) -> StudyConfig:
+    """Read a YAML config, apply dotted-key overrides, validate, and resolve local storage.
+
+    A config that cannot run is refused here, before any command creates the study folder, its
+    lock or an MLflow run: besides every key's type and range, unknown models, CAM layer arms a
+    model has no layers for, rollout on a CNN, and a split the synthetic data cannot give.
+    `reads_data` (the commands that read the images) also checks a real data root
+    (`check_data_source`); it is not the default because configs whose data root exists only on
+    the cluster are loaded elsewhere (tests, benches, the submitting machine).
+
+    An error is prefixed with what caused it: the override that set a key the message names
+    (`given_as[key]`, how the user wrote it, e.g. `--set preprocess.image_size=big`), else the file.
+    """
     path = Path(path)
+    overrides = overrides or {}
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/demo.yaml")
     raw = read_yaml(_config_text(path), str(path))
@@ -439,16 +461,116 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
+    for dotted, value in overrides.items():
         _set_dotted(raw, dotted, value)
     try:
         config = build(StudyConfig, raw, "")
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    try:
+        _refuse_impossible_synthetic_split(config)
+        if reads_data:
+            check_data_source(config)
         return resolve_storage(config, base=Path.cwd())
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+        raise ConfigError(f"{_cause(str(error), path, overrides, given_as or {})}: {error}") from None
+
+
+def _cause(message: str, path: Path, overrides: dict[str, Any], given_as: dict[str, str]) -> str:
+    """The overrides whose key `message` names (it starts with the key; a dotted key may also be
+    named further on, as in a cross-key rule), as the user gave them; else the config file."""
+    causes = [given_as.get(key, f"override {key}={shown(value)}") for key, value in overrides.items()
+              if re.match(rf"{re.escape(key)}(?![\w])", message)
+              or ("." in key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message))]
+    return " ".join(dict.fromkeys(causes)) or str(path)
+
+
+def _refuse_impossible_synthetic_split(config: StudyConfig) -> None:
+    """Synthetic data's label counts follow from data.synthetic, so the split prepare would plan
+    is planned now (training.split, the same rule) and a request it cannot meet is refused at
+    load. Real data is checked by `check_data_source`, as far as its label file allows."""
+    if config.data.source != "synthetic":
+        return
+    from training.split import plan_selection  # training.split imports this module
+
+    synthetic = config.data.synthetic
+    positive = round(synthetic.n * synthetic.positive_fraction)  # as training.synth._plan draws them
+    try:
+        plan_selection(positive, synthetic.n - positive, config.split)
+    except CamstudyError as error:  # a DataError when one label gets no image at all
+        raise ConfigError(f"{error} (synthetic data: data.synthetic.n = {synthetic.n} labelled images, {positive} "
+                          f"positive at data.synthetic.positive_fraction = {synthetic.positive_fraction}; a larger "
+                          "data.synthetic.n also fixes it)") from None
+
+
+# data.source -> the training.data layout it names
+LAYOUT_OF_SOURCE = {"siim-dicom": "dicom", "siim-png": "png"}
+
+
+def check_data_source(config: StudyConfig) -> None:
+    """A real data source that cannot be read is refused: data.root missing or not a folder, no
+    SIIM layout below it (training.data's own detection), the other layout than data.source
+    names, no label file, or a split larger than the label file's images. Reads a directory
+    listing and the label CSV, never an image: what only the images can settle (a DICOM without
+    a label row, duplicates, the exact positive/negative split) stays with prepare, which
+    reports it in one line too."""
+    data = config.data
+    if data.source == "synthetic":
+        return
+    from training import data as siim  # cv2 and pydicom: imported only for a real source
+
+    root = Path(data.root)
+    wanted = siim.LAYOUTS[LAYOUT_OF_SOURCE[data.source]]
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise ConfigError(f"data.root: {root} {what}; set data.root to the folder of your SIIM download, the one "
+                          f"with {wanted.looks_for}")
+    try:
+        layout = siim._detect_layout(root)
+    except CamstudyError as error:
+        raise ConfigError(f"data.root: {error}") from None
+    if layout is not wanted:
+        other = next(source for source, name in LAYOUT_OF_SOURCE.items() if name == layout.name)
+        raise ConfigError(f"data.source: {data.source!r}, but {root} holds the {layout.name} layout; set data.source: "
+                          f"{other!r}, or point data.root at {wanted.looks_for}")
+    positive, total, label_file = _label_counts(data, root, siim)
+    split = config.split
+    held_out = split.n_val + split.n_test
+    if held_out >= total:
+        raise ConfigError(f"split.n_val + split.n_test = {split.n_val} + {split.n_test} = {held_out}, "
+                          f"but {label_file} labels {total} images ({positive} positive), leaving none to train on; "
+                          "lower split.n_val and split.n_test")
+    if split.balance == "exact" and isinstance(split.n_positive, int) and split.n_positive > positive:
+        raise ConfigError(f"split.n_positive: {split.n_positive} positive images requested, but {label_file} labels "
+                          f"{positive} positive images; lower split.n_positive (at most {positive}, or 'all') or set "
+                          "split.balance: max-available to use what exists")
+
+
+def _label_counts(data: DataConfig, root: Path, siim: Any) -> tuple[int, int, str]:
+    """(positive, all) images the label file lists, and the file: an upper bound on what prepare
+    can select (it keeps only the listed images that are on disk)."""
+    from training import rle
+
+    if data.source == "siim-png":
+        if data.labels is not None:
+            raise ConfigError(f"data.labels: the PNG layout takes its labels from png_masks/ and "
+                              f"{' / '.join(siim.PNG_LISTS)}; remove data.labels")
+        try:
+            listing = siim._read_png_listing(root)
+        except CamstudyError as error:
+            raise ConfigError(f"data.root: {error}") from None
+        return int((listing["has_pneumo"] == "1").sum()), len(listing), f"the image lists of {root}"
+    if data.labels is not None:
+        label_file = Path(data.labels)
+        if not label_file.is_file():
+            raise ConfigError(f"data.labels: {label_file} is not a file; set data.labels to the label CSV "
+                              f"(train-rle.csv or stage_2_train.csv), or remove it to use {root / siim.STAGE1_LABELS}")
+    else:
+        try:
+            label_file = siim._stage1_label_file(root)
+        except CamstudyError:
+            raise ConfigError(f"data.root: {root} holds DICOMs but no {siim.STAGE1_LABELS}; put it there, or set "
+                              "data.labels to the label CSV (train-rle.csv or stage_2_train.csv)") from None
+    rows = siim._read_label_rows(label_file)
+    positive = rows.loc[rows["rle"] != rle.EMPTY, "image_id"].nunique()
+    return int(positive), int(rows["image_id"].nunique()), str(label_file)
 
 
 # Set by `ray job submit` in the job's driver: its working folder is Ray's temporary copy of
