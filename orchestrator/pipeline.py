@@ -22,7 +22,8 @@ from orchestrator.ray_setup import init_ray
 from orchestrator.stages import prepare_stage
 from orchestrator.train_runs import RunPlan, is_finished, placement, plan_runs, train_stage
 from training import objectstore
-from training.contract import StudyStore, analyze_inputs, read_record, record_reason, write_record
+from training.contract import (RETRAIN, StudyStore, analyze_inputs, read_record, record_reason, require_intact,
+                               write_record)
 from training.ray_data import study_log
 
 STAGES = ("prepare", "train", "explain", "analyze")
@@ -65,12 +66,17 @@ def _object_store_lock(store: StudyStore, command: str):
 
 
 def _pull(store: StudyStore) -> None:
-    """A study in object storage: its mirror brought up to date before anything reads it."""
+    """A study in object storage: its mirror brought up to date before anything reads it. The
+    bucket is the authority: a mirror file it does not hold is dropped, so the stage that made
+    it is redone rather than reported up to date from a cache."""
     if store.remote:
         started = time.time()
-        pulled = store.pull()
-        print(f"[study] {store.remote.uri}: {pulled} file(s) pulled into the local mirror {store.root} "
+        synced = store.remote.sync()
+        print(f"[study] {store.remote.uri}: {synced.fetched} file(s) pulled into the local mirror {store.root} "
               f"({time.time() - started:.1f}s)", flush=True)
+        if synced.dropped:
+            print(f"[study] {store.remote.uri}: {len(synced.dropped)} mirror file(s) not in the bucket, dropped "
+                  f"from the mirror (e.g. {synced.dropped[0]}); their stages will be redone", flush=True)
 
 
 def sweep(store: StudyStore) -> None:
@@ -121,21 +127,34 @@ def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force
     from analysis.report import analyze
 
     sweep(store)
-    runs = [(plan.spec.name, plan.seed, plan.permuted) for plan in plan_runs(config, store)]
+    plans = plan_runs(config, store)
+    runs = [(plan.spec.name, plan.seed, plan.permuted) for plan in plans]
     inputs, record = analyze_inputs(config, store, runs), store.stage_record("analyze")
     report = store.analysis_dir / "report.html"
     reason = "--force" if force else record_reason(record, inputs)
     if reason is None and tracker.online and not (read_record(record) or {}).get("logged"):
         reason = "its results have not reached MLflow yet"
     if reason is None and report.is_file():
-        print(f"[analyze] up to date: {report}")
+        print(f"[analyze] up to date: {store.shown(report)}")
         return str(report)
     print(f"[analyze] {reason or 'report missing'}; analysing {len(runs)} run(s)")
+    _require_intact_inputs(store, plans)
     objectstore.remove([record])
     report = analyze(store.root, config.to_dict(), tracker=tracker, runs=runs)
-    write_record(record, inputs, logged=tracker.online)
-    print(f"[analyze] report: {report}")
+    write_record(record, inputs, logged=tracker.online, vouches_for=[store.analysis_dir], own_folder=False)
+    print(f"[analyze] report: {store.shown(report)}")
     return str(report)
+
+
+def _require_intact_inputs(store: StudyStore, plans: list[RunPlan]) -> None:
+    """What the analysis reads, checked against the records that vouch for it, so a damaged file
+    is one line naming it rather than half a dataset read (`camstudy analyze` runs no explain
+    stage first to redo it)."""
+    explain_again = "run `camstudy explain` (or `camstudy run`) with the same config to recompute it"
+    require_intact(store.baselines_dir / StudyStore.CAM_DONE, explain_again)
+    for plan in plans:
+        require_intact(plan.run_dir / StudyStore.DONE, RETRAIN)  # refused, as the train stage refuses it
+        require_intact(store.maps_dir(plan.spec.name, plan.seed, plan.permuted) / StudyStore.CAM_DONE, explain_again)
 
 
 def run_study(config, store: StudyStore, tracker: tracking.StudyTracker, force: str | None = None) -> str:
@@ -155,7 +174,7 @@ def run_study(config, store: StudyStore, tracker: tracking.StudyTracker, force: 
     timings["analyze"] = time.time() - began
     print("[run] wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
           + f"; total {time.time() - started:.0f}s")
-    print(f"[run] report: {report}")
+    print(f"[run] report: {store.shown(report)}")
     print(f"[run] compare runs: {tracking.ui_command(config)}")
     return report
 

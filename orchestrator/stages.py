@@ -39,7 +39,8 @@ def prepare_stage(config: StudyConfig, force: bool = False) -> StudyStore:
     prepared = _build(config, store, index)
     report = _report(config, store, index, prepared)
     write_record(record, inputs, images=len(prepared.manifest),
-                 splits={split: row["images"] for split, row in report["counts"].items()})
+                 splits={split: row["images"] for split, row in report["counts"].items()},
+                 vouches_for=[store.data_dir], own_folder=False)  # the manifest, the cache, the data report
     return store
 
 

@@ -135,3 +135,35 @@ def test_a_storage_uri_that_cannot_be_used_is_one_line(s3):
     refused = subprocess.run([sys.executable, "-m", "orchestrator", "prepare", "configs/demo.yaml", "--set",
                               "storage=ftp://host/x"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "is not an object store camstudy can use" in refused.stderr
+
+
+def test_an_emptied_bucket_is_the_authority_over_a_warm_mirror(s3):
+    """A study run once, then its bucket emptied (as a new server with an empty bucket of the same
+    name would be): the next run does not report its stages up to date from the node-local mirror;
+    it drops the mirror's files, says so, redoes every stage and leaves the outputs in the bucket.
+    The report is printed as its bucket URI."""
+    import boto3
+
+    storage = f"s3://{BUCKET}/emptied"
+    first = run(storage, "--set", "recipes.resnet.epochs=1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    client = boto3.client("s3")
+    stored = sorted(f"emptied/{key}" for key in keys("emptied/"))
+    for start in range(0, len(stored), 1000):
+        client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": key} for key in stored[start:start + 1000]]})
+    assert not keys("emptied/") and (mirror(s3, storage) / "cams" / "resnet18-seed0" / "_done.json").is_file()
+
+    again = run(storage, "--set", "recipes.resnet.epochs=1")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout
+    assert "mirror file(s) not in the bucket, dropped from the mirror" in out and "will be redone" in out
+    assert "up to date" not in out and "finished earlier, skipped" not in out, out[-3000:]
+    assert "prepare: not done yet" in out and "[analyze] not done yet; analysing" in out
+    assert "[explain] resnet18-seed0: not done yet; computing its heatmaps" in out
+    assert f"[run] report: s3://{BUCKET}/emptied/demo/analysis/report.html (local copy: " in out
+    stored = keys("emptied/demo/")
+    for expected in ("study.json", "data/manifest.parquet", "stages/prepare.json", "train/resnet18-seed0/done.json",
+                     "train/resnet18-seed0/predictions.parquet", "cams/resnet18-seed0/part-00000.parquet",
+                     "cams/resnet18-seed0/_done.json", "baselines/_done.json", "analysis/report.html",
+                     "stages/analyze.json", "mlflow.db"):
+        assert expected in stored, expected

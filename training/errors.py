@@ -25,6 +25,10 @@ class TrainingError(CamstudyError):
     """A training run cannot continue (e.g. a non-finite loss)."""
 
 
+class StoreError(CamstudyError):
+    """The study store cannot be written (a full disk), or a file a stage vouched for is damaged."""
+
+
 def shown(value: object, limit: int = 80) -> str:
     """`repr(value)` cut to `limit` characters: a hostile input (a megabyte string, a deeply
     aliased YAML document) never floods or stalls an error message."""

@@ -49,7 +49,7 @@ from training import augment, objectstore, registry
 from training.atomic import link_atomic, write_atomic, write_text_atomic
 from training.cache import load_split
 from training.classification import auc, classification_report
-from training.contract import StudyStore, finished_run, fingerprint as inputs_fingerprint
+from training.contract import FILES, StudyStore, finished_run, fingerprint as inputs_fingerprint, vouched_files
 from training.errors import TrainingError
 from training.recipes import Recipe
 from training.models import TRAINING_FIELDS
@@ -471,7 +471,10 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
                "best_epoch": state.best_epoch, "history": state.history, "test_metrics": metrics,
                "weights": state.weights, "parameters": registry.parameter_count(state.model),
                "node": this_node(), "gpu_peak_gb": _gpu_peak_gb(device),
-               "fingerprint": fingerprint, "inputs": inputs}
+               "fingerprint": fingerprint, "inputs": inputs,
+               # what explain and analyze read (not the checkpoints: they are removed just below)
+               FILES: vouched_files(run_dir / DONE, [run_dir / PREDICTIONS, run_dir / TEST_METRICS, run_dir / MODEL],
+                                    own_folder=False)}
     write_text_atomic(run_dir / DONE, _dumps(summary))
     objectstore.remove([run_dir / CHECKPOINT, *run_dir.glob("best-e*.pt")])
     return summary

@@ -11,7 +11,12 @@ URI is worked on in a node-local mirror (`mirror_path`: `$CAMSTUDY_STAGING`, def
   what it was writing. `remove` deletes locally and remotely.
 - **Pulls**: a command pulls the study when it opens it; a Ray worker on another node pulls what
   it reads (the preprocessing cache, staged to its disk once; a run's folder); the driver pulls a
-  run's folder when the run ends. A pull fetches what is missing locally or newer remotely.
+  run's folder when the run ends. The object store is the authority and the mirror only a cache:
+  a pull fetches every file the mirror does not hold as the same object (missing, another size,
+  another modification time: each mirror copy is stamped with its object's time when it is
+  uploaded or fetched), and deletes the mirror's files the object store does not hold (a mirror
+  left by an older study of the same URI, an upload that never happened). A stage whose output
+  was deleted so is redone: its completion record, or a file that record vouches for, is gone.
 
 Standard AWS settings apply (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_DEFAULT_REGION`/`AWS_REGION`): pyarrow reads them, and boto3 (the study lock) too.
@@ -30,6 +35,8 @@ from training.errors import ConfigError
 
 RECORDS = ("done.json", "_done.json")  # a folder's completion records: uploaded after everything else
 SKIP = ("ray",)  # Ray Train's own state lives at its URI directly (RunConfig.storage_path)
+LOCK = ".lock"  # the study's lock: an object of its own (orchestrator.lock), never a mirrored file
+SAME_TIME_S = 1.0  # a listing and a HEAD of one object may give its time at different precisions
 _URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<path>.+)$")
 
 
@@ -42,6 +49,15 @@ def mirror_path(uri: str) -> Path:
     match = _URI.match(uri)
     staging = Path(os.environ.get("CAMSTUDY_STAGING", "~/.cache/camstudy/staging")).expanduser()
     return staging / match["scheme"] / match["path"].strip("/")
+
+
+@dataclass(frozen=True)
+class Synced:
+    """What a pull did: files fetched, and the mirror's files (relative paths) the object store
+    does not hold, deleted from the mirror."""
+
+    fetched: int
+    dropped: list[str]
 
 
 @dataclass(frozen=True)
@@ -100,33 +116,51 @@ class Remote:
         self._delete(self.remote_path(relative))
 
     def pull(self, *relatives: str | Path) -> int:
-        """Fetch every remote file under `relatives` (default: the whole study but SKIP) that is
-        missing locally, of another size or newer; returns how many were fetched."""
+        """`sync` these folders or files (default: the whole study but SKIP); how many were fetched."""
+        return self.sync(*relatives).fetched
+
+    def sync(self, *relatives: str | Path) -> Synced:
+        """Make the mirror under `relatives` (default: the whole study but SKIP) a copy of what the
+        object store holds there: fetch every remote file the mirror does not hold as the same
+        object, delete every mirror file the object store does not hold."""
         import pyarrow.fs as pafs
 
         filesystem, _ = self._fs
-        fetched = 0
+        fetched, dropped = 0, []
         for relative in relatives or ("",):
             top = self.remote_path(relative)
             info = filesystem.get_file_info(top)
-            if info.type == pafs.FileType.NotFound:
-                continue
-            infos = [info] if info.type == pafs.FileType.File else filesystem.get_file_info(
-                pafs.FileSelector(top, recursive=True))
+            infos = [] if info.type == pafs.FileType.NotFound else [info] if info.type == pafs.FileType.File else (
+                filesystem.get_file_info(pafs.FileSelector(top, recursive=True)))
+            held = set()
             for item in infos:
-                if item.type == pafs.FileType.File and self._wanted(item):
+                if item.type == pafs.FileType.File and _mirrored(self._relative(item)):
+                    held.add(self._relative(item))
                     fetched += self._get(item)
-        return fetched
+            dropped += self._drop_unheld(self.local / relative, held)
+        return Synced(fetched, dropped)
 
-    def _wanted(self, item) -> bool:
-        relative = item.path[len(self.remote_path()) + 1:]
-        return relative.split("/", 1)[0] not in SKIP
+    def _relative(self, item) -> str:
+        return item.path[len(self.remote_path()) + 1:]
+
+    def _drop_unheld(self, local: Path, held: set[str]) -> list[str]:
+        """Delete the mirror's files under `local` that are not in `held` (relative paths)."""
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+        dropped = []
+        for file in files:
+            relative = file.relative_to(self.local).as_posix()
+            if _mirrored(relative) and relative not in held:
+                file.unlink(missing_ok=True)
+                dropped.append(relative)
+                _remove_empty_parents(file, self.local)
+        return dropped
 
     def _get(self, item) -> int:
         filesystem, _ = self._fs
-        local = self.local / item.path[len(self.remote_path()) + 1:]
+        local = self.local / self._relative(item)
         stamp = item.mtime.timestamp() if item.mtime is not None else None
-        if local.is_file() and local.stat().st_size == item.size and (stamp is None or local.stat().st_mtime >= stamp):
+        if local.is_file() and local.stat().st_size == item.size and (
+                stamp is None or abs(local.stat().st_mtime - stamp) < SAME_TIME_S):
             return 0
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.tmp-{os.getpid()}")
@@ -137,6 +171,25 @@ class Remote:
         if stamp is not None:
             os.utime(local, (stamp, stamp))
         return 1
+
+
+def _remove_empty_parents(file: Path, root: Path) -> None:
+    """Folders emptied by a drop go too: a writer may take an existing folder for its own output
+    (the synthetic source refuses a folder it did not make)."""
+    for folder in file.parents:
+        if folder == root or root not in folder.parents:
+            return
+        try:
+            folder.rmdir()
+        except OSError:  # not empty
+            return
+
+
+def _mirrored(relative: str) -> bool:
+    """Whether a study file (a path relative to the study) belongs in the mirror: not Ray's own
+    state, not the lock, not a writer's temporary."""
+    parts = relative.split("/")
+    return bool(relative) and parts[0] not in SKIP and relative != LOCK and not any(map(is_temporary, parts))
 
 
 _ACTIVE: dict[Path, Remote] = {}  # local mirror root -> its remote, in this process
@@ -188,7 +241,12 @@ def remove(paths: Iterable[str | Path]) -> None:
 def _skipped(remote: Remote, path: Path) -> bool:
     """Ray's own folder, and anything inside a temporary folder (its rename uploads it whole)."""
     relative = path.resolve().relative_to(remote.local.resolve())
-    return bool(relative.parts) and (relative.parts[0] in SKIP or any(_TEMPORARY.match(part) for part in relative.parts))
+    return bool(relative.parts) and (relative.parts[0] in SKIP or any(map(is_temporary, relative.parts)))
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # training.atomic's temporary siblings
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is a writer's temporary (`.<name>.tmp-<pid>`, training.atomic)."""
+    return _TEMPORARY.match(name) is not None
