@@ -20,7 +20,7 @@ from orchestrator import tracking
 from orchestrator.lock import command_line, object_store_lock, study_lock
 from orchestrator.ray_setup import init_ray
 from orchestrator.stages import prepare_stage
-from orchestrator.train_runs import RunPlan, is_finished, placement, plan_runs, train_stage
+from orchestrator.train_runs import RunPlan, explain_actors, is_finished, placement, plan_runs, train_stage
 from training import objectstore
 from training.contract import (RETRAIN, StudyStore, analyze_inputs, read_record, record_reason, require_intact,
                                write_record)
@@ -108,18 +108,19 @@ def run_explain(config, store: StudyStore, force: bool = False) -> None:
     if force:
         _remove_runs(plans, lambda plan: store.maps_dir(plan.spec.name, plan.seed, plan.permuted))
         _remove_runs(plans, lambda plan: store.sanity_dir(plan.spec.name, plan.seed, plan.permuted))
-    explain_baselines(config, store, force=force)
     finished = [plan for plan in plans if is_finished(plan)]
+    # one actor per GPU on a GPU cluster (as many as runs could train at once), else one per CPU;
+    # each reserves the host memory of the neediest model, no more actors than the nodes' memory
+    # holds (refused in one line before any work when not even one fits)
+    layout = placement(config)
+    wanted = layout["concurrency"] if layout["gpus"] else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors, memory_per_actor = explain_actors(config, store, finished, layout, wanted)
+    explain_baselines(config, store, force=force)
     for plan in plans:
         if plan not in finished:
             print(f"[explain] {plan.key}: no finished training run, skipped (see the train stage)")
-    # one actor per GPU on a GPU cluster (as many as runs could train at once), else one per CPU
-    layout = placement(config)
-    if layout["gpus"]:
-        extract_runs(config, store, finished, actors=layout["concurrency"], gpus_per_actor=layout["gpus"])
-    else:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        extract_runs(config, store, finished, actors=max(1, cpus), gpus_per_actor=0)
+    extract_runs(config, store, finished, actors=actors, gpus_per_actor=layout["gpus"] or 0,
+                 memory_per_actor=memory_per_actor)
 
 
 def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force: bool = False) -> str:

@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+from typing import Optional
 
 import ray
 
 from training.config import StudyConfig
+from training.ray_data import TRACE_LOGGER
+
+# How often Ray restarts a task that its memory monitor killed. Ray's default has no limit
+# (system config `task_oom_retries` -1: "There are infinite oom retries remaining"), so a run too
+# big for its node is killed and restarted for ever. One retry: a kill caused by a neighbour's
+# peak can pass once the neighbour is done; a second kill fails the run with one line. Every Ray
+# process reads RAY_<key> at start, the driver too, and the driver owns (so retries) the run
+# tasks: on a local cluster (checked with Ray 2.60) a killed task then runs twice and fails with
+# OutOfMemoryError. A task with max_retries=0 is never retried on a kill. A value already in the
+# environment is kept.
+OOM_RETRIES_ENV, OOM_RETRIES = "RAY_task_oom_retries", 1
+# The name of a train-stage run's task in Ray (dashboard, memory-monitor reports): the report
+# then says which run was killed.
+RUN_TASK = "train[{}]"
 
 
 def running_cluster() -> str | None:
@@ -26,8 +42,12 @@ def init_ray(config: StudyConfig | None = None) -> None:
 
     A running cluster (inside `ray job submit`, or `ray start --head` on this machine) owns its
     resources, so `ray.init()` joins it without resource arguments (Ray refuses them there).
-    Otherwise a local Ray uses every core, without the dashboard. `config` is not needed yet; it
-    is where cluster options (runtime env, namespace) will come from.
+    Otherwise a local Ray uses every core, without the dashboard, and Ray's defaults for memory:
+    the object store takes 30% of the memory free at start, and the rest is the node's `memory`
+    resource that training workers and explain actors reserve from. Either way a task killed by
+    Ray's memory monitor is retried `OOM_RETRIES` times, and its report goes to the study log with
+    one line on the console (`route_memory_reports`). `config` is not needed yet; it is where
+    cluster options (runtime env, namespace) will come from.
     """
     if ray.is_initialized():
         return
@@ -39,6 +59,7 @@ def init_ray(config: StudyConfig | None = None) -> None:
     # ray.init installs SIGTERM handlers of its own (Python: exit 1; its core's: log, then abort);
     # the command's handler (orchestrator.cli: stop the runs, mark them KILLED) is put back
     on_sigterm = signal.getsignal(signal.SIGTERM)
+    os.environ.setdefault(OOM_RETRIES_ENV, str(OOM_RETRIES))
     if address:
         print(f"[ray] joining the running cluster at {address}", flush=True)
         ray.init(address=address, log_to_driver=False)
@@ -47,6 +68,7 @@ def init_ray(config: StudyConfig | None = None) -> None:
                  logging_level=logging.WARNING)
     if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
+    route_memory_reports()
     local_data_context(progress=sys.stderr.isatty())
 
 
@@ -83,3 +105,59 @@ def _quiet_known_notices() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotice) for f in logger.filters):
             logger.addFilter(_DropNotice(prefix))
+
+
+# --------------------------------------------------------------------------- memory-monitor kills
+
+
+def memory_kill(text: str) -> Optional[dict]:
+    """What a Ray memory-monitor report says (the raylet's kill report, 45-60 lines, also the text
+    of the OutOfMemoryError a killed task raises): the node's memory in use and its limit in GB,
+    the runs (RUN_TASK names) and other tasks killed, Ray's retries left; None for other text."""
+    node = re.search(r"Memory on the node \(IP: ([^,]+),[^)]*\) was ([\d.]+)GB used / ([\d.]+)GB limit", text)
+    if node is None or "running low on memory" not in text:
+        return None
+    killed = list(dict.fromkeys(re.findall(r"task name=(.+?), required resources", text)))
+    run_name = re.compile(re.escape(RUN_TASK).replace(r"\{\}", "(.+)"))
+    runs = {name: run_name.fullmatch(name) for name in killed}
+    retries = re.search(r"There are (\w+) oom retries remaining", text)
+    return {"ip": node.group(1), "used_gb": float(node.group(2)), "limit_gb": float(node.group(3)),
+            "runs": [match.group(1) for match in runs.values() if match],
+            "others": [name for name, match in runs.items() if not match],
+            "retries": retries.group(1) if retries else None}
+
+
+def memory_kill_line(text: str) -> Optional[str]:
+    """One console line for a memory-monitor report, naming the runs it killed; None for other text."""
+    kill = memory_kill(text)
+    if kill is None:
+        return None
+    victims = ", ".join(kill["runs"]) or ", ".join(kill["others"][:3]) or "a worker"
+    retries = kill["retries"]
+    retry = "" if retries is None else "; not retried" if retries == "0" else f"; Ray retries it ({retries} left)"
+    return (f"[ray] the memory monitor killed {victims} (node {kill['ip']} at {kill['used_gb']:.1f} of "
+            f"{kill['limit_gb']:.1f} GB){retry}; the full report is in the study log")
+
+
+def route_memory_reports() -> None:
+    """Send Ray's memory-monitor reports to the study log (logger TRACE_LOGGER) and print one line
+    each on the console instead. The raylet pushes them to the driver, which prints them on stdout
+    whatever `log_to_driver` says, through `ray._private.worker.print_to_stdstream`: Ray has no
+    public hook for these messages, so that function is wrapped (a Ray without it prints them as
+    before). Every other pushed message passes unchanged."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "routes_memory_reports", False):
+        return
+
+    def routed(data, *args, **kwargs):
+        text = "\n".join(map(str, data.get("lines", ()))) if data.get("pid") == "raylet" else ""
+        line = memory_kill_line(text) if text else None
+        if line is None:
+            return original(data, *args, **kwargs)
+        logging.getLogger(TRACE_LOGGER).error("Ray's memory monitor:\n%s", text)
+        print(line, flush=True)
+
+    routed.routes_memory_reports = True
+    ray_worker.print_to_stdstream = routed

@@ -16,6 +16,13 @@ weights file) is not a crash: retrying cannot mend it, and Ray Train V2 retries 
 failure, so the worker records it in the run folder (`error.json`) and returns; the driver then
 stops every run in flight and reports that one line.
 
+Every worker asks Ray for the host memory its run needs (Ray's `memory` resource: an estimate,
+or the peak a finished run of the model measured, `orchestrator.schedule`), and the driver starts
+a run only when that fits in what the nodes have left; a run that fits on no node even alone is
+refused before anything starts. When Ray's memory monitor kills a run anyway, Ray retries it once
+(`orchestrator.ray_setup.OOM_RETRIES`), the console gets one line naming the run and the full
+report goes to the study log.
+
 Per-epoch metrics travel worker -> `ray.train.report` -> a `UserCallback` on the Train
 controller -> a Ray queue -> the driver, which logs them to the run's MLflow child and prints
 one progress line; only the driver talks to MLflow. Epochs whose report was lost with a dead
@@ -25,6 +32,7 @@ driver are back-filled from the run's done.json when the run is closed.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +42,14 @@ import ray
 import ray.train
 from ray.util.queue import Empty, Queue
 
-from orchestrator import schedule, tracking
+from orchestrator import ray_setup, schedule, tracking
 from orchestrator.train_worker import EpochReporter, train_worker
 from training import errors, registry
 from training.atomic import write_text_atomic
 from training.contract import StudyStore, fingerprint, finished_run, read_record, run_key
 from training.errors import CamstudyError, TrainingError
 from training.loop import run_inputs
+from training.ray_data import TRACE_LOGGER
 
 
 NODE_TAG = "camstudy.node"  # the Ray node a run trained on (its host in camstudy.node_host)
@@ -113,16 +122,14 @@ class Outcome:
 def _fit(config, plan: RunPlan, progress: Queue, placement: dict) -> Outcome:
     """Run one Ray Train run to completion and say how it ended. Its workers find the study from
     the config (a study in object storage: in their node's mirror, pulled as needed)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
 
     trainer = _trainer_class(placement["workers"])(
         train_worker,
         train_loop_config={"config": config, "model": plan.spec.name, "seed": plan.seed,
                            "fingerprint": plan.fingerprint, "torch_threads": placement["torch_threads"],
                            "permuted": plan.permuted},
-        scaling_config=ScalingConfig(num_workers=placement["workers"], use_gpu=placement["gpus"] > 0,
-                                     resources_per_worker={**placement["resources"],
-                                                           **config.resources.model_resources.get(plan.spec.name, {})}),
+        scaling_config=scaling_config(config, plan, placement),
         run_config=RunConfig(name=plan.key, storage_path=StudyStore(config.study_dir).ray_storage,
                              failure_config=FailureConfig(max_failures=config.training.max_failures),
                              callbacks=[EpochReporter(plan.key, progress)]),
@@ -135,6 +142,16 @@ def _fit(config, plan: RunPlan, progress: Queue, placement: dict) -> Outcome:
         return Outcome(_root_cause(result.error))
     own = read_record(plan.run_dir / StudyStore.ERROR)
     return Outcome(own["message"], own=True, kind=own["kind"]) if own else Outcome()
+
+
+def scaling_config(config, plan: RunPlan, placement: dict):
+    """What each of the run's workers asks Ray for: the run's layout (CPUs, its GPU share, its host
+    `memory` in bytes: `Starts`) and the model's own extra resources (resources.model_resources)."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=placement["workers"], use_gpu=placement["gpus"] > 0,
+                         resources_per_worker={**placement["resources"],
+                                               **config.resources.model_resources.get(plan.spec.name, {})})
 
 
 def _trainer_class(workers: int) -> type:
@@ -176,7 +193,10 @@ def placement(config) -> dict:
     threads = resources_cfg.torch_threads
     return {"workers": workers, "gpus": gpus, "concurrency": max(1, concurrency), "packing": packing,
             "cluster_gpus": int(gpus_here), "torch_threads": max(1, int(cpus)) if threads == "auto" else threads,
-            "resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+            "resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}, "on_gpu": bool(gpus),
+            # each live node's Ray resources: `memory` is what Ray lets tasks reserve there (bytes;
+            # by default the memory free when the node started less the object store's 30%)
+            "nodes": [node["Resources"] for node in ray.nodes() if node.get("Alive")]}
 
 
 REFERENCE_FLOPS_PER_S = 1e14  # only orders runs: any constant gives the same order
@@ -211,12 +231,90 @@ def _memory_gb(plan: RunPlan, config, store: StudyStore) -> float:
     measured = schedule.measured_memory_gb(store.gpu_memory_path, key)
     if measured is not None:
         return measured * schedule.HEADROOM
-    _, activations = registry.forward_cost(plan.spec, config.preprocess.image_size, config.preprocess.channels)
-    params = registry.parameter_count_millions(plan.spec, config.preprocess.image_size,
-                                               in_chans=config.preprocess.channels)
-    per_worker = config.training.batch_size // config.resources.workers_per_run
-    return schedule.estimated_memory_gb(params, activations, per_worker,
+    params, activations = _model_size(plan.spec, config)
+    return schedule.estimated_memory_gb(params, activations, _worker_batch(config),
                                         registry.recipe_for(plan.spec, config.recipes).optimizer)
+
+
+def host_memory_gb(plan: RunPlan, config, store: StudyStore, on_gpu: bool) -> float:
+    """The host memory one worker of `plan` asks Ray for: the peak a finished run of the model with
+    these settings measured on this kind of node (host_memory.json) with headroom, else the estimate
+    (`schedule.estimated_host_memory_gb`)."""
+    measured = schedule.measured_memory_gb(store.host_memory_path, _host_memory_key(plan, config, on_gpu))
+    if measured is not None:
+        return measured * schedule.HEADROOM
+    params, activations = _model_size(plan.spec, config)
+    return schedule.estimated_host_memory_gb(params, activations, _worker_batch(config),
+                                             registry.recipe_for(plan.spec, config.recipes).optimizer,
+                                             _cache_gb(store), on_gpu)
+
+
+def explain_needs(config, store: StudyStore, plans: list[RunPlan], on_gpu: bool) -> dict[str, float]:
+    """The host memory (GB) an explain actor needs for each model of `plans`: its measured peak with
+    headroom when host_memory.json has one (under `schedule.explain_memory_key`), else
+    `schedule.estimated_explain_memory_gb`."""
+    needs = {}
+    for spec in {plan.spec for plan in plans}:
+        key = schedule.explain_memory_key(spec.name, config.preprocess.image_size, config.cam.batch_size, on_gpu)
+        measured = schedule.measured_memory_gb(store.host_memory_path, key)
+        params, activations = _model_size(spec, config)
+        needs[spec.name] = (measured * schedule.HEADROOM if measured is not None else
+                            schedule.estimated_explain_memory_gb(params, activations, config.cam.batch_size, on_gpu))
+    return needs
+
+
+def explain_actors(config, store: StudyStore, plans: list[RunPlan], layout: dict, wanted: int) -> tuple[int, int]:
+    """(actors, host memory per actor in bytes) for the explain stage. Any actor may be given any
+    run, so each reserves what the neediest model takes; at most `wanted` actors and no more than
+    the nodes' memory holds at once (an actor Ray cannot place would stall the pipeline); refused
+    in one line when not even one fits on the largest node."""
+    needs = explain_needs(config, store, plans, layout.get("on_gpu", bool(layout["gpus"])))
+    if not needs:
+        return wanted, 0
+    model = max(needs, key=needs.get)
+    need = needs[model]
+    asks = {**layout["resources"], "CPU": 0 if layout["gpus"] else 1}  # as explain.extract asks per actor
+    nodes = [node for node in layout.get("nodes", []) if _offers(node, asks)]
+    if not nodes:  # no node to place on yet (an autoscaler adds them): Ray holds the actors until one joins
+        return wanted, int(need * schedule.GB)
+    memory = schedule.NodeMemory([node.get("memory", 0) / schedule.GB for node in nodes])
+    fitting = memory.fitting(need)
+    if fitting == 0:
+        raise errors.CamstudyError(
+            f"explain: an actor for {model} needs ~{need:.1f} GB of host memory, more than the "
+            f"{max(memory.free):.1f} GB Ray can reserve on the largest node; lower cam.batch_size, leave {model} "
+            f"out of models.names, or add a node with more memory")
+    return min(wanted, fitting), int(need * schedule.GB)
+
+
+def _model_size(spec: registry.ModelSpec, config) -> tuple[float, float]:
+    """(parameters in millions, activation elements per image) at the configured input size."""
+    _, activations = registry.forward_cost(spec, config.preprocess.image_size, config.preprocess.channels)
+    return registry.parameter_count_millions(spec, config.preprocess.image_size,
+                                             in_chans=config.preprocess.channels), activations
+
+
+def _worker_batch(config) -> int:
+    return config.training.batch_size // config.resources.workers_per_run
+
+
+def _cache_gb(store: StudyStore) -> float:
+    """The preprocessed images every training worker holds in memory (the train stage runs after
+    prepare, so the cache is there; before it, nothing is counted)."""
+    try:
+        return (store.cache_dir / StudyStore.CACHE_IMAGES).stat().st_size / schedule.GB
+    except OSError:
+        return 0.0
+
+
+def _host_memory_key(plan: RunPlan, config, on_gpu: bool) -> str:
+    return schedule.host_memory_key(plan.spec.name, config.training.batch_size, config.preprocess.image_size,
+                                    config.training.amp, config.resources.workers_per_run, on_gpu)
+
+
+def _offers(node: dict, asks: dict) -> bool:
+    """Whether a node has every resource a worker asks for (memory aside: that is what is packed)."""
+    return all(node.get(name, 0) >= amount for name, amount in asks.items() if amount and name != "memory")
 
 
 def train_stage(config, store: StudyStore, tracker: tracking.StudyTracker) -> list[RunPlan]:
@@ -248,13 +346,18 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
     reported at the end; camstudy's own error in any run stops them all and is raised at once;
     an interrupt (Ctrl-C, SIGTERM from `ray job stop`) marks every run in flight KILLED."""
     starts = Starts(config, store, todo, layout)
-    progress, in_flight, failures, run_ids = Queue(), {}, {}, {}
+    print(f"[train] {starts.memory_line()}")
+    # the progress queue's actor is restarted if Ray's memory monitor kills it (its newest-first
+    # policy kills small helpers too): reports lost with it are back-filled from done.json
+    progress = Queue(actor_options={"max_restarts": -1, "max_task_retries": -1})
+    in_flight, failures, run_ids = {}, {}, {}
     status = StageProgress(config, todo)
     try:
         while starts.pending or in_flight:
             for plan, plan_layout in starts.now(len(in_flight)):
                 run_ids[plan.key] = _start_child(config, store, tracker, plan)
-                in_flight[_fit.remote(config, plan, progress, plan_layout)] = plan
+                in_flight[_fit.options(name=ray_setup.RUN_TASK.format(plan.key)).remote(
+                    config, plan, progress, plan_layout)] = plan
             finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
             _log_progress(progress, status, tracker, run_ids)  # before any finished run is closed
             status.heartbeat(len(in_flight))
@@ -262,12 +365,13 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
                 plan = in_flight.pop(ref)
                 starts.finished(plan)
                 status.runs_done += 1
-                outcome = ray.get(ref)
+                outcome = _outcome(plan, ref)
                 store.pull(plan.run_dir)  # a study in object storage: what the run's workers uploaded
                 if run_ids[plan.key]:
                     tracker.call(_close_child, tracker.client, run_ids[plan.key], plan, outcome.error)
                 if outcome.error is None:
                     record_gpu_memory(config, store, plan)
+                    record_host_memory(config, store, plan, layout["on_gpu"])
                 print(f"[train] {plan.key}: {'FAILED: ' + outcome.error if outcome.error else 'done'}")
                 if outcome.own:
                     raise getattr(errors, outcome.kind, CamstudyError)(outcome.error)
@@ -279,34 +383,116 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
     return failures
 
 
+def _outcome(plan: RunPlan, ref) -> Outcome:
+    """How the run's task ended, in one line: a memory-monitor kill (of the run's task, past Ray's
+    retries, or of its Train workers, past `training.max_failures`) is summarised and its report
+    (45-60 lines) goes to the study log."""
+    try:
+        outcome = ray.get(ref)
+    except ray.exceptions.OutOfMemoryError as error:
+        outcome = Outcome(str(error))
+    if outcome.error is None or ray_setup.memory_kill(outcome.error) is None:
+        return outcome
+    return Outcome(_brief(outcome.error, plan.key) + f"; lower training.batch_size or resources.max_concurrent_runs, "
+                   f"or give {plan.spec.name} a node with more memory")
+
+
+def _brief(error: str, key: str = "train") -> str:
+    """A memory-monitor report (45-60 lines) as one line, the report itself into the study log;
+    any other error as it is."""
+    kill = ray_setup.memory_kill(error)
+    if kill is None:
+        return error
+    logging.getLogger(TRACE_LOGGER).error("%s: Ray's memory monitor:\n%s", key, error)
+    return (f"killed by Ray's memory monitor (node {kill['ip']} at {kill['used_gb']:.1f} of {kill['limit_gb']:.1f} "
+            f"GB; the report is in the study log)")
+
+
 class Starts:
-    """Which pending runs start now. Without packing: a fixed number in flight, largest model
-    first. With packing: every run that fits on the GPUs' free shares, longest first
-    (`orchestrator.schedule.Packer`), each asking Ray for its own share."""
+    """Which pending runs start now. Without packing: up to a fixed number in flight, largest
+    model first. With packing: every run that fits on the GPUs' free shares, longest first
+    (`orchestrator.schedule.Packer`), each asking Ray for its own share. Either way a run starts
+    only when its workers' host memory fits in what the nodes it can run on have left
+    (`schedule.NodeMemory`; skipped while no such node is up: an autoscaler adds them), and a run
+    that fits on no node even alone is refused before any run starts."""
 
     def __init__(self, config, store: StudyStore, todo: list[RunPlan], layout: dict):
         self.layout = layout
         self.pending = registry.largest_first(todo)
         self.packer = schedule.Packer(layout["cluster_gpus"]) if layout["packing"] else None
         self.demands = run_demands(config, store, todo) if layout["packing"] else {}
+        on_gpu = layout.get("on_gpu", bool(layout["gpus"]))
+        self.memory_gb = {plan.key: host_memory_gb(plan, config, store, on_gpu) for plan in todo}
+        nodes = layout.get("nodes", [])
+        self.memory = schedule.NodeMemory([node.get("memory", 0) / schedule.GB for node in nodes])
+        self.nodes = {plan.key: [i for i, node in enumerate(nodes) if _offers(node, self._asks(config, plan))]
+                      for plan in todo}
+        self._refuse_what_fits_nowhere(config)
 
     def now(self, in_flight: int) -> list[tuple[RunPlan, dict]]:
-        if self.packer is None:
-            chosen = self.pending[:max(0, self.layout["concurrency"] - in_flight)]
-            self.pending = self.pending[len(chosen):]
-            return [(plan, self.layout) for plan in chosen]
-        by_key = {plan.key: plan for plan in self.pending}
-        started = self.packer.startable([self.demands[key] for key in by_key])
-        self.pending = [plan for plan in self.pending if plan.key not in {d.key for d in started}]
-        return [(by_key[d.key], self._layout(d)) for d in started]
+        order = self.pending
+        if self.packer is not None:
+            by_key = {plan.key: plan for plan in self.pending}
+            order = [by_key[d.key] for d in schedule.longest_first(self.demands[key] for key in by_key)]
+        started = []
+        for plan in order:
+            if self.packer is None and in_flight + len(started) >= self.layout["concurrency"]:
+                break
+            if self._take(plan):
+                started.append(plan)
+        self.pending = [plan for plan in self.pending if plan not in started]
+        return [(plan, self._layout(plan)) for plan in started]
 
     def finished(self, plan: RunPlan) -> None:
+        self.memory.release(plan.key)
         if self.packer is not None:
             self.packer.release(plan.key)
 
-    def _layout(self, demand: schedule.Demand) -> dict:
-        share = demand.gpus / self.layout["workers"]
-        return {**self.layout, "gpus": share, "resources": {**self.layout["resources"], "GPU": share}}
+    def memory_line(self) -> str:
+        """What each model's workers reserve, and what the nodes offer, for the stage's opening lines."""
+        per_model = {plan.spec.name: self.memory_gb[plan.key] for plan in self.pending}
+        offered = ", ".join(f"{gb:.1f}" for gb in self.memory.free) or "unknown (no node up yet)"
+        return ("host memory reserved per worker (Ray `memory`): "
+                + ", ".join(f"{model} {gb:.1f} GB" for model, gb in per_model.items()) + f"; node(s) offer {offered} GB")
+
+    def _take(self, plan: RunPlan) -> bool:
+        """Reserve the run's host memory and, when packing, its GPU share: both or neither."""
+        nodes = self.nodes[plan.key]
+        if nodes and not self.memory.place(plan.key, self.memory_gb[plan.key], self.layout["workers"], nodes):
+            return False
+        if self.packer is not None and self.packer.place(self.demands[plan.key]) is None:
+            self.memory.release(plan.key)
+            return False
+        return True
+
+    def _layout(self, plan: RunPlan) -> dict:
+        """The run's own resources per worker: its host memory in bytes and, when packing, its GPU share."""
+        resources = {**self.layout["resources"], "memory": int(self.memory_gb[plan.key] * schedule.GB)}
+        if self.packer is None:
+            return {**self.layout, "resources": resources}
+        share = self.demands[plan.key].gpus / self.layout["workers"]
+        return {**self.layout, "gpus": share, "resources": {**resources, "GPU": share}}
+
+    def _asks(self, config, plan: RunPlan) -> dict:
+        return {**self.layout["resources"], **config.resources.model_resources.get(plan.spec.name, {})}
+
+    def _refuse_what_fits_nowhere(self, config) -> None:
+        """One line naming each model whose worker needs more host memory than the largest node it
+        can run on offers Ray, before any run starts (Ray would hold it as infeasible for ever)."""
+        too_big = {}
+        for plan in self.pending:
+            largest = max((self.memory.free[i] for i in self.nodes[plan.key]), default=None)
+            if largest is not None and self.memory_gb[plan.key] > largest:
+                too_big.setdefault(plan.spec.name, (self.memory_gb[plan.key], largest))
+        if too_big:
+            where = "the GPU" if self.layout.get("on_gpu", bool(self.layout["gpus"])) else "the CPU"
+            raise TrainingError(
+                "; ".join(f"training {model} needs ~{need:.1f} GB of host memory per worker, more than the "
+                          f"{largest:.1f} GB Ray can reserve on the largest node it can run on" for model, (need, largest)
+                          in too_big.items())
+                + f" (batch {_worker_batch(config)} at {config.preprocess.image_size} px on {where}); lower "
+                  f"training.batch_size or preprocess.image_size, leave {', '.join(too_big)} out of models.names, "
+                  f"or add a node with more memory")
 
 
 def _start_child(config, store, tracker, plan: RunPlan) -> Optional[str]:
@@ -324,13 +510,24 @@ def _start_child(config, store, tracker, plan: RunPlan) -> Optional[str]:
 def record_gpu_memory(config, store: StudyStore, plan: RunPlan) -> None:
     """The peak GPU memory a finished run measured, into the store's gpu_memory.json (the driver
     is its one writer), so later runs of the model with these settings ask for what it took."""
-    peak = (read_record(plan.run_dir / StudyStore.DONE) or {}).get("gpu_peak_gb")
-    if not isinstance(peak, (int, float)):
-        return
-    path = store.gpu_memory_path
-    known = read_record(path) or {}
     key = schedule.memory_key(plan.spec.name, config.training.batch_size, config.preprocess.image_size,
                               config.training.amp, config.resources.workers_per_run)
+    record_peak(store.gpu_memory_path, key, (read_record(plan.run_dir / StudyStore.DONE) or {}).get("gpu_peak_gb"))
+
+
+def record_host_memory(config, store: StudyStore, plan: RunPlan, on_gpu: bool) -> None:
+    """The peak resident memory of a finished run's worker (rank 0), into host_memory.json, so later
+    runs of the model with these settings on this kind of node reserve what it took."""
+    record_peak(store.host_memory_path, _host_memory_key(plan, config, on_gpu),
+                (read_record(plan.run_dir / StudyStore.DONE) or {}).get("host_peak_gb"))
+
+
+def record_peak(path: Path, key: str, peak: Any) -> None:
+    """Keep the largest peak (GB) measured under `key` in the JSON file at `path`; a missing peak
+    (an older done.json, a CPU run's GPU peak) changes nothing."""
+    if not isinstance(peak, (int, float)):
+        return
+    known = read_record(path) or {}
     known[key] = max(float(peak), float(known.get(key, 0.0)))
     write_text_atomic(path, json.dumps(known, indent=1, sort_keys=True))
 
@@ -338,7 +535,7 @@ def record_gpu_memory(config, store: StudyStore, plan: RunPlan) -> None:
 def _stop_in_flight(tracker, in_flight: dict, run_ids: dict[str, Optional[str]], stop: BaseException) -> None:
     """Cancel every run still in flight (its Train controller and workers go with its task) and
     mark its child KILLED, with the reason."""
-    reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else f"stopped: {stop}"
+    reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else f"stopped: {_brief(str(stop))}"
     for ref, plan in in_flight.items():
         ray.cancel(ref, force=True)
         if run_ids[plan.key]:

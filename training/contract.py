@@ -370,6 +370,7 @@ class StudyStore:
     tune_dir = property(lambda self: self.root / "tune")  # `camstudy tune`: trial runs, Ray Tune's state
     # measured peak GPU memory per model and settings (orchestrator.schedule sizes GPU shares by it)
     gpu_memory_path = property(lambda self: self.root / "gpu_memory.json")
+    host_memory_path = property(lambda self: self.root / "host_memory.json")  # measured peak RAM, likewise
 
     def run_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         return self.root / "train" / run_key(model, seed, permuted)

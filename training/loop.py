@@ -470,7 +470,7 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
     summary = {"model": spec.name, "seed": seed, "run_dir": str(run_dir), "epochs": state.epoch,
                "best_epoch": state.best_epoch, "history": state.history, "test_metrics": metrics,
                "weights": state.weights, "parameters": registry.parameter_count(state.model),
-               "node": this_node(), "gpu_peak_gb": _gpu_peak_gb(device),
+               "node": this_node(), "gpu_peak_gb": _gpu_peak_gb(device), "host_peak_gb": _host_peak_gb(),
                "fingerprint": fingerprint, "inputs": inputs,
                # what explain and analyze read (not the checkpoints: they are removed just below)
                FILES: vouched_files(run_dir / DONE, [run_dir / PREDICTIONS, run_dir / TEST_METRICS, run_dir / MODEL],
@@ -498,6 +498,15 @@ def this_node() -> dict[str, Any]:
 def _gpu_peak_gb(device: torch.device) -> Optional[float]:
     """Peak memory this process allocated on its GPU (what the scheduler's share is corrected by)."""
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+
+
+def _host_peak_gb() -> float:
+    """Peak resident memory of this process (a Ray Train worker lives for one run): what the
+    scheduler's host-memory reservation is corrected by. Linux reports ru_maxrss in KiB, macOS in bytes."""
+    import resource
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
 def _read_best(run_dir: Path, epoch: int) -> dict[str, torch.Tensor]:
