@@ -23,9 +23,10 @@ from mlflow.entities import Metric, RunTag
 from analysis import tables
 from analysis.inputs import load_study
 from analysis.compute import AnalysisOutputs, build_outputs
+from analysis.conclusions import interval, prose, summary_items
 from analysis.html import write_report
 from training.atomic import atomic_dir
-from training.contract import flatten
+from training.contract import flatten, run_key
 
 
 def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = None,
@@ -47,8 +48,10 @@ def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = Non
         write_report(inputs, outputs)
     outputs = _moved(outputs, tmp, final)
     if tracker is not None:
+        overview = runs_overview(inputs, outputs)
+        description = parent_description(inputs, outputs, overview)
         tracker.call(lambda: log_to_mlflow(tracker.client, tracker.parent_run(), tracker.current_children(), outputs,
-                                           config))
+                                           config, overview=overview, description=description))
     return outputs.report_path
 
 
@@ -61,13 +64,63 @@ def _moved(outputs: AnalysisOutputs, old: Path, new: Path) -> AnalysisOutputs:
 # ----------------------------------------------------------------------------- MLflow
 
 
+NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
+
+
+def runs_overview(inputs: Any, outputs: AnalysisOutputs) -> pd.DataFrame:
+    """One row per finished trained run, what a reader compares them on: the test AUC with its
+    CI, the calls at the decision threshold, the mean pixel AUPRC of its maps, whether its model
+    beats the location prior (AUPRC, paired, Holm) and whether its map set is degenerate (why)."""
+    summary = outputs.run_summary.set_index(["model", "seed"]) if len(outputs.run_summary) else pd.DataFrame()
+    prior = outputs.tables.get("beats_prior")
+    beats = {} if prior is None or prior.empty else {
+        r.model: r.verdict for r in prior[prior["metric"] == "auprc"].itertuples()}
+    rows = []
+    for metrics in inputs.test_metrics.to_dict(orient="records"):
+        key = (metrics["model"], metrics["seed"])
+        run = summary.loc[key].to_dict() if len(summary) and key in summary.index else {}
+        rows.append({"run": run_key(metrics["model"], int(metrics["seed"])), "model": metrics["model"],
+                     "seed": int(metrics["seed"]),
+                     "AUC [95% CI]": interval(metrics, "auc") if "auc_lo" in metrics else prose(metrics.get("auc")),
+                     "accuracy": prose(metrics.get("accuracy")), "sensitivity": prose(metrics.get("recall")),
+                     "specificity": prose(metrics.get("specificity")), "AUPRC": prose(run.get("auprc_mean")),
+                     "vs location prior (AUPRC)": beats.get(metrics["model"], "not tested"),
+                     "degenerate": run.get("degenerate") or "no"})
+    return pd.DataFrame(rows)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    cells = lambda values: "| " + " | ".join(str(v).replace("|", "/") for v in values) + " |"  # noqa: E731
+    return "\n".join([cells(table.columns), cells(["---"] * len(table.columns)),
+                      *(cells(row) for row in table.itertuples(index=False))])
+
+
+def parent_description(inputs: Any, outputs: AnalysisOutputs, overview: pd.DataFrame) -> str:
+    """The parent run's description: the report's summary, then the runs table."""
+    threshold = (inputs.config.get("training") or {}).get("threshold", 0.5)
+    return ("\n".join(f"- {item}" for item in summary_items(inputs, outputs))
+            + f"\n\n**Runs** (accuracy, sensitivity and specificity at the threshold {threshold}; the full "
+              f"report: `{outputs.report_path}`)\n\n" + markdown_table(overview.drop(columns=["model", "seed"])))
+
+
+def child_description(params: Mapping[str, str], degenerate: str) -> str:
+    return (f"{params.get('model', '?')}, seed {params.get('seed', '?')}; recipe: {params.get('optimizer', '?')}, "
+            f"lr {params.get('lr', '?')}, {params.get('epochs', '?')} epoch(s); map set at the paper's layer: "
+            + (f"degenerate ({degenerate}), left out of every comparison" if degenerate else "valid"))
+
+
 def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, str], outputs: AnalysisOutputs,
-                  config: Optional[Mapping[str, Any]] = None) -> None:
+                  config: Optional[Mapping[str, Any]] = None, overview: Optional[pd.DataFrame] = None,
+                  description: Optional[str] = None) -> None:
     """Tables (`log_table`), figures, statistics.json, scores.parquet and report.html on the
     parent, with the study's settings as `camstudy.config.*` tags (tags, not params: a study's
     settings may change between commands, and MLflow params cannot); the summary metrics of each
     run (cam/diff_gradcam_mean, ...) and its degenerate flag on its child."""
     logged = {Path(a.path).name for a in client.list_artifacts(parent_run_id, "analysis/tables")}
+    if description is not None:
+        client.set_tag(parent_run_id, NOTE_TAG, description)
+    if overview is not None:
+        _log_table(client, parent_run_id, overview, "runs.json", replace="runs.json" in logged)
     for name, table in outputs.tables.items():
         _log_table(client, parent_run_id, _loggable(table), f"{name}.json", replace=f"{name}.json" in logged)
     for path in outputs.figures.values():
@@ -86,6 +139,7 @@ def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, s
             # STUDY.md §8: a degenerate map set is flagged where a reader compares runs
             _log_metrics(client, child, {"cam/degenerate": float(bool(row["degenerate"]))})
             client.set_tag(child, "camstudy.degenerate", row["degenerate"] or "false")
+            client.set_tag(child, NOTE_TAG, child_description(client.get_run(child).data.params, row["degenerate"]))
 
 
 def _log_table(client: Any, run_id: str, table: pd.DataFrame, name: str, replace: bool) -> None:

@@ -392,8 +392,8 @@ def _write_run(config, store, plan, sink: MapSink | None, nodes: list[str] | Non
                 rows = _write_scored(sink, lambda randomized: sanity_tmp if randomized else cams_tmp)
             if not rows[True]:  # the sanity checks turned off: no stale maps beside the new ones
                 objectstore.remove([sanity])
-            _write_records(config, cams_tmp, plan, records, rows=rows[False], sanity_rows=rows[True],
-                           nodes=nodes or [])
+            _write_records(config, cams_tmp, plan, records, vouches_for=[sanity] if rows[True] else [],
+                           rows=rows[False], sanity_rows=rows[True], nodes=nodes or [])
         return cams
     finally:
         if sink is not None:
@@ -431,7 +431,8 @@ def tuning_fallback(key: tuple) -> tuple:
     return method, layer, "none", 0
 
 
-def _write_records(config, folder: Path, plan, records: list[dict], **info) -> None:
-    """_tuning.json, then, last, _done.json with the inputs the maps were made from."""
+def _write_records(config, folder: Path, plan, records: list[dict], vouches_for=(), **info) -> None:
+    """_tuning.json, then, last, _done.json with the inputs the maps were made from, vouching for
+    the maps beside it and those in `vouches_for` (the run's sanity/ folder)."""
     tuning.write_records(folder / StudyStore.CAM_TUNING, records, config.metrics)
-    write_record(folder / DONE, explain_inputs(config, plan.fingerprint), **info)
+    write_record(folder / DONE, explain_inputs(config, plan.fingerprint), vouches_for=vouches_for, **info)

@@ -32,6 +32,7 @@ import getpass
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -67,11 +68,52 @@ def tracking_uri(config) -> str:
     return f"sqlite:///{StudyStore(config.study_dir).mlflow_db}"
 
 
+UI_PORT = 5000  # `mlflow ui`'s own default, written out so the printed URL names it
+# The experiment tag the printed URL opens (`viewStateShareKey`): MLflow 3's runs table reads a
+# shared view state from the experiment tag mlflow.sharedViewState.<key> (its JSON holds the
+# search filter and the columns). It never takes `runsExpanded` from a shared view, so the URL
+# lists the study's child runs, one row per (model, seed), rather than a collapsed parent.
+VIEW_KEY = "camstudy-runs"
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+# one column per fact a reader compares the nine models on (MLflow's "<type>.`<name>`" keys)
+VIEW_COLUMNS = (["params.`model`", "params.`seed`", "params.`depth`", "params.`params_millions`"]
+                + [f"metrics.`test/{m}`" for m in ("auc", "accuracy", "recall", "specificity")]
+                + [f"metrics.`cam/{m}`" for m in ("auprc_mean", "diff_gradcam_mean", "ehr_auc_norm_mean",
+                                                  "pointing_game", "degenerate")]
+                + ["tags.`camstudy.degenerate`"])
+
+
 def ui_command(config) -> str:
+    """A command that opens the study's runs as printed, in any shell: this environment's Python
+    by absolute path (a fresh shell has no virtual environment on its PATH)."""
     uri = tracking_uri(config)
     if uri.startswith("http"):
         return f"open {uri} (MLflow server)"
-    return f"mlflow ui --backend-store-uri {uri}"
+    # one worker: a UI for one reader starts in seconds (the default starts several)
+    return (f"{shlex.quote(sys.executable)} -m mlflow ui --backend-store-uri {shlex.quote(uri)} --port {UI_PORT} "
+            "--workers 1")
+
+
+def ui_url(config, experiment_id: str) -> str:
+    """The study's experiment in MLflow's model-training view (not its GenAI default), on the runs
+    table with the study's shared view (`VIEW_KEY`)."""
+    uri = tracking_uri(config)
+    base = uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{UI_PORT}"
+    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
+
+
+def ui_lines(config, tracker: "StudyTracker") -> str:
+    """What a command prints at its end: the command, then the URL (when MLflow was reachable)."""
+    experiment = tracker.call(lambda: tracker.experiment_id) if tracker.online else None
+    return ui_command(config) + (f"\n    then open {ui_url(config, experiment)}" if experiment else "")
+
+
+def shared_view(parent_run_id: str) -> str:
+    """The runs table's shared view state: the study's children (this parent's), the columns."""
+    return json.dumps({"searchFilter": f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                       "orderByKey": "params.`depth`", "orderByAsc": True,
+                       "selectedColumns": ["attributes.`Run Name`", *VIEW_COLUMNS]})
 
 
 class StudyTracker:
@@ -118,6 +160,10 @@ class StudyTracker:
             self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         return self._experiment_id
 
+    def share_view(self) -> None:
+        """The view the printed URL opens (`ui_url`), on the study's experiment."""
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + VIEW_KEY, shared_view(self.parent_run()))
+
     # ------------------------------------------------------------------ the parent
 
     def parent_run(self) -> str:
@@ -139,6 +185,7 @@ class StudyTracker:
             parent = self.parent_run()
             self.client.update_run(parent, status="RUNNING")
             set_tags(self.client, parent, {"camstudy.command": command})
+            self.share_view()
         self.call(running)
 
     def finish(self, status: str, error: BaseException | str | None = None) -> None:

@@ -233,6 +233,21 @@ def test_mlflow_logging_on_parent_and_children(single_seed):
     assert shifted - other == pytest.approx(SHIFT, abs=0.05)
 
 
+def test_the_parent_and_children_describe_the_study_in_mlflow(single_seed):
+    """The parent's description is the report's summary and a table of the runs (also logged as a
+    table); each child's names its model, seed, recipe and map-set status."""
+    client, parent = single_seed.tracker.client, single_seed.tracker.parent_run()
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert note.startswith("- What ran: ") and "Classifiers that rank above chance" in note
+    header = "| run | AUC [95% CI] | accuracy | sensitivity | specificity | AUPRC | vs location prior (AUPRC) | degenerate |"
+    assert header in note and all(f"| {key} |" in note for key in single_seed.children)
+    tables = {Path(a.path).name for a in client.list_artifacts(parent, "analysis/tables")}
+    assert "runs.json" in tables
+    for key, run_id in single_seed.children.items():
+        text = client.get_run(run_id).data.tags["mlflow.note.content"]
+        assert text.endswith("map set at the paper's layer: valid"), text
+
+
 def test_a_rerun_replaces_the_logged_tables(single_seed, tmp_path):
     client, parent = single_seed.tracker.client, single_seed.tracker.parent_run()
     table1 = pd.read_csv(single_seed.root / "analysis" / "tables" / "table1.csv")
@@ -319,6 +334,8 @@ def degenerate(tmp_path_factory):
 
 def test_mlflow_children_carry_the_degenerate_flag(degenerate):
     client = degenerate.tracker.client
+    note = client.get_run(degenerate.children[f"{ALL_ZERO}-seed0"]).data.tags["mlflow.note.content"]
+    assert "degenerate (" in note and "left out of every comparison" in note
     for model in MODELS:
         run = client.get_run(degenerate.children[f"{model}-seed0"])
         flagged = model in (ALL_ZERO, NO_CLASSIFIER)

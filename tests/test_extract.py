@@ -73,6 +73,9 @@ def test_one_pipeline_writes_every_run_with_the_documented_columns(study, capsys
             assert (frame["cam_constant"] == (heat.max(axis=(1, 2)) == heat.min(axis=(1, 2)))).all()
         record = json.loads((out / DONE).read_text())
         assert record["rows"] == positives * LAYERS and record["sanity_rows"] == positives * (STEPS + 1)
+        # the record vouches for the maps in both folders (a damaged one is recomputed)
+        assert f"../../sanity/{plan.key}/{StudyStore.CAM_PART}" in record["files"]
+        assert StudyStore.CAM_PART in record["files"]
         assert record["inputs"]["train"] == {"fingerprint": plan.fingerprint}
         assert record["inputs"]["cam"]["methods"] == ["gradcam"]
 
