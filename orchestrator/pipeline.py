@@ -93,7 +93,7 @@ def run_train(config, store: StudyStore, tracker: tracking.StudyTracker, force: 
     if force:
         _remove_runs(plan_runs(config, store), lambda plan: plan.run_dir)
     plans = train_stage(config, store, tracker)
-    print(f"[train] MLflow: {tracking.ui_command(config)}")
+    print(f"[train] compare runs in MLflow: {tracking.ui_lines(config, tracker)}")
     return plans
 
 
@@ -137,6 +137,7 @@ def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force
         reason = "its results have not reached MLflow yet"
     if reason is None and report.is_file():
         print(f"[analyze] up to date: {store.shown(report)}")
+        print(f"[analyze] compare runs in MLflow: {tracking.ui_lines(config, tracker)}")
         return str(report)
     print(f"[analyze] {reason or 'report missing'}; analysing {len(runs)} run(s)")
     _require_intact_inputs(store, plans)
@@ -144,6 +145,7 @@ def run_analyze(config, store: StudyStore, tracker: tracking.StudyTracker, force
     report = analyze(store.root, config.to_dict(), tracker=tracker, runs=runs)
     write_record(record, inputs, logged=tracker.online, vouches_for=[store.analysis_dir], own_folder=False)
     print(f"[analyze] report: {store.shown(report)}")
+    print(f"[analyze] compare runs in MLflow: {tracking.ui_lines(config, tracker)}")
     return str(report)
 
 
@@ -176,7 +178,6 @@ def run_study(config, store: StudyStore, tracker: tracking.StudyTracker, force: 
     print("[run] wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
           + f"; total {time.time() - started:.0f}s")
     print(f"[run] report: {store.shown(report)}")
-    print(f"[run] compare runs: {tracking.ui_command(config)}")
     return report
 
 

@@ -86,7 +86,9 @@ def test_killed_five_times_the_study_resumes_without_redoing_finished_work(tmp_p
         assert (sanity["randomization"] == "full").sum() == cams["final_layer"].sum() > 0
     assert not list(study.rglob(".*.tmp-*")), "a temporary output was left behind"
     assert (study / "analysis" / "report.html").is_file()
-    assert "compare runs: mlflow ui --backend-store-uri sqlite:///" in last.stdout
+    # the command as printed works in a fresh shell (tests/test_mlflow_ui.py runs it): the interpreter by path
+    assert f"compare runs in MLflow: {sys.executable} -m mlflow ui --backend-store-uri sqlite:///" in last.stdout
+    assert "then open http://127.0.0.1:5000/#/experiments/" in last.stdout
     _check_mlflow(study)
 
 
