@@ -52,8 +52,11 @@ from training.ray_data import reraise_own, without_budget_backpressure
 DONE = StudyStore.CAM_DONE  # written last into a run's CAM folder: the inputs it was made from
 # Rows per Ray Data block, one run per block. A block is one task on one actor, which builds the
 # block's run's two models once (seconds for VGG and ViT-L on a CPU): a small run stays one
-# block, a large one is spread over several actors.
+# block, a large one is spread over several actors. A task returns its block's maps at once, so
+# a block also holds at most BLOCK_BYTES of heatmaps (`block_rows`): an actor's memory is bounded
+# whatever the number of images, layers or cascade steps.
 BLOCK_ROWS = 256
+BLOCK_BYTES = 128 << 20
 
 
 def scored_images(config, cache_dir: Path, run_dir: Path) -> pd.DataFrame:
@@ -222,6 +225,13 @@ def maps_per_row(spec, config, permuted: bool, test: bool) -> int:
     return trained + cascade + len(config.cam.methods) * copies["full"]
 
 
+def block_rows(spec, config, permuted: bool) -> int:
+    """Image rows per block: BLOCK_ROWS, fewer when their float16 maps would pass BLOCK_BYTES (never
+    fewer than one CAM batch)."""
+    per_row = maps_per_row(spec, config, permuted, True) * config.preprocess.image_size ** 2 * 2
+    return int(min(BLOCK_ROWS, max(config.cam.batch_size, BLOCK_BYTES // max(per_row, 1))))
+
+
 def expected_maps(spec, config, permuted: bool, rows: pd.DataFrame) -> int:
     test = int((rows[tuning.SPLIT] == "test").sum())
     return (len(rows) - test) * maps_per_row(spec, config, permuted, False) + test * maps_per_row(
@@ -272,14 +282,15 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
     import ray.data
 
     order = [plan.key for plan in registry.largest_first(todo)]
-    blocks = [work[key].iloc[i:i + BLOCK_ROWS] for key in order for i in range(0, len(work[key]), BLOCK_ROWS)]
+    plan_of = {plan.key: plan for plan in todo}
+    rows = {key: block_rows(plan_of[key].spec, config, plan_of[key].permuted) for key in order}
+    blocks = [work[key].iloc[i:i + rows[key]] for key in order for i in range(0, len(work[key]), rows[key])]
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
     expected = {plan.key: expected_maps(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
     maps = sum(expected.values())
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
           f"validation positives to tune on, per model copy), {maps} heatmaps to compute, {actors} actor(s)")
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), plan.permuted) for plan in todo}
-    plan_of = {plan.key: plan for plan in todo}
     sinks = {key: MapSink(store.root, key, TUNING_KEYS, config.metrics, fallback=tuning_fallback,
                           expected=expected[key]) for key in work}
     nodes: dict[str, set] = {key: set() for key in work}
