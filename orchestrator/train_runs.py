@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,21 @@ def expected_seconds(plan: RunPlan, config) -> float:
     return 3 * flops * registry.recipe_for(plan.spec, config.recipes).epochs / REFERENCE_FLOPS_PER_S
 
 
+# A training step's cost on a CPU, fitted to the throughput measured on a 2-core machine (nine
+# models, 64 px, batch 16; ARCHITECTURE.md's fact sheet): seconds ≈ FLOP_S x 3 x forward FLOPs x
+# batch + PARAMETER_S x parameters (the optimizer step and weight traffic: what makes VGG and
+# ViT-L slower than their FLOPs say). Within 30% for each model; only the ratio matters here.
+FLOP_S, PARAMETER_S = 2.79e-12, 4.71e-9
+
+
+def relative_epoch_cost(plan: RunPlan, config) -> float:
+    """One epoch's cost per training image (relative: the stage scales it by measured epochs)."""
+    flops, _ = registry.forward_cost(plan.spec, config.preprocess.image_size, config.preprocess.channels)
+    params = registry.parameter_count_millions(plan.spec, config.preprocess.image_size,
+                                               in_chans=config.preprocess.channels) * 1e6
+    return FLOP_S * 3 * flops + PARAMETER_S * params / config.training.batch_size
+
+
 def run_demands(config, store: StudyStore, plans: list[RunPlan],
                 duration: Callable[[RunPlan, Any], float] = expected_seconds) -> dict[str, schedule.Demand]:
     """Each run's GPU share (measured peak memory when the store has one, else the estimate;
@@ -351,11 +367,12 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
     # policy kills small helpers too): reports lost with it are back-filled from done.json
     progress = Queue(actor_options={"max_restarts": -1, "max_task_retries": -1})
     in_flight, failures, run_ids = {}, {}, {}
-    status = StageProgress(config, todo)
+    status = StageProgress(config, todo, layout.get("concurrency", 1))
     try:
         while starts.pending or in_flight:
             for plan, plan_layout in starts.now(len(in_flight)):
                 run_ids[plan.key] = _start_child(config, store, tracker, plan)
+                status.run_started(plan.key)
                 in_flight[_fit.options(name=ray_setup.RUN_TASK.format(plan.key)).remote(
                     config, plan, progress, plan_layout)] = plan
             finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
@@ -364,7 +381,7 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
             for ref in finished:
                 plan = in_flight.pop(ref)
                 starts.finished(plan)
-                status.runs_done += 1
+                status.run_finished(plan.key)
                 outcome = _outcome(plan, ref)
                 store.pull(plan.run_dir)  # a study in object storage: what the run's workers uploaded
                 if run_ids[plan.key]:
@@ -544,37 +561,84 @@ def _stop_in_flight(tracker, in_flight: dict, run_ids: dict[str, Optional[str]],
 
 
 class StageProgress:
-    """Runs done of the stage's total and a time-left estimate: the elapsed time per finished
-    epoch times the epochs still to come (every run's recipe epochs; a resumed run's finished
-    epochs count as soon as its first report arrives). Rough while models differ in speed, so
-    it is printed as "~"; a line every minute even before the first epoch ends."""
+    """Runs done of the stage's total and the time left, from the planned work: each run's epochs
+    still to come times its epoch cost, plus its start-up (Ray Train's `fit` before the first
+    epoch) and its tail (test predictions after the last), packed longest first onto the `slots`
+    runs that train at once; a run in flight keeps its slot, less the time it has already run.
+    A run's epoch cost is its own measured epoch (`epoch_seconds` of its reports) once it reported
+    one; before that its `relative_epoch_cost` times the median ratio of measured to relative
+    cost over the runs that reported. Start-up and tail are the medians measured so far (before
+    any: START_UP_S, 0). No estimate before the first epoch; a line every minute even then.
+    `clock` is injectable for tests."""
 
     HEARTBEAT_S = 60.0
+    START_UP_S = 12.0  # a TorchTrainer.fit() before its first epoch, 9-15 s measured (ARCHITECTURE.md)
 
-    def __init__(self, config, plans: list[RunPlan]):
+    def __init__(self, config, plans: list[RunPlan], slots: int = 1, clock: Callable[[], float] = time.time):
+        self.clock, self.slots = clock, max(1, int(slots))
+        self.epochs = {plan.key: registry.recipe_for(plan.spec, config.recipes).epochs for plan in plans}
+        self.relative = {plan.key: relative_epoch_cost(plan, config) for plan in plans}
+        self.done = {plan.key: 0 for plan in plans}  # epochs finished per run
+        self.measured: dict[str, float] = {}  # seconds of a run's latest epoch
+        self.began: dict[str, float] = {}  # run in flight -> when it started
+        self.last_report: dict[str, float] = {}  # run in flight -> when its latest epoch ended
+        self.start_ups: list[float] = []
+        self.tails: list[float] = []
         self.runs, self.runs_done = len(plans), 0
-        self.epochs = sum(registry.recipe_for(plan.spec, config.recipes).epochs for plan in plans)
-        self.epochs_done, self.started, self.last_line = 0, time.time(), time.time()
-        self.reporting: set[str] = set()  # runs that sent a report already
+        self.started = self.last_line = clock()
 
-    def epoch_reported(self, key: str, epoch: int) -> None:
+    def run_started(self, key: str) -> None:
+        self.began[key] = self.clock()
+
+    def run_finished(self, key: str) -> None:
+        if key in self.last_report:
+            self.tails.append(self.clock() - self.last_report.pop(key))
+        self.done[key] = self.epochs.get(key, self.done.get(key, 0))
+        self.began.pop(key, None)
+        self.runs_done += 1
+
+    def epoch_reported(self, key: str, epoch: int, seconds: Optional[float] = None) -> None:
+        now = self.clock()
+        if key in self.began and key not in self.last_report and seconds:  # its first report: start-up measured
+            self.start_ups.append(max(0.0, now - self.began[key] - float(seconds)))
         # a resumed run's first report also stands for the epochs it finished before
-        self.epochs_done += 1 if key in self.reporting else epoch
-        self.reporting.add(key)
-        self.last_line = time.time()
+        self.done[key] = max(self.done.get(key, 0), int(epoch))
+        if seconds and seconds > 0:
+            self.measured[key] = float(seconds)
+        self.last_report[key] = self.last_line = now
+
+    def seconds_left(self) -> Optional[float]:
+        """The planned remaining wall time (None until an epoch was measured)."""
+        if not self.measured:
+            return None
+        scale = statistics.median(self.measured[k] / max(self.relative.get(k, 0), 1e-12) for k in self.measured)
+        cost = {key: self.measured.get(key, scale * self.relative[key]) for key in self.epochs}
+        start_up = statistics.median(self.start_ups) if self.start_ups else self.START_UP_S
+        tail = statistics.median(self.tails) if self.tails else 0.0
+        now = self.clock()
+        loads = []
+        for key, began in self.began.items():  # in flight: what is left of its own plan
+            since = now - self.last_report.get(key, began)
+            ahead = (0.0 if key in self.last_report else start_up) + (self.epochs[key] - self.done[key]) * cost[key]
+            loads.append(max(0.0, ahead - since) + tail)
+        loads += [0.0] * max(0, self.slots - len(loads))
+        waiting = sorted((start_up + (self.epochs[key] - self.done[key]) * cost[key] + tail for key in self.epochs
+                          if key not in self.began and self.done[key] < self.epochs[key]), reverse=True)
+        for work in waiting:  # longest first onto the slot that frees first
+            loads[loads.index(min(loads))] += work
+        return max(loads) if loads else 0.0
 
     def line(self) -> str:
-        elapsed = time.time() - self.started
         done = f"{self.runs_done}/{self.runs} runs done"
-        if not self.epochs_done:
+        left = self.seconds_left()
+        if left is None:
             return f"{done}, time left: estimating (no epoch finished yet)"
-        left = elapsed / self.epochs_done * max(0, self.epochs - self.epochs_done)
         return f"{done}, ~{_duration(left)} left"
 
     def heartbeat(self, in_flight: int) -> None:
-        if time.time() - self.last_line >= self.HEARTBEAT_S:
-            self.last_line = time.time()
-            print(f"[train {time.time() - self.started:6.0f}s] {self.line()}; {in_flight} in flight", flush=True)
+        if self.clock() - self.last_line >= self.HEARTBEAT_S:
+            self.last_line = self.clock()
+            print(f"[train {self.clock() - self.started:6.0f}s] {self.line()}; {in_flight} in flight", flush=True)
 
 
 def _duration(seconds: float) -> str:
@@ -592,7 +656,7 @@ def _log_progress(progress: Queue, status: StageProgress, tracker, run_ids: dict
             return
         if run_ids[key]:
             tracker.call(_log_epoch, tracker.client, run_ids[key], report)
-        status.epoch_reported(key, int(report["epoch"]))
+        status.epoch_reported(key, int(report["epoch"]), report.get("epoch_seconds"))
         numbers = " ".join(f"{k}={v:.4g}" for k, v in report.items()
                            if k != "epoch" and isinstance(v, (int, float)))
         print(f"[train {time.time() - status.started:6.0f}s] {key} epoch {report['epoch']}: {numbers} "
