@@ -304,6 +304,11 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
                 # default queues several per actor up front, which left one actor idle at the end)
                 compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
                 num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else cpus_per_actor,
+                # no actor restarts: a lost actor fails the stage with one line, and the rerun
+                # redoes only the runs not yet written (finished runs are complete on disk). Ray
+                # Data passes its actors' arguments through the object store, so with restarts on
+                # Ray logs an error at every actor's start that their arguments could be lost.
+                max_restarts=0,
                 # host memory (bytes) Ray reserves per actor, so actors that cannot fit together are not started together
                 **({"memory": int(memory_per_actor)} if memory_per_actor else {}))
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -24,6 +24,12 @@ from training.ray_data import TRACE_LOGGER
 # OutOfMemoryError. A task with max_retries=0 is never retried on a kill. A value already in the
 # environment is kept.
 OOM_RETRIES_ENV, OOM_RETRIES = "RAY_task_oom_retries", 1
+# Worker processes the raylet may start at once. Its default is the node's CPU count, and it warns
+# when 4x that many are starting; the train stage starts per run a driver task, a Ray Train
+# controller and its workers, and the explain stage its actors, all using little or no CPU while
+# they start, so on a 2-core machine a normal study passes that line. The stages' own demand sets
+# the limit instead (a value already in the environment is kept).
+STARTUP_CONCURRENCY_ENV = "RAY_worker_maximum_startup_concurrency"
 # The name of a train-stage run's task in Ray (dashboard, memory-monitor reports): the report
 # then says which run was killed.
 RUN_TASK = "train[{}]"
@@ -60,6 +66,7 @@ def init_ray(config: StudyConfig | None = None) -> None:
     # the command's handler (orchestrator.cli: stop the runs, mark them KILLED) is put back
     on_sigterm = signal.getsignal(signal.SIGTERM)
     os.environ.setdefault(OOM_RETRIES_ENV, str(OOM_RETRIES))
+    os.environ.setdefault(STARTUP_CONCURRENCY_ENV, str(max(8, 2 * (os.cpu_count() or 1))))
     if address:
         print(f"[ray] joining the running cluster at {address}", flush=True)
         ray.init(address=address, log_to_driver=False)
@@ -80,6 +87,9 @@ def local_data_context(progress: bool = True) -> None:
     context.enable_progress_bars = progress
     context.enable_operator_progress_bars = False  # one bar per pipeline is enough for map_batches
     context.print_on_execution_start = False  # the stage prints its own line per step
+    # Ray Data's issue detectors advise on memory requests; the explain stage reserves its actors'
+    # memory itself (from the estimate and measured peaks), so their advice would contradict it
+    context.issue_detectors_config.detectors = []
 
 
 # Ray notices that say nothing a camstudy user acts on, matched by logger and message start: the

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import getpass
 import json
+import logging
 import math
 import os
 import shlex
@@ -67,6 +68,10 @@ def tracking_uri(config) -> str:
         return config.tracking.uri
     return f"sqlite:///{StudyStore(config.study_dir).mlflow_db}"
 
+
+# MLflow announces creating and migrating its SQLite tables at INFO on every new study: nothing a
+# reader acts on (a failure still raises)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 UI_PORT = 5000  # `mlflow ui`'s own default, written out so the printed URL names it
 # The experiment tag the printed URL opens (`viewStateShareKey`): MLflow 3's runs table reads a
