@@ -47,6 +47,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402 (after the envir
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from training.provenance import git_commit
 from training.contract import StudyStore, read_record
 from training.atomic import write_text_atomic
 
@@ -292,23 +293,13 @@ def source_tags() -> dict[str, str]:
     """Who ran what, from which commit: MLflow's own source tags, on the parent and every child."""
     tags = {"mlflow.user": _user(), "mlflow.source.type": "LOCAL",
             "mlflow.source.name": "camstudy " + " ".join(sys.argv[1:3])}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
 
 
 @functools.lru_cache(maxsize=1)
-def _git_commit() -> Optional[str]:
-    """HEAD of the checkout camstudy runs from, or None (an installed wheel, a job's copied folder)."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def _user() -> str:
     try:
         return getpass.getuser()
