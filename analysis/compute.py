@@ -262,27 +262,30 @@ def _figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutput
     if trained.empty:
         outputs.notes.append("No CAM scores: no localisation figures.")
         return found
-    found["figure1"] = _figure1(inputs, trained, folder / "figure1_heatmaps.png", method, outputs.notes)
+    flagged = set(model_flags(trained, method, outputs.excluded)["model"])
+    degenerate = [m for m in inputs.model_order if m in flagged]  # drawn hollow and grey, or named as left out
+    found["figure1"] = _figure1(inputs, trained, folder / "figure1_heatmaps.png", method, outputs.notes, degenerate)
     if "ehr" in outputs.tables:
         found["figure2"] = figures.ehr_figure(outputs.tables["ehr"], folder / "figure2_ehr_auc.png")
     found["distributions"] = figures.distribution_figure(
         trained, inputs.models, dict(zip(paper_values.TABLE2["model"], paper_values.TABLE2["mean"])),
-        folder / "diff_gradcam_distributions.png")
+        folder / "diff_gradcam_distributions.png", degenerate=degenerate)
     summary = tables.metric_summary(trained, inputs.models, {k: v for k, v in DEPTH_METRICS.items() if k in trained})
     found["depth"] = figures.depth_figure(summary, [v for k, v in DEPTH_METRICS.items() if k in trained],
-                                          folder / "metric_vs_depth.png")
+                                          folder / "metric_vs_depth.png", degenerate)
     if not outputs.tables["sanity"].empty:
-        found["sanity"] = figures.sanity_figure(outputs.tables["sanity"], folder / "sanity_randomized.png")
-    found.update(_beyond_figures(inputs, trained, outputs, folder))
+        found["sanity"] = figures.sanity_figure(outputs.tables["sanity"], folder / "sanity_randomized.png", degenerate)
+    found.update(_beyond_figures(inputs, trained, outputs, folder, degenerate))
     if len(outputs.tables.get("cascade", ())):
         found["cascade"] = figures.cascade_figure(outputs.tables["cascade"], inputs.models, folder / "cascade.png")
     if len(outputs.tables.get("stability", ())):
-        found["stability"] = figures.stability_figure(outputs.tables["stability"], folder / "stability.png")
+        found["stability"] = figures.stability_figure(outputs.tables["stability"], folder / "stability.png",
+                                                      degenerate=degenerate)
     return {name: path for name, path in found.items() if path is not None}
 
 
 def _beyond_figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutputs,
-                    folder: Path) -> dict[str, Path]:
+                    folder: Path, degenerate: list[str]) -> dict[str, Path]:
     """The ladder, the layer sweep and metric against lesion size (STUDY.md §9)."""
     found: dict[str, Path] = {}
     if len(outputs.tables.get("ladder", ())):
@@ -295,12 +298,13 @@ def _beyond_figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: Analysi
     metrics = [m for m in covariates.COVARIATE_METRICS if m in valid]
     bins = covariates.size_bins(valid, metrics)
     if len(bins):
-        found["lesion_size"] = figures.lesion_size_figure(bins, metrics, inputs.models, folder / "lesion_size.png")
+        found["lesion_size"] = figures.lesion_size_figure(bins, metrics, inputs.models, folder / "lesion_size.png",
+                                                          degenerate)
     return found
 
 
 def _figure1(inputs: StudyInputs, trained: pd.DataFrame, path: Path, method: Optional[str],
-             notes: list[str]) -> Optional[Path]:
+             notes: list[str], degenerate: list[str]) -> Optional[Path]:
     image_ids = figures.figure1_images(trained)
     backgrounds = read_backgrounds(inputs.root, image_ids)
     if not image_ids or len(backgrounds) < len(image_ids):
@@ -309,6 +313,6 @@ def _figure1(inputs: StudyInputs, trained: pd.DataFrame, path: Path, method: Opt
         return None
     models = [m for m in inputs.model_order if m in set(trained["model"])]
     heatmaps = {m: read_heatmaps(inputs.root, m, figures.first_seed(trained, m), image_ids, method) for m in models}
-    return figures.heatmap_grid(backgrounds, heatmaps, image_ids, models, path)
+    return figures.heatmap_grid(backgrounds, heatmaps, image_ids, models, path, degenerate)
 
 

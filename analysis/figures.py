@@ -1,13 +1,14 @@
 """The study's figures (PNG, matplotlib Agg), models ordered by family, then depth.
 
 Each function takes ready-made tables or arrays and an output path, writes one PNG and returns
-its path; none reads the study store.
+its path; none reads the study store. Every figure fits the report's column at 1:1 (no text
+below MIN_TEXT_PT) and draws degenerate map sets (STUDY.md §8) hollow, grey and named so.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Collection, Iterable, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -15,16 +16,50 @@ matplotlib.use("Agg")  # no display on cluster drivers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.paper_values import LABELS  # noqa: E402
 
 DPI = 110
+# The report shows figures in a column of REPORT_COLUMN_PX (analysis/html.py: body max-width) and
+# scales wider PNGs down, text with them. At most FIGURE_WIDTH_IN wide (bbox_inches="tight" adds its
+# 0.1 in pad each side) a PNG is shown at 1:1 in any window of at least the column's width, where
+# the smallest text, MIN_TEXT_PT, is 8 pt x 110/72 = 12 px; it stays >= 9 px down to a 3/4 scale.
+REPORT_COLUMN_PX = 1150
+FIGURE_WIDTH_IN = 10.0
+MIN_TEXT_PT = 8
+STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "xtick.labelsize": MIN_TEXT_PT,
+         "ytick.labelsize": MIN_TEXT_PT, "legend.fontsize": MIN_TEXT_PT, "legend.title_fontsize": MIN_TEXT_PT,
+         "figure.titlesize": 10, "figure.labelsize": 9}
 FAMILY_COLOURS = {"vgg": "tab:blue", "resnet": "tab:green", "vit": "tab:orange"}
 PAPER_STYLE = {"color": "tab:red", "marker": "x", "linestyle": "none", "markersize": 8}
+# STUDY.md §8: a degenerate map set is drawn hollow and grey and named so in every figure, so
+# that an all-zero set never reads as a valid one
+DEGENERATE_COLOUR = "grey"
+DEGENERATE = "degenerate"
+DEGENERATE_LEGEND = f"{DEGENERATE} map set (left out of comparisons)"
 
 
 def label(model: str) -> str:
     return LABELS.get(model, model)
+
+
+def model_label(model: str, degenerate: bool = False, separator: str = " ") -> str:
+    """The model's name, with "(degenerate)" when its map set is degenerate."""
+    return f"{label(model)}{separator}({DEGENERATE})" if degenerate else label(model)
+
+
+def _figure(rows: int = 1, columns: int = 1, width: float = FIGURE_WIDTH_IN, height: float = 4.0,
+            **kwargs) -> tuple[plt.Figure, np.ndarray]:
+    """A constrained-layout figure (titles and labels never overlap) at most FIGURE_WIDTH_IN wide."""
+    return plt.subplots(rows, columns, squeeze=False, figsize=(min(width, FIGURE_WIDTH_IN), height),
+                        layout="constrained", **kwargs)
+
+
+def _styled(function):
+    """Every text a figure function creates takes its size from STYLE (none below MIN_TEXT_PT)."""
+    return plt.rc_context(STYLE)(function)
 
 
 def _save(figure: plt.Figure, path: Path) -> Path:
@@ -44,17 +79,53 @@ def _error_bars(table: pd.DataFrame, column: str) -> list[np.ndarray]:
     return [value - table[f"{column}_lo"].to_numpy(dtype=float), table[f"{column}_hi"].to_numpy(dtype=float) - value]
 
 
+def degenerate_rows(table: pd.DataFrame, degenerate: Collection[str] = ()) -> np.ndarray:
+    """Per row: is its map set degenerate? From the table's own `degenerate` column (the reason, or
+    empty) where it has one, else from the models named in `degenerate`."""
+    if "degenerate" in table:
+        return table["degenerate"].fillna("").astype(str).ne("").to_numpy()
+    return table["model"].astype(str).isin(set(degenerate)).to_numpy()
+
+
+def _markers(ax: plt.Axes, x: Sequence[float], y: Sequence[float], colours: Sequence[str], flagged: np.ndarray,
+             label_valid: Optional[str] = None, **style) -> None:
+    """Filled markers in each row's colour; degenerate rows hollow and grey."""
+    x, y, flagged = np.asarray(x, dtype=float), np.asarray(y, dtype=float), np.asarray(flagged, dtype=bool)
+    colours = np.asarray(list(colours), dtype=object)
+    if (~flagged).any():
+        ax.scatter(x[~flagged], y[~flagged], c=list(colours[~flagged]), zorder=3, label=label_valid, **style)
+    if flagged.any():
+        ax.scatter(x[flagged], y[flagged], facecolors="none", edgecolors=DEGENERATE_COLOUR, linewidths=1.5, zorder=3,
+                   label=DEGENERATE_LEGEND, **style)
+
+
+def _grey_degenerate_ticks(labels: Iterable[plt.Text]) -> None:
+    for text in labels:
+        if DEGENERATE in text.get_text():
+            text.set_color(DEGENERATE_COLOUR)
+
+
+def _left_out(figure: plt.Figure, degenerate: Collection[str]) -> None:
+    """A figure drawn over the valid map sets only names the degenerate ones it leaves out."""
+    if degenerate:
+        figure.supxlabel(f"Not shown ({DEGENERATE} map sets, left out of comparisons): "
+                         + ", ".join(label(m) for m in degenerate), color=DEGENERATE_COLOUR)
+
+
 # ----------------------------------------------------------------------------- Figure 1
 
 
+@_styled
 def heatmap_grid(backgrounds: Mapping[str, tuple[np.ndarray, np.ndarray]],
                  heatmaps: Mapping[str, Mapping[str, np.ndarray]], image_ids: list[str],
-                 models: list[str], path: Path) -> Path:
+                 models: list[str], path: Path, degenerate: Collection[str] = ()) -> Path:
     """Figure 1: one row per positive test image, the image with its mask outline, then one
-    column per model with the heatmap (jet, alpha 0.45) over it and the mask outline in white."""
+    column per model with the heatmap (jet, alpha 0.45) over it and the mask outline in white;
+    a degenerate map set's column titled so, in grey."""
     columns = ["image"] + models
-    figure, axes = plt.subplots(len(image_ids), len(columns), squeeze=False,
-                                figsize=(1.7 * len(columns), 1.8 * len(image_ids)))
+    cell = min(1.7, FIGURE_WIDTH_IN / len(columns))
+    figure, axes = _figure(len(image_ids), len(columns), width=cell * len(columns),
+                           height=cell * len(image_ids) + 0.9)
     for r, image_id in enumerate(image_ids):
         image, mask = backgrounds[image_id]
         for c, column in enumerate(columns):
@@ -67,8 +138,10 @@ def heatmap_grid(backgrounds: Mapping[str, tuple[np.ndarray, np.ndarray]],
             _outline(ax, mask, image.shape)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
-                ax.set_title("X-ray + mask" if column == "image" else label(column), fontsize=8)
-    figure.suptitle("Figure 1: Grad-CAM heatmaps of positive test images (mask outline in white)", fontsize=10)
+                flagged = column in degenerate
+                ax.set_title("X-ray + mask" if column == "image" else model_label(column, flagged, "\n"),
+                             color=DEGENERATE_COLOUR if flagged else "black")
+    figure.suptitle("Figure 1: Grad-CAM heatmaps of positive test images (mask outline in white)")
     return _save(figure, path)
 
 
@@ -84,91 +157,118 @@ def _outline(ax: plt.Axes, mask: np.ndarray, shape: tuple[int, ...]) -> None:
 # ----------------------------------------------------------------------------- Figure 2
 
 
+@_styled
 def ehr_figure(ehr: pd.DataFrame, path: Path) -> Path:
     """Figure 2: EHR AUC per model with 95% CI against its chance level and oracle ceiling (log
-    scale), the paper's §4.3 values, and the normalised EHR ((ehr - chance) / (oracle - chance))."""
-    figure, (raw, norm) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(ehr) + 4), 4))
+    scale), the paper's §4.3 values, and the normalised EHR ((ehr - chance) / (oracle - chance));
+    degenerate map sets (the table's `degenerate` column) hollow and grey."""
+    figure, ((raw, norm),) = _figure(1, 2, width=1.3 * len(ehr) + 4, height=4.6)
     x = np.arange(len(ehr))
+    flagged = degenerate_rows(ehr)
     raw.bar(x, ehr["ehr_auc_chance"], color="lightgrey", label="chance (per image, mean)")
     raw.plot(x, ehr["ehr_auc_oracle"], "k_", markersize=18, label="oracle (h = mask)")
-    _points(raw, x, ehr, "ehr_auc", "this study (95% CI)")
+    _points(raw, x, ehr, "ehr_auc", "this study (95% CI)", flagged)
     paper = ehr["paper_ehr_auc"].to_numpy(dtype=float)
     low, high = ehr["paper_ehr_low"].to_numpy(dtype=float), ehr["paper_ehr_high"].to_numpy(dtype=float)
     raw.errorbar(x + 0.2, paper, yerr=[paper - low, high - paper],
-                 label="paper §4.3 (x; bar = range for rough values)", **PAPER_STYLE)
+                 label="paper §4.3 (bar: range of rough values)", **PAPER_STYLE)
     raw.set_yscale("log")
     raw.set_ylabel("EHR AUC (paper's definition)")
-    raw.set_title("EHR AUC: the paper's values sit at the chance level", fontsize=9)
+    raw.set_title("EHR AUC: the paper's values sit at chance")
     norm.axhline(0, color="grey", linewidth=1, label="chance")
     norm.axhline(1, color="black", linewidth=1, linestyle="--", label="oracle")
-    _points(norm, x, ehr, "ehr_auc_norm", "normalised EHR AUC (95% CI)")
-    norm.set_title("EHR AUC normalised between chance (0) and oracle (1)", fontsize=9)
+    _points(norm, x, ehr, "ehr_auc_norm", "normalised EHR AUC (95% CI)", flagged)
+    norm.set_title("Normalised: chance 0, oracle 1")
     for ax in (raw, norm):
-        ax.set_xticks(x, [label(m) for m in ehr["model"]], rotation=45, ha="right", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.set_xticks(x, [model_label(m, f) for m, f in zip(ehr["model"], flagged)], rotation=45, ha="right")
+        _grey_degenerate_ticks(ax.get_xticklabels())
+        ax.legend(loc="best", framealpha=0.9)
     return _save(figure, path)
 
 
-def _points(ax: plt.Axes, x: np.ndarray, table: pd.DataFrame, column: str, name: str) -> None:
+def _points(ax: plt.Axes, x: np.ndarray, table: pd.DataFrame, column: str, name: str, flagged: np.ndarray) -> None:
     values = table[column].to_numpy(dtype=float)
     ax.errorbar(x, values, yerr=_error_bars(table, column), fmt="none", ecolor="black", capsize=3)
-    ax.scatter(x, values, c=_colours(table), zorder=3, label=name)
+    _markers(ax, x, values, _colours(table), flagged, label_valid=name)
 
 
 # ----------------------------------------------------------------------------- distributions, depth, sanity
 
 
+@_styled
 def distribution_figure(trained: pd.DataFrame, models: pd.DataFrame, paper_means: Mapping[str, float],
-                        path: Path, metric: str = "diff_gradcam") -> Path:
-    """Box plot of `metric` per model (all scored images and seeds), the paper's mean as a red x."""
+                        path: Path, metric: str = "diff_gradcam", degenerate: Collection[str] = ()) -> Path:
+    """Box plot of `metric` per model (all scored images and seeds), the paper's mean as a red x;
+    a degenerate map set's box hollow, grey and dashed."""
     present = [m for m in models["model"] if m in set(trained["model"])]
-    figure, ax = plt.subplots(figsize=(max(6, 0.9 * len(present) + 2), 4))
+    figure, ((ax,),) = _figure(width=0.9 * len(present) + 2, height=4.4)
     data = [trained.loc[trained["model"] == m, metric].dropna().to_numpy() for m in present]
     boxes = ax.boxplot(data, patch_artist=True, showmeans=True, meanprops={"marker": "o", "markerfacecolor": "white"})
-    for patch, colour in zip(boxes["boxes"], _colours(models.set_index("model").loc[present].reset_index())):
-        patch.set_facecolor(colour)
-        patch.set_alpha(0.5)
+    colours = _colours(models.set_index("model").loc[present].reset_index())
+    for model, patch, median, mean, colour in zip(present, boxes["boxes"], boxes["medians"], boxes["means"], colours):
+        if model in degenerate:
+            patch.set(facecolor="none", edgecolor=DEGENERATE_COLOUR, linestyle="--")
+            median.set_color(DEGENERATE_COLOUR)
+            mean.set(markeredgecolor=DEGENERATE_COLOUR)
+        else:
+            patch.set(facecolor=colour, alpha=0.5)
     paper = [paper_means.get(m, np.nan) for m in present]
     ax.plot(np.arange(1, len(present) + 1), paper, label="paper Table 2 mean", **PAPER_STYLE)
+    if any(m in degenerate for m in present):
+        ax.add_patch(Rectangle((0, 0), 0, 0, facecolor="none", edgecolor=DEGENERATE_COLOUR, linestyle="--",
+                               label=DEGENERATE_LEGEND))  # a legend entry only
     ax.axhline(0, color="grey", linewidth=0.8)
-    ax.set_xticks(np.arange(1, len(present) + 1), [label(m) for m in present], rotation=45, ha="right", fontsize=8)
+    ax.set_xticks(np.arange(1, len(present) + 1), [model_label(m, m in degenerate) for m in present],
+                  rotation=45, ha="right")
+    _grey_degenerate_ticks(ax.get_xticklabels())
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per model (box: quartiles, o: mean)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{metric} per model (box: quartiles, o: mean)")
+    ax.legend(loc="best")
     return _save(figure, path)
 
 
-def depth_figure(summary: pd.DataFrame, metrics: list[str], path: Path) -> Path:
+@_styled
+def depth_figure(summary: pd.DataFrame, metrics: list[str], path: Path, degenerate: Collection[str] = ()) -> Path:
     """Metric (mean, 95% CI) against network depth: one row per metric, one column per family,
-    rows sharing their y axis. `summary`: model, family, depth and m, m_lo, m_hi per metric m."""
+    rows sharing their y axis; degenerate map sets hollow and grey. `summary`: model, family,
+    depth and m, m_lo, m_hi per metric m."""
     summary = summary.dropna(subset=["depth"])
     families = list(dict.fromkeys(summary["family"]))
-    figure, axes = plt.subplots(len(metrics), len(families), squeeze=False, sharey="row",
-                                figsize=(3.2 * len(families), 2.6 * len(metrics)))
+    figure, axes = _figure(len(metrics), len(families), width=3.2 * len(families), height=2.3 * len(metrics) + 0.4,
+                           sharey="row")
     for col, family in enumerate(families):
         part = summary[summary["family"] == family].sort_values("depth", kind="stable")
         x = np.arange(len(part))  # evenly spaced in depth order; the depth is in each tick label
+        flagged = degenerate_rows(part, degenerate)
+        colour = FAMILY_COLOURS.get(family, "tab:grey")
         for row, metric in enumerate(metrics):
             ax = axes[row, col]
-            ax.errorbar(x, part[metric], yerr=_error_bars(part, metric), marker="o", capsize=3,
-                        color=FAMILY_COLOURS.get(family, "tab:grey"))
-            ax.set_xticks(x, [f"{label(m)}\n({d:g})" for m, d in zip(part["model"], part["depth"])], fontsize=7)
+            bars = _error_bars(part, metric)
+            # the line joins the valid map sets only: a degenerate one is no point of the trend
+            ax.errorbar(x[~flagged], part[metric][~flagged], yerr=[b[~flagged] for b in bars], capsize=3, color=colour)
+            ax.errorbar(x[flagged], part[metric][flagged], yerr=[b[flagged] for b in bars], capsize=3, fmt="none",
+                        ecolor=DEGENERATE_COLOUR)
+            _markers(ax, x, part[metric], [colour] * len(part), flagged)
+            ax.set_xticks(x, [model_label(m, f, "\n") + f"\n({d:g})" for m, d, f in
+                              zip(part["model"], part["depth"], flagged)])
+            _grey_degenerate_ticks(ax.get_xticklabels())
             ax.set_xlim(-0.5, len(part) - 0.5)
             ax.set_ylabel(metric if col == 0 else "")
             if row == 0:
-                ax.set_title(family, fontsize=9)
-    figure.suptitle("Localisation against depth (in brackets: layers or blocks) per family; "
-                    "descriptive, 2-4 models each", fontsize=9)
-    figure.tight_layout()
+                ax.set_title(family)
+    figure.suptitle("Localisation against depth per family (in brackets: layers or blocks); "
+                    "descriptive, 2-4 models each")
     return _save(figure, path)
 
 
-def sanity_figure(sanity: pd.DataFrame, path: Path) -> Path:
-    """Trained vs weight-randomised heatmaps: paired bars per model, one panel per metric."""
+@_styled
+def sanity_figure(sanity: pd.DataFrame, path: Path, degenerate: Collection[str] = ()) -> Path:
+    """Trained vs weight-randomised heatmaps: paired bars per model, one panel per metric, over the
+    valid map sets (the degenerate ones named below the panels)."""
     sanity = sanity[sanity["copy"] == "full"] if "copy" in sanity else sanity
     metrics = sanity["metric"].unique().tolist()
-    width = max(6, 0.8 * sanity["model"].nunique() + 2) * len(metrics) / 1.4
-    figure, axes = plt.subplots(1, len(metrics), figsize=(width, 3.8), squeeze=False)
+    figure, axes = _figure(1, len(metrics), width=(0.8 * sanity["model"].nunique() + 2) * len(metrics) / 1.4,
+                           height=4.0)
     for ax, metric in zip(axes[0], metrics):
         part = sanity[sanity["metric"] == metric]
         x = np.arange(len(part))
@@ -178,9 +278,11 @@ def sanity_figure(sanity: pd.DataFrame, path: Path) -> Path:
             if row.reject:
                 ax.annotate("*", (xi, max(row.trained, row.randomized)), ha="center", fontsize=12)
         ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_xticks(x, [label(m) for m in part["model"]], rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"{metric}: trained vs randomised (* Holm p < alpha)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_xticks(x, [label(m) for m in part["model"]], rotation=45, ha="right")
+        ax.set_title(metric)
+    axes[0, 0].legend(loc="best")
+    figure.suptitle("Trained vs weight-randomised maps (*: Holm p < alpha)")
+    _left_out(figure, degenerate)
     return _save(figure, path)
 
 
@@ -191,116 +293,138 @@ RUNG_STYLE = {"chance": ("lightgrey", "s"), "image_only": ("tab:purple", "D"), "
               "randomized": ("grey", "v"), "gradcam": (None, "o"), "oracle": ("black", "s")}
 
 
+@_styled
 def ladder_figure(ladder: pd.DataFrame, models: pd.DataFrame, path: Path) -> Path:
-    """The baseline ladder: one panel per metric, rungs left to right (chance, image-only, prior,
-    each model's randomised map, each model's Grad-CAM, oracle) with 95% CIs; the prior's mean as a
-    dashed line; degenerate map sets hollow."""
+    """The baseline ladder: one panel per metric, side by side, rungs bottom to top (chance,
+    image-only, prior, each model's randomised map, each model's Grad-CAM, oracle) with 95% CIs,
+    one rung per row shared by every panel; the prior's mean as a dashed line; degenerate map sets
+    hollow, grey and named so."""
     metrics = list(dict.fromkeys(ladder["metric"]))
-    figure, axes = plt.subplots(len(metrics), 1, squeeze=False, figsize=(max(8, 0.45 * _rungs(ladder) + 3),
-                                                                         2.4 * len(metrics)))
+    rungs = list(dict.fromkeys(zip(ladder["rung"], ladder["model"])))  # every metric's rungs, in order
+    position = {rung: i for i, rung in enumerate(rungs)}
+    flagged = dict(zip(zip(ladder["rung"], ladder["model"]), degenerate_rows(ladder)))
+    figure, axes = _figure(1, len(metrics), width=1.6 + 1.25 * len(metrics), height=0.2 * len(rungs) + 1.2,
+                           sharey=True)
     family = dict(zip(models["model"], models["family"]))
-    for ax, metric in zip(axes[:, 0], metrics):
-        part = ladder[ladder["metric"] == metric].reset_index(drop=True)
-        x = np.arange(len(part))
-        for xi, row in zip(x, part.itertuples()):
+    for ax, metric in zip(axes[0], metrics):
+        part = ladder[ladder["metric"] == metric]
+        for row in part.itertuples():
             colour, marker = RUNG_STYLE[row.rung]
             colour = colour or FAMILY_COLOURS.get(family.get(row.model), "tab:grey")
-            hollow = bool(row.degenerate)
-            ax.errorbar(xi, row.mean, yerr=[[row.mean - row.lo], [row.hi - row.mean]] if np.isfinite(row.lo) else None,
-                        fmt=marker, color=colour, mfc="white" if hollow else colour, capsize=2, markersize=5)
+            hollow = flagged[(row.rung, row.model)]
+            ax.errorbar(row.mean, position[(row.rung, row.model)],
+                        xerr=[[row.mean - row.lo], [row.hi - row.mean]] if np.isfinite(row.lo) else None,
+                        fmt=marker, color=DEGENERATE_COLOUR if hollow else colour, mfc="none" if hollow else colour,
+                        capsize=2, markersize=5)
         prior = part.loc[part["rung"] == "prior", "mean"]
         if len(prior):
-            ax.axhline(float(prior.iloc[0]), color="tab:red", linestyle="--", linewidth=0.8)
-        ax.set_xticks(x, [_rung_label(r) for r in part.itertuples()], rotation=60, ha="right", fontsize=6)
-        ax.set_ylabel(metric, fontsize=8)
-    figure.suptitle("Baseline ladder: chance, image-only, location prior (dashed), randomised, Grad-CAM, oracle "
-                    "(mean, 95% CI; hollow: degenerate)", fontsize=9)
-    figure.tight_layout()
+            ax.axvline(float(prior.iloc[0]), color="tab:red", linestyle="--", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(3))
+        ax.set_title(metric)
+    axes[0, 0].set_yticks(range(len(rungs)), [_rung_label(rung, model, flagged[(rung, model)])
+                                              for rung, model in rungs])
+    _grey_degenerate_ticks(axes[0, 0].get_yticklabels())
+    axes[0, 0].set_ylim(-0.7, len(rungs) - 0.3)
+    figure.suptitle("Baseline ladder (mean, 95% CI; dashed: the location prior; hollow grey: degenerate)")
     return _save(figure, path)
 
 
-def _rungs(ladder: pd.DataFrame) -> int:
-    return int(ladder.groupby("metric").size().max()) if len(ladder) else 1
-
-
-def _rung_label(row) -> str:
+def _rung_label(rung: str, model: str, degenerate: bool) -> str:
     names = {"chance": "chance", "image_only": "image-only", "prior": "location prior", "oracle": "oracle"}
-    if row.rung in names:
-        return names[row.rung]
-    return f"{label(row.model)}{' (random)' if row.rung == 'randomized' else ''}"
+    if rung in names:
+        return names[rung]
+    return f"{model_label(model, degenerate)}{' (random)' if rung == 'randomized' else ''}"
 
 
+def _figure_legend(figure: plt.Figure, axes: Iterable[plt.Axes]) -> None:
+    """One legend for every panel, below them (per-panel legends would cover the lines)."""
+    found: dict[str, object] = {}
+    for ax in axes:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            found.setdefault(text, handle)
+    if found:
+        figure.legend(list(found.values()), list(found), loc="outside lower center", ncols=min(5, len(found)))
+
+
+@_styled
 def layer_sweep_figure(sweep: pd.DataFrame, metrics: list[str], path: Path) -> Path:
     """Each metric (mean, 95% CI) against layer depth, one line per model; the paper's layer
-    filled, the others hollow; the resolution-matched layer ringed."""
-    figure, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(3.6 * len(metrics), 3.4))
+    filled, the others small; the resolution-matched layer ringed; degenerate layers' map sets
+    (the table's `degenerate` column) hollow and grey, their model named so."""
+    figure, axes = _figure(1, len(metrics), width=3.6 * len(metrics), height=3.4 + 0.25 * sweep["model"].nunique() / 5)
     for ax, metric in zip(axes[0], metrics):
-        for model, part in sweep.groupby("model", sort=False):
+        for model, part in sweep.groupby("model", sort=False, observed=True):
             part = part.sort_values("layer_depth")
-            colour = FAMILY_COLOURS.get(part["family"].iloc[0], "tab:grey")
-            ax.errorbar(part["layer_depth"], part[metric], yerr=_error_bars(part, metric), color=colour,
-                        marker=".", capsize=2, linewidth=1, alpha=0.8, label=label(model))
-            final = part[part["final_layer"]]
-            ax.plot(final["layer_depth"], final[metric], "o", color=colour)
-            matched = part[part["matched_layer"]]
+            flagged = degenerate_rows(part)
+            colour = DEGENERATE_COLOUR if flagged.all() else FAMILY_COLOURS.get(part["family"].iloc[0], "tab:grey")
+            ax.errorbar(part["layer_depth"], part[metric], yerr=_error_bars(part, metric), color=colour, marker=".",
+                        capsize=2, linewidth=1, alpha=0.8, linestyle="--" if flagged.all() else "-",
+                        label=model_label(str(model), flagged.any()))
+            final = part["final_layer"].astype(bool).to_numpy()
+            _markers(ax, part["layer_depth"][final], part[metric][final], [colour] * int(final.sum()), flagged[final])
+            matched = part[part["matched_layer"].astype(bool)]
             ax.plot(matched["layer_depth"], matched[metric], "o", mfc="none", mec="black", markersize=9)
-        ax.set_xlabel("layer depth (share of weight layers run)", fontsize=8)
-        ax.set_title(metric, fontsize=9)
-    axes[0, -1].legend(fontsize=6, loc="best")
-    figure.suptitle("Layer sweep: metric against depth through each network (filled: the paper's layer; "
-                    "ringed: the resolution-matched layer)", fontsize=9)
-    figure.tight_layout()
+        ax.set_xlabel("layer depth (share of weight layers run)")
+        ax.set_title(metric)
+    _figure_legend(figure, axes[0])
+    figure.suptitle("Layer sweep: metric against depth through each network\n(large dot: the paper's layer; "
+                    "ringed: the resolution-matched layer)")
     return _save(figure, path)
 
 
-def lesion_size_figure(bins: pd.DataFrame, metrics: list[str], models: pd.DataFrame, path: Path) -> Path:
+@_styled
+def lesion_size_figure(bins: pd.DataFrame, metrics: list[str], models: pd.DataFrame, path: Path,
+                       degenerate: Collection[str] = ()) -> Path:
     """Each metric's mean per lesion-size quartile (x: the quartile's median lesion share, log
-    scale), one line per model."""
-    figure, axes = plt.subplots(1, len(metrics), squeeze=False, figsize=(3.8 * len(metrics), 3.4))
+    scale), one line per model, over the valid map sets (the degenerate ones named)."""
+    figure, axes = _figure(1, len(metrics), width=3.8 * len(metrics), height=3.8)
     family = dict(zip(models["model"], models["family"]))
     for ax, metric in zip(axes[0], metrics):
         for model, part in bins.groupby("model", sort=False, observed=True):
             ax.plot(part["mask_fraction"], part[metric], marker="o", label=label(str(model)),
                     color=FAMILY_COLOURS.get(family.get(str(model)), "tab:grey"), alpha=0.8)
         ax.set_xscale("log")
-        ax.set_xlabel("lesion share of the image (quartile median)", fontsize=8)
-        ax.set_title(metric, fontsize=9)
-    axes[0, -1].legend(fontsize=6)
-    figure.suptitle("Localisation against lesion size (valid map sets, paper's layer)", fontsize=9)
-    figure.tight_layout()
+        ax.set_xlabel("lesion share of the image (quartile median)")
+        ax.set_title(metric)
+    _figure_legend(figure, axes[0])
+    figure.suptitle("Localisation against lesion size (valid map sets, paper's layer)")
+    _left_out(figure, degenerate)
     return _save(figure, path)
 
 
+@_styled
 def cascade_figure(cascade: pd.DataFrame, models: pd.DataFrame, path: Path) -> Path:
     """The cascade (Adebayo et al. 2018): similarity to the trained map against the units
     re-initialised from the head down, one line per model, one panel per measure; each model's
-    pass line (Arun et al. 2021) dashed in its colour; degenerate map sets hollow and faint."""
+    pass line (Arun et al. 2021) dashed in its colour; degenerate map sets hollow, grey and faint."""
     measures = list(dict.fromkeys(cascade["measure"]))
-    figure, axes = plt.subplots(1, len(measures), squeeze=False, figsize=(4.2 * len(measures), 3.6))
+    figure, axes = _figure(1, len(measures), width=4.2 * len(measures), height=4.0)
     family = dict(zip(models["model"], models["family"]))
     for ax, measure in zip(axes[0], measures):
         for model, part in cascade[cascade["measure"] == measure].groupby("model", sort=False):
             part = part.sort_values("stages_randomized")
-            colour = FAMILY_COLOURS.get(family.get(model), "tab:grey")
-            faint = bool(part["degenerate"].iloc[0])
+            faint = bool(degenerate_rows(part).any())
+            colour = DEGENERATE_COLOUR if faint else FAMILY_COLOURS.get(family.get(model), "tab:grey")
             ax.errorbar(part["stages_randomized"], part["mean"], yerr=_error_bars(part.rename(
                 columns={"lo": "mean_lo", "hi": "mean_hi"}), "mean"), marker="o", capsize=2, color=colour,
-                mfc="white" if faint else colour, alpha=0.35 if faint else 0.9, label=label(model))
+                mfc="none" if faint else colour, alpha=0.5 if faint else 0.9, label=model_label(model, faint))
             line = part["pass_line"].iloc[0]
             if np.isfinite(line):
                 ax.hlines(line, part["stages_randomized"].min(), part["stages_randomized"].max(), colors=colour,
                           linestyles="dashed", linewidth=0.8, alpha=0.35 if faint else 0.8)
-        ax.set_xlabel("units re-initialised, head first (0 = trained)", fontsize=8)
-        ax.set_title(f"{measure} to the trained map", fontsize=9)
-    axes[0, -1].legend(fontsize=6)
-    figure.suptitle("Cascading randomisation: a map that survives its weights' destruction explains the "
-                    "architecture, not the training (dashed: pass line)", fontsize=9)
-    figure.tight_layout()
+        ax.set_xlabel("units re-initialised, head first (0 = trained)")
+        ax.set_title(f"{measure} to the trained map")
+    _figure_legend(figure, axes[0])
+    figure.suptitle("Cascading randomisation: a map that survives its weights' destruction shows the "
+                    "architecture,\nnot the training (dashed: pass line)")
     return _save(figure, path)
 
 
-def stability_figure(stability: pd.DataFrame, path: Path, measure: str = "ssim") -> Path:
-    """Mean similarity of every pair of runs' maps of the same image, as a matrix."""
+@_styled
+def stability_figure(stability: pd.DataFrame, path: Path, measure: str = "ssim",
+                     degenerate: Collection[str] = ()) -> Path:
+    """Mean similarity of every pair of runs' maps of the same image, as a matrix, over the valid
+    map sets (the degenerate ones named); each cell's value written where it fits."""
     part = stability[stability["measure"] == measure]
     runs = list(dict.fromkeys([(a, s) for a, s in zip(part["model_a"], part["seed_a"])]
                               + [(b, s) for b, s in zip(part["model_b"], part["seed_b"])]))
@@ -309,16 +433,19 @@ def stability_figure(stability: pd.DataFrame, path: Path, measure: str = "ssim")
     for row in part.itertuples():
         i, j = index[(row.model_a, row.seed_a)], index[(row.model_b, row.seed_b)]
         matrix[i, j] = matrix[j, i] = row.mean
-    figure, ax = plt.subplots(figsize=(1.0 + 0.45 * len(runs), 0.8 + 0.45 * len(runs)))
+    cell = min(0.5, (FIGURE_WIDTH_IN - 2.5) / max(len(runs), 1))
+    figure, ((ax,),) = _figure(width=2.5 + cell * len(runs), height=2.2 + cell * len(runs))
     image = ax.imshow(matrix, vmin=min(0.0, float(np.nanmin(matrix))), vmax=1, cmap="viridis")
     names = [f"{label(m)} s{s}" for m, s in runs]
-    ax.set_xticks(range(len(runs)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(runs)), names, fontsize=7)
-    for (i, j), value in np.ndenumerate(matrix):
-        if i != j and np.isfinite(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5, color="white" if value < 0.5 else "black")
+    ax.set_xticks(range(len(runs)), names, rotation=60, ha="right")
+    ax.set_yticks(range(len(runs)), names)
+    if cell >= 0.4:  # "0.83" at MIN_TEXT_PT needs about 0.3 in
+        for (i, j), value in np.ndenumerate(matrix):
+            if i != j and np.isfinite(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black")
     figure.colorbar(image, ax=ax, fraction=0.046, label=f"mean {measure}")
-    ax.set_title(f"Map stability: mean {measure} between runs' maps of the same image", fontsize=9)
+    ax.set_title(f"Map stability: mean {measure} between\ntwo runs' maps of the same image")
+    _left_out(figure, degenerate)
     return _save(figure, path)
 
 

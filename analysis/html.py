@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import numpy as np
 import pandas as pd
@@ -23,25 +24,45 @@ from analysis.conclusions import conclusions_section, summary_items
 # ----------------------------------------------------------------------------- the HTML report
 
 
+# The column is as wide as the figures are drawn for (figures.REPORT_COLUMN_PX): at 1:1 their text
+# is never below figures.MIN_TEXT_PT. Prose may break anywhere to fit a phone; a table never breaks
+# inside a word or a number (it scrolls in its own box instead), so its columns are at least one
+# word wide and a number is never split over two lines.
 CSS = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1150px; margin: 2em auto;
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: %(column)dpx; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.45; overflow-wrap: anywhere; }
-.scroll { overflow-x: auto; max-width: 100%; }
+.scroll { overflow-x: auto; max-width: 100%%; }
+table { border-collapse: collapse; font-size: .82em; margin: 0 0 1.2em; overflow-wrap: normal; word-break: normal; }
+th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td.num { white-space: nowrap; font-variant-numeric: tabular-nums; }
+td.text { text-align: left; } .word { white-space: nowrap; }
+td.prose { min-width: 14em; }
+tr.degenerate td { color: #666; }
+.degenerate-mark { font-size: .85em; font-style: italic; border: 1px solid #999; border-radius: 3px;
+                   padding: 0 .25em; margin-left: .3em; white-space: nowrap; }
+.caption { font-size: .82em; color: #555; margin: .6em 0 .2em; }
+.paper-only .caption { border-left: 4px solid #4a78c2; padding-left: .5em; }
+details.table > summary { cursor: pointer; margin: .4em 0; }
 .summary { background: #f4f8f4; border: 1px solid #cfe3cf; padding: .4em 1.2em; }
-.summary li { margin: .3em 0; } nav.toc { columns: 2; font-size: .9em; } nav.toc a { text-decoration: none; }
+.summary li { margin: .3em 0; } nav.toc { columns: 2 16em; font-size: .9em; } nav.toc a { text-decoration: none; }
 figure { margin: 1em 0; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 h3 { margin-top: 1.5em; }
-table { border-collapse: collapse; font-size: .82em; margin: .6em 0 1.2em; }
-th, td { border: 1px solid #ccc; padding: .25em .5em; text-align: right; }
-th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .6em 1em; margin: 1em 0; }
 .missing { background: #fdecea; border-left: 4px solid #d93025; padding: .6em 1em; }
 .paper { background: #eef3fb; border-left: 4px solid #4a78c2; padding: .6em 1em; }
 .verdict { background: #e8f5e9; border-left: 4px solid #2e7d32; padding: .6em 1em; }
-img { max-width: 100%; border: 1px solid #eee; } caption { caption-side: top; text-align: left; color: #555; }
+img { max-width: 100%%; height: auto; border: 1px solid #eee; }
 .small { font-size: .85em; color: #555; } pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .8em; }
-"""
+""" % {"column": figures.REPORT_COLUMN_PX}
+COLLAPSE_ROWS = 40  # a longer table is folded under a one-line summary: the page stays short enough to read
+MODEL_COLUMNS = ("model", "group1", "group2", "model_a", "model_b")
+PAPER_ONLY = "Comparison with the paper only"
+PROSE_CHARS = 24  # a longer text cell (a reason, a verdict) gets a reading width, not one word per line
+_NUMBER = r"[-+−]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?%?|nan|-?inf|—"
+# a number, or one with its interval or SD as merge_intervals writes it: "0.51 [0.43, 0.59]", "0.8 ± 0.02"
+NUMERIC_CELL = re.compile(rf"(?:{_NUMBER})(?: \[(?:{_NUMBER}), (?:{_NUMBER})\]| ± (?:{_NUMBER}))?", re.IGNORECASE)
 
 
 def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
@@ -56,7 +77,8 @@ def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
     title = f"camstudy report: {html.escape(str(inputs.config.get('study') or inputs.root.name))}"
     body = "\n".join(s for s in sections if s)
     body = body.replace("<!--toc-->", _toc(body), 1)
-    document = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
+    document = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+                "<meta name='viewport' content='width=device-width, initial-scale=1'><title>{title}</title>"
                 f"<style>{CSS}</style></head><body><h1>{title}</h1>"
                 f"<p class='small'>Generated {time.strftime('%Y-%m-%d %H:%M')} from {html.escape(str(inputs.root))}. "
                 f"Reproduction of {html.escape(paper_values.CITATION)}.</p>\n{body}</body></html>\n")
@@ -67,12 +89,27 @@ def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
 def summary_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     """One screen first: what ran, which classifiers work, which map sets localise, the sanity
     verdict, the paper's claims; then the table of contents."""
-    items = "".join(f"<li>{html.escape(item)}</li>" for item in summary_items(inputs, outputs))
     excluded = ("" if outputs.excluded.empty else _table_html(
         outputs.excluded, "Degenerate map sets (STUDY.md §8): kept in the per-model tables with this reason, left "
-                          "out of every comparison, chance level, sanity verdict and conclusion", "excluded"))
+                          "out of every comparison, chance level, sanity verdict and conclusion", "excluded",
+        degenerate=set(outputs.excluded["model"])))
+    items = "".join(f"<li>{_linked(html.escape(item), 'table below', 'table-excluded' if excluded else None)}</li>"
+                    for item in summary_items(inputs, outputs))
     return (f"<h2 id='summary'>Summary</h2><div class='summary'><ul>{items}</ul></div>{excluded}"
             "<h2 id='contents'>Contents</h2><!--toc-->")
+
+
+def _linked(text: str, words: str, anchor: Optional[str]) -> str:
+    """`text` (HTML) with "the <words>" made a link to `anchor`: a reader jumps to what a sentence
+    points at instead of searching for it."""
+    return text.replace(f"the {words}", f"<a href='#{anchor}'>the {words}</a>") if anchor else text
+
+
+def _degenerate_models(table: Optional[pd.DataFrame]) -> set[str]:
+    """The models a table flags in its `degenerate` column (the reason, or empty)."""
+    if table is None or "degenerate" not in table:
+        return set()
+    return set(table.loc[figures.degenerate_rows(table), "model"].astype(str))
 
 
 def _toc(body: str) -> str:
@@ -82,18 +119,69 @@ def _toc(body: str) -> str:
     return f"<nav class='toc'><ul>{links}</ul></nav>"
 
 
-def _table_html(table: Optional[pd.DataFrame], caption: str, name: Optional[str] = None, digits: int = 4) -> str:
-    """An HTML table with its caption; `name` (the CSV's name) becomes the id `table-<name>`."""
+def _table_html(table: Optional[pd.DataFrame], caption: str, name: Optional[str] = None, digits: int = 4,
+                summary: Optional[str] = None, degenerate: Collection[str] = (), paper_only: bool = False) -> str:
+    """An HTML table with its caption, in a box that scrolls sideways (the page never gets wider
+    than the window); `name` (the CSV's name) becomes the id `table-<name>`. Numeric cells never
+    wrap. Degenerate map sets are marked: the rows the table's own `degenerate` column flags, and
+    every cell naming a model in `degenerate`. Longer than COLLAPSE_ROWS rows, given a `summary`,
+    or `paper_only` (the paper's analysis: headed as a comparison, not a finding of this study),
+    it is folded into a closed <details> under one line saying what it holds and how many rows."""
     anchor = f" id='table-{name}'" if name else ""
     if table is None or table.empty:
         return f"<p class='note'{anchor}>{html.escape(caption)}: no data.</p>"
     shown = table.drop(columns=[c for c in ("family", "depth") if c in table])
-    shown = shown.assign(**{c: shown[c].astype(str).map(figures.label)
-                            for c in ("model", "group1", "group2", "model_a", "model_b") if c in shown})
-    text = shown.to_html(index=False, na_rep="—", border=0, float_format=lambda v: f"{v:.{digits}g}")
-    # to_html starts with '<table border="0" class="dataframe">': the caption follows its first '>'
-    # wide tables scroll inside their own box: the page never gets wider than the window
-    return f"<div class='scroll'{anchor}>" + text.replace(">", f"><caption>{html.escape(caption)}</caption>", 1) + "</div>"
+    flagged = figures.degenerate_rows(shown) if "degenerate" in shown else np.zeros(len(shown), dtype=bool)
+    rows = "".join(_row_html(row, shown.columns, bool(flag), set(degenerate), digits)
+                   for row, flag in zip(shown.itertuples(index=False), flagged))
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in shown.columns)
+    title = (f"<b>{PAPER_ONLY}</b> (not a finding of this study): " if paper_only else "") + html.escape(caption)
+    # the caption sits above the scroll box, not in the table: it wraps to the window, not to the table's width
+    text = (f"<p class='caption'>{title}</p><div class='scroll'><table>"
+            f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>")
+    kind = "table paper-only" if paper_only else "table"
+    if summary is None and not paper_only and len(shown) <= COLLAPSE_ROWS:
+        return f"<div class='{kind}'{anchor}>{text}</div>"
+    line = f"{summary or _first_clause(caption)} ({len(shown)} rows)"
+    if paper_only:
+        line = f"{PAPER_ONLY}: {line}"
+    return f"<details class='{kind}'{anchor}><summary>{html.escape(line)}</summary>{text}</details>"
+
+
+def _first_clause(caption: str) -> str:
+    """A caption's head, before its first parenthesis: what the table holds, in one line."""
+    return caption.split(" (")[0]
+
+
+def _row_html(row: tuple, columns: pd.Index, flagged: bool, degenerate: set[str], digits: int) -> str:
+    """One <tr>: model names as labels, marked when their map set is degenerate (the row's own
+    flag marks its `model` cell); numbers, with their intervals, in cells that never wrap."""
+    cells, marked_row = [], False
+    for column, value in zip(columns, row):
+        text = _cell_text(value, digits)
+        marked = column in MODEL_COLUMNS and ((flagged and column == "model") or str(value) in degenerate)
+        if column in MODEL_COLUMNS:
+            text = figures.label(str(value))
+        kind = "num" if NUMERIC_CELL.fullmatch(text) else "text prose" if len(text) > PROSE_CHARS else "text"
+        body = (html.escape(text) if kind == "num" else _unbroken_words(text)) + (
+            "<span class='degenerate-mark'>degenerate</span>" if marked else "")
+        marked_row |= marked
+        cells.append(f"<td class='{kind}'>{body}</td>")
+    return ("<tr class='degenerate'>" if marked_row else "<tr>") + "".join(cells) + "</tr>"
+
+
+def _unbroken_words(text: str) -> str:
+    """`text` escaped, each hyphenated word ("all-zero") in a span that does not wrap: a browser
+    may break after any hyphen, which on a phone splits a word over two lines."""
+    return re.sub(r"\S*\w-\w\S*", lambda word: f"<span class='word'>{word.group(0)}</span>", html.escape(text))
+
+
+def _cell_text(value: Any, digits: int) -> str:
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return "—"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}g}"
+    return str(value)
 
 
 def _figure_html(outputs: AnalysisOutputs, name: str, caption: str) -> str:
@@ -101,7 +189,8 @@ def _figure_html(outputs: AnalysisOutputs, name: str, caption: str) -> str:
     if path is None or not path.is_file():
         return ""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+    return (f"<figure id='figure-{name}'><img alt='{html.escape(caption)}' data-file='{html.escape(path.name)}' "
+            f"src='data:image/png;base64,{data}'>"
             f"<figcaption class='small'>{html.escape(caption)}</figcaption></figure>")
 
 
@@ -192,8 +281,9 @@ def _classification_section(outputs: AnalysisOutputs) -> str:
                                  "several seeds: mean ± SD across seeds. paper_*: the paper's Table 1 (no CIs given).",
                           "table1")
             + _box("verdict", html.escape(outputs.statistics["classification_verdict"]))
-            + "<details><summary>All model pairs: paired DeLong and exact McNemar, Holm-corrected per seed</summary>"
-            + _table_html(pairs, "Pairwise classification tests", "classification_pairs") + "</details>")
+            + _table_html(pairs, "Pairwise classification tests", "classification_pairs",
+                          summary="All model pairs: paired DeLong and exact McNemar, Holm-corrected per seed",
+                          degenerate=_degenerate_models(outputs.tables["table1"])))
 
 
 def _table2_section(outputs: AnalysisOutputs) -> str:
@@ -219,9 +309,8 @@ def _ehr_section(outputs: AnalysisOutputs) -> str:
                           "ehr")
             + _figure_html(outputs, "figure2", "Figure 2: EHR AUC per model with chance and oracle; "
                                                "paper values in red.")
-            + "<details><summary>Where the paper's EHR values come from</summary>"
-            + _table_html(sources, "Paper EHR AUC values (§4.3 text; exact = False: given only roughly)")
-            + "</details>")
+            + _table_html(sources, "Paper EHR AUC values (§4.3 text; exact = False: given only roughly)",
+                          summary="Where the paper's EHR values come from", degenerate=_degenerate_models(ehr)))
 
 
 def _chance_text(ehr: pd.DataFrame) -> str:
@@ -282,8 +371,7 @@ def _ladder_section(outputs: AnalysisOutputs) -> str:
                                               "map set; dashed: the location prior).")
             + _table_html(prior, "Grad-CAM minus the location prior, paired over images (valid map sets; Wilcoxon "
                                  "signed-rank, Holm across models per metric)", "beats_prior")
-            + "<details><summary>Every rung as a table</summary>"
-            + _table_html(ladder, "The ladder (mean, 95% CI over images)", "ladder") + "</details>")
+            + _table_html(ladder, "The ladder (mean, 95% CI over images)", "ladder", summary="Every rung as a table"))
 
 
 def _layers_section(outputs: AnalysisOutputs) -> str:
@@ -294,10 +382,16 @@ def _layers_section(outputs: AnalysisOutputs) -> str:
              _box("note", "<p>The paper compares ResNet maps of 7×7 with VGG and ViT maps of 14×14 (at 224 px), so "
                           "depth is confounded with map resolution. The sweep follows each metric through a network's "
                           "stages; the resolution-matched arm compares every model at one map size.</p>"),
-             _figure_html(outputs, "layer_sweep", "Metric against layer depth per model (filled: the paper's layer; "
-                                                  "ringed: the resolution-matched layer)."),
+             _figure_html(outputs, "layer_sweep", "Metric against layer depth per model (large dot: the paper's "
+                                                  "layer; ringed: the resolution-matched layer; grey and hollow: "
+                                                  "degenerate)."),
              _table_html(tables.merge_intervals(sweep), "Every layer of every model (mean, 95% CI over images)",
                          "layer_sweep")]
+    versus = outputs.tables.get("layer_vs_final")
+    if versus is not None and len(versus):  # the only basis of a per-layer claim
+        parts.append(_table_html(versus, "Each layer against its model's paper's layer, paired over images (mean "
+                                         "difference layer − paper's layer, 95% CI; Wilcoxon signed-rank, Holm over "
+                                         "the comparisons of each metric)", "layer_vs_final"))
     matched = outputs.tables.get("resolution_matched")
     stats_matched = outputs.statistics.get("resolution_matched") or {}
     if matched is not None and len(matched):
@@ -310,9 +404,11 @@ def _layers_section(outputs: AnalysisOutputs) -> str:
             parts.append(_table_html(comparison["block_tukey"], f"Block Tukey on {metric} at one map size (valid "
                                      "map sets, images paired)", f"resolution_matched_{metric}_block_tukey"))
         for metric, paper in stats_matched.get("paper_all_models", {}).items():
-            parts.append(_table_html(paper["tukey"], f"The paper's analysis (one-way ANOVA p = "
-                                                     f"{paper['anova']['p']:.3g}, Tukey) on {metric} at one map size, "
-                                                     "every model", f"resolution_matched_{metric}_paper_tukey"))
+            parts.append(_table_html(paper["tukey"], f"the paper's analysis on {metric} at one map size, every "
+                                                     f"model, degenerate map sets included (one-way ANOVA p = "
+                                                     f"{paper['anova']['p']:.3g}, Tukey)",
+                                     f"resolution_matched_{metric}_paper_tukey",
+                                     degenerate=_degenerate_models(matched), paper_only=True))
     return "".join(parts)
 
 
@@ -375,14 +471,15 @@ def _paper_analysis_html(metric: str, comparison: dict[str, Any], outputs: Analy
     as_published = ("" if every is None or outputs.excluded.empty else _table_html(
         every["tukey"], f"Tukey HSD on {metric} over every model, degenerate map sets included, as the paper did it "
                         f"(one-way ANOVA p = {every['anova']['p']:.3g}; meandiff = group2 − group1)",
-        f"{metric}_paper_tukey"))
+        f"{metric}_paper_tukey", degenerate=set(outputs.excluded_primary["model"].astype(str)), paper_only=True))
     return (f"<h3>12.1 {metric}: the paper's analysis (for comparison only)</h3>" + _box("paper", text)
             + as_published
             + _table_html(comparison["paper"]["tukey"],
                           f"Tukey HSD on {metric}, the paper's method over the valid map sets "
                           f"(meandiff = group2 − group1)",
                           f"{metric}_paper_tukey_valid" if as_published else f"{metric}_paper_tukey")
-            + (_table_html(claims, "The paper's Tukey claims (§4.3) beside this study", "tukey_vs_paper")
+            + (_table_html(claims, "The paper's Tukey claims (§4.3) beside this study", "tukey_vs_paper",
+                           degenerate=set(outputs.excluded_primary["model"].astype(str)))
                if claims is not None else ""))
 
 
