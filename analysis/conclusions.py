@@ -15,23 +15,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, paper_values
+from analysis.prose import interval, prose  # noqa: F401 (interval: also for report.py)
 from analysis.inputs import StudyInputs
 from analysis.compute import AnalysisOutputs, threshold_of
-
-
-# ----------------------------------------------------------------------------- numbers in prose
-
-
-def prose(value: Any) -> str:
-    """A number as every sentence writes it: three significant digits ("n/a" when undefined)."""
-    if value is None or not np.isfinite(float(value)):
-        return "n/a"
-    return f"{float(value):.3g}"
-
-
-def interval(row: Any, column: str) -> str:
-    """"value [lo, hi]" of a table row's `column`, `column_lo`, `column_hi`."""
-    return f"{prose(row[column])} [{prose(row[f'{column}_lo'])}, {prose(row[f'{column}_hi'])}]"
 
 
 # ----------------------------------------------------------------------------- conclusions

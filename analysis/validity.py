@@ -14,6 +14,8 @@ from typing import Optional
 
 import pandas as pd
 
+from analysis.prose import prose
+
 EXCLUDED_COLUMNS = ["model", "seed", "method", "layer", "reason"]
 WORKING_AUC_BOUND = 0.5  # a classifier whose AUC CI lower bound is <= this is not shown to work
 MAX_FLAT_SHARE = 0.5  # more than this share of all-zero or constant maps: nothing to localise with
@@ -65,7 +67,7 @@ def _classifier_problem(test_metrics: pd.DataFrame, model: str, seed: int) -> Op
     if run.empty or not (run["auc_lo"].iloc[0] <= WORKING_AUC_BOUND):
         return None
     auc, low, high = (float(run[c].iloc[0]) for c in ("auc", "auc_lo", "auc_hi"))
-    return (f"classifier not shown to work (test AUC {auc:.2f} [{low:.2f}, {high:.2f}], CI lower bound "
+    return (f"classifier not shown to work (test AUC {prose(auc)} [{prose(low)}, {prose(high)}], CI lower bound "
             f"<= {WORKING_AUC_BOUND})")
 
 
