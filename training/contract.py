@@ -46,7 +46,7 @@ PREPARE_VERSION = 2  # 2: rle_rows and the lesion covariates in the manifest and
 # run's CAM output is then recomputed, and the analysis after it.
 SCORING_VERSION = 3  # 3: layer sweep, auprc/auroc_pixel, tuned thresholds, lesion covariates
 # Bump when a table, statistic or the report changes: the analysis is redone.
-ANALYSIS_VERSION = 3  # 3: baseline ladder, layer sweep, resolution-matched arm, covariates
+ANALYSIS_VERSION = 4  # 4: layer_vs_final, calls at the threshold, cascade step verdicts, summary.md, runs table in MLflow
 
 # --------------------------------------------------------------------------- run keys
 
