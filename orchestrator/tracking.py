@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path

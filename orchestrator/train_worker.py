@@ -9,7 +9,6 @@ code itself, inside the function; each run starts a new controller and new worke
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ray.train
 from ray.util.queue import Queue

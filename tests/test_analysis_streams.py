@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis import compute, figures, reliability, stats
-from analysis.inputs import StudyInputs, read_heatmaps
+from analysis.inputs import StudyInputs
 from explain.similarity import MEASURES, similarity
 from training.contract import StudyStore
 

@@ -2,7 +2,6 @@
 equivalence and power against published values, the hierarchical bootstrap."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 

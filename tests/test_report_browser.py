@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib.text

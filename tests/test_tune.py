@@ -1,7 +1,6 @@
 """`camstudy tune` (orchestrator/tune.py): two Ray Tune trials of one family on tiny data, the
 recipe file they write, and `--recipes` taking it."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
