@@ -46,6 +46,7 @@ from training.atomic import atomic_dir
 from training.cache import read_index
 from training.contract import StudyStore, explain_inputs, record_reason, run_key, write_record
 from training.errors import DataError
+from training.progress import duration_text
 from training.models import cam_layers, layer_roles
 from training.ray_data import reraise_own, without_budget_backpressure
 
@@ -361,7 +362,7 @@ class MapProgress:
         if not done:
             return f"{head}, time left: estimating (actors starting, no batch back yet)"
         rate = done / max(elapsed, 1e-9)
-        return f"{head}, {rate:.1f} maps/s, ~{_duration(max(0, self.total - done) / rate)} left"
+        return f"{head}, {rate:.1f} maps/s, ~{duration_text(max(0, self.total - done) / rate)} left"
 
     def say(self, text: str) -> None:
         print(f"{text} ({self.line()})", flush=True)
@@ -369,12 +370,6 @@ class MapProgress:
     def _tick(self) -> None:
         while not self._stop.wait(self.EVERY_S):
             print(self.line(), flush=True)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:

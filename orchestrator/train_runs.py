@@ -50,6 +50,7 @@ from training.atomic import write_text_atomic
 from training.contract import StudyStore, fingerprint, finished_run, read_record, run_key
 from training.errors import CamstudyError, TrainingError
 from training.loop import run_inputs
+from training.progress import duration_text
 from training.ray_data import TRACE_LOGGER
 
 
@@ -633,18 +634,12 @@ class StageProgress:
         left = self.seconds_left()
         if left is None:
             return f"{done}, time left: estimating (no epoch finished yet)"
-        return f"{done}, ~{_duration(left)} left"
+        return f"{done}, ~{duration_text(left)} left"
 
     def heartbeat(self, in_flight: int) -> None:
         if self.clock() - self.last_line >= self.HEARTBEAT_S:
             self.last_line = self.clock()
             print(f"[train {self.clock() - self.started:6.0f}s] {self.line()}; {in_flight} in flight", flush=True)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _log_progress(progress: Queue, status: StageProgress, tracker, run_ids: dict[str, Optional[str]]) -> None:
