@@ -42,13 +42,14 @@ STAGES = ("prepare", "explain", "analyze")
 STAGE_OUTPUTS = {"prepare": ("data", "source"), "explain": ("cams", "sanity", "baselines"), "analyze": ("analysis",)}
 
 
-def vm_hwm_kib(pid: int) -> int:
-    """A process's peak resident set (VmHWM, KiB); 0 once it is gone. Not ru_maxrss: Linux keeps
-    that across exec, so a child would report its parent's peak."""
+def vm_hwm_kib(pid: int, field: str = "VmHWM") -> int:
+    """A process's peak resident set (VmHWM, KiB), or another /proc status field such as RssAnon
+    (its private memory now); 0 once it is gone. Not ru_maxrss: Linux keeps that across exec, so a
+    child would report its parent's peak."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmHWM"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -88,6 +89,9 @@ class PeakSampler:
     def __init__(self, pid: int, every: float = 0.2):
         self.pid, self.every = pid, every
         self.driver_kib, self.workers = 0, {}  # workers: pid -> peak KiB
+        # the driver's private memory (RssAnon) apart: its VmHWM also counts the pages of Ray's
+        # shared-memory object store it has read, which are the store's, not the driver's
+        self.driver_private_kib = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -95,15 +99,16 @@ class PeakSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.driver_kib = max(self.driver_kib, vm_hwm_kib(self.pid))
+            self.driver_private_kib = max(self.driver_private_kib, vm_hwm_kib(self.pid, "RssAnon"))
             for child in descendants(self.pid):
                 if is_ray_worker(child):
                     self.workers[child] = max(self.workers.get(child, 0), vm_hwm_kib(child))
             self._stop.wait(self.every)
 
-    def stop(self) -> tuple[float, float]:
+    def stop(self) -> tuple[float, float, float]:
         self._stop.set()
         self._thread.join()
-        return self.driver_kib / 1024, sum(self.workers.values()) / 1024
+        return self.driver_kib / 1024, self.driver_private_kib / 1024, sum(self.workers.values()) / 1024
 
 
 def folder_bytes(study: Path, names: tuple[str, ...]) -> int:
@@ -127,8 +132,9 @@ def overrides(storage: Path, positives: int, args) -> list[str]:
     return [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
 
 
-def run_stage(stage: str, config: Path, sets: list[str], log: Path) -> tuple[float, float, float]:
-    """(seconds, driver peak MiB, summed worker peak MiB) of one `camstudy STAGE` process."""
+def run_stage(stage: str, config: Path, sets: list[str], log: Path) -> tuple[float, float, float, float]:
+    """(seconds, driver peak MiB, driver private peak MiB, summed worker peak MiB) of one
+    `camstudy STAGE` process."""
     started = time.perf_counter()
     with open(log, "a") as out:
         process = subprocess.Popen([sys.executable, "-m", "orchestrator", stage, str(config), *sets],
@@ -141,10 +147,10 @@ def run_stage(stage: str, config: Path, sets: list[str], log: Path) -> tuple[flo
                 process.terminate()
                 process.wait()
     seconds = time.perf_counter() - started
-    driver, workers = sampler.stop()
+    driver, private, workers = sampler.stop()
     if code:
         raise SystemExit(f"scale: `camstudy {stage}` failed (exit {code}); see {log}")
-    return seconds, driver, workers
+    return seconds, driver, private, workers
 
 
 def exponent(small: tuple[float, float], large: tuple[float, float]) -> float:
@@ -168,14 +174,15 @@ def measure(args) -> list[dict]:
         measured = {}
         for stage in ("prepare", "train", "explain", "analyze"):
             before = folder_bytes(study, STAGE_OUTPUTS.get(stage, ()))
-            seconds, driver, workers = run_stage(stage, args.config, sets, log)
+            seconds, driver, private, workers = run_stage(stage, args.config, sets, log)
             written = folder_bytes(study, STAGE_OUTPUTS.get(stage, ())) - before
-            measured[stage] = (seconds, driver, workers, written)
+            measured[stage] = (seconds, driver, private, workers, written)
         maps = stored_maps(study)
         for stage in STAGES:
-            seconds, driver, workers, written = measured[stage]
+            seconds, driver, private, workers, written = measured[stage]
             rows.append({"positives": positives, "maps": maps, "stage": stage, "seconds": round(seconds, 2),
                          "ms_per_map": round(1000 * seconds / maps, 3), "driver_peak_mib": round(driver, 1),
+                         "driver_private_peak_mib": round(private, 1),
                          "workers_peak_mib": round(workers, 1), "bytes_written": written,
                          "bytes_per_map": round(written / maps, 1)})
             print(f"[scale]   {stage:8s} {seconds:7.1f}s  {1000 * seconds / maps:7.2f} ms/map  driver "
@@ -184,11 +191,14 @@ def measure(args) -> list[dict]:
 
 
 def report(rows: list[dict]) -> dict:
-    print("\n| positives/run | maps | stage | seconds | ms/map | driver peak MiB | workers peak MiB (sum) | MiB written |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|")
+    private = all("driver_private_peak_mib" in r for r in rows)  # older CSVs lack it
+    print("\n| positives/run | maps | stage | seconds | ms/map | driver peak MiB |"
+          + (" driver private peak MiB |" if private else "") + " workers peak MiB (sum) | MiB written |")
+    print("|---:|---:|---|---:|---:|---:|" + ("---:|" if private else "") + "---:|---:|")
     for r in rows:
-        print(f"| {r['positives']} | {r['maps']} | {r['stage']} | {r['seconds']:.1f} | {r['ms_per_map']:.2f} | "
-              f"{r['driver_peak_mib']:.0f} | {r['workers_peak_mib']:.0f} | {r['bytes_written'] / 2**20:.1f} |")
+        print(f"| {r['positives']:.0f} | {r['maps']:.0f} | {r['stage']} | {r['seconds']:.1f} | {r['ms_per_map']:.2f} | "
+              f"{r['driver_peak_mib']:.0f} | " + (f"{r['driver_private_peak_mib']:.0f} | " if private else "")
+              + f"{r['workers_peak_mib']:.0f} | {r['bytes_written'] / 2**20:.1f} |")
     sizes = sorted({r["positives"] for r in rows})
     low, high = sizes[0], sizes[-1]
     found = {}
@@ -197,8 +207,11 @@ def report(rows: list[dict]) -> dict:
         a = next(r for r in rows if r["positives"] == low and r["stage"] == stage)
         z = next(r for r in rows if r["positives"] == high and r["stage"] == stage)
         found[stage] = {name: exponent((a["maps"], a[name]), (z["maps"], z[name]))
-                        for name in ("seconds", "driver_peak_mib", "workers_peak_mib", "bytes_written")}
-        print(f"  {stage:8s} time {found[stage]['seconds']:.2f}  driver peak {found[stage]['driver_peak_mib']:.2f}  "
+                        for name in ("seconds", "driver_peak_mib", "driver_private_peak_mib", "workers_peak_mib",
+                                     "bytes_written") if name in a}
+        private = found[stage].get("driver_private_peak_mib")
+        print(f"  {stage:8s} time {found[stage]['seconds']:.2f}  driver peak {found[stage]['driver_peak_mib']:.2f}"
+              + (f" (private {private:.2f})" if private is not None else "") + "  "
               f"workers peak {found[stage]['workers_peak_mib']:.2f}  bytes {found[stage]['bytes_written']:.2f}")
     worst = max(STAGES, key=lambda s: found[s]["seconds"])
     print(f"worst time exponent {found[worst]['seconds']:.2f} ({worst}; target <= 1.1); analyze peak-memory "
