@@ -73,14 +73,14 @@ def test_final_layer_rows_first_give_the_same_stability_and_figure1(tmp_path, mo
     drawn = {}
     monkeypatch.setattr(compute, "read_backgrounds",
                         lambda root, ids: {i: (np.zeros((24, 24), np.float32), np.zeros((24, 24), np.uint8)) for i in ids})
-    monkeypatch.setattr(figures, "heatmap_grid", lambda backgrounds, heatmaps, ids, models, path: drawn.setdefault(
-        Path(path).parent.parent.name, heatmaps))
+    monkeypatch.setattr(figures, "heatmap_grid", lambda backgrounds, heatmaps, ids, models, path, *rest, **options:
+                        drawn.setdefault(Path(path).parent.parent.name, heatmaps))
     for study in (natural, first):
         (study / "out").mkdir()
         inputs = StudyInputs(root=study, config={}, models=pd.DataFrame({"model": ["resnet18", "resnet34"]}),
                              runs=pd.DataFrame(), test_metrics=pd.DataFrame(), predictions=pd.DataFrame(),
                              cams=pd.DataFrame())
-        compute._figure1(inputs, trained, study / "out" / "figure1.png", "gradcam", [])
+        compute._figure1(inputs, trained, study / "out" / "figure1.png", "gradcam", [], degenerate=[])
     assert set(drawn) == {"natural", "first"}
     final = pq.read_table(StudyStore(natural).cams_dir("resnet34", 0), filters=[("final_layer", "=", True)])
     final = dict(zip(final.column("image_id").to_pylist(), final.column("heatmap").combine_chunks().to_numpy_ndarray()))

@@ -150,22 +150,27 @@ def test_records_name_the_changed_keys_and_sweep_removes_dead_writers_files(tmp_
     assert kept.is_file() and not any(p.exists() for p in stale) and not (tmp_path / "cams" / ".r.tmp-77").exists()
 
 
-def test_training_progress_says_runs_done_and_time_left_from_the_start(tmp_path, monkeypatch, capsys):
+def test_training_progress_says_runs_done_and_time_left_from_the_start(tmp_path, capsys):
+    """Lines from the first minute on; the time left from the planned work once an epoch is
+    measured (a resumed run's first report stands for its earlier epochs). The estimate's
+    accuracy over a whole stage: tests/test_train_progress.py."""
     from orchestrator import train_runs
 
     config = load_config(DEMO, {"storage": str(tmp_path), "models.names": ["resnet18"], "training.seeds": [0, 1],
                                 "recipes.resnet.epochs": 4})
     plans = train_runs.plan_runs(config, StudyStore(config.study_dir))
     clock = [1000.0]
-    monkeypatch.setattr(train_runs.time, "time", lambda: clock[0])
-    status = train_runs.StageProgress(config, plans)
+    status = train_runs.StageProgress(config, plans, slots=1, clock=lambda: clock[0])
     assert status.line() == "0/2 runs done, time left: estimating (no epoch finished yet)"
+    status.run_started("resnet18-seed0")
     clock[0] += 61
-    status.heartbeat(in_flight=2)  # a line in the first minute, before any epoch ends
+    status.heartbeat(in_flight=1)  # a line in the first minute, before any epoch ends
     assert "[train     61s] 0/2 runs done, time left: estimating" in capsys.readouterr().out
-    status.epoch_reported("resnet18-seed0", 3)  # resumed at epoch 3: epochs 1-3 are done
-    clock[0] += 59  # 120 s for 3 of 8 epochs -> 40 s each, 5 to go
-    assert status.line() == "0/2 runs done, ~3m20s left"
-    status.epoch_reported("resnet18-seed0", 4)
-    status.runs_done = 1
-    assert status.line() == "1/2 runs done, ~2m00s left"  # 4 epochs in 120 s, 4 to go
+    status.epoch_reported("resnet18-seed0", 3, 40.0)  # resumed at epoch 3: epochs 1-3 are done
+    # seed0: 1 epoch of 40 s left; seed1 waits: start-up (21 s measured: 61 - 40) + 4 x 40 s
+    assert status.line() == "0/2 runs done, ~3m41s left"
+    clock[0] += 40
+    status.epoch_reported("resnet18-seed0", 4, 40.0)
+    clock[0] += 5
+    status.run_finished("resnet18-seed0")  # a 5 s tail after the last epoch
+    assert status.line() == "1/2 runs done, ~3m06s left"  # 21 + 4 x 40 + 5
