@@ -2,10 +2,10 @@
 
 Rows arrive in batches (from the explain actors, or the baselines' loop). Each batch feeds the
 threshold tuner (`explain.tuning.Tuner`: validation rows leave only their keys and IoU curves)
-and its test rows are appended to a spill file. Once every row is in, the thresholds are
-chosen and the spill is read back in bounded row groups, scored at the tuned thresholds and
-written to the final Parquet files, also in bounded row groups (`ROW_GROUP_BYTES`), so a reader
-can stream them. Driver memory is one row group, whatever the number of images, layers or
+and its test rows are appended to a spill file (Arrow IPC, `ArrowSpill`). Once every row is in,
+the thresholds are chosen and the spill is read back one arrival at a time, scored at the tuned
+thresholds and written to the final Parquet files in bounded row groups (`ROW_GROUP_BYTES`), so a
+reader can stream them. Driver memory is one row group, whatever the number of images, layers or
 cascade steps. The spill is a `.<name>.tmp-<pid>` sibling, so a crashed writer's spill is swept
 like any other temporary file (`StudyStore.sweep_temporary`).
 """
@@ -65,6 +65,42 @@ class ParquetSink:
             self.writer = None
 
 
+class ArrowSpill:
+    """A spill file in Arrow's IPC format, written a batch at a time and read back a batch at a time
+    through a memory map. Not Parquet: reading back a Parquet list column (a heatmap) decodes
+    repetition and definition levels for every pixel, and a reader that batches across row groups
+    held several hundred MB per run at 96 px (measured); an IPC batch is the bytes as written."""
+
+    def __init__(self, path: Path):
+        self.path, self.writer, self.schema, self.rows = Path(path), None, None, 0
+
+    def write(self, table: pa.Table) -> None:
+        if not len(table):
+            return
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.schema = table.schema
+            self.writer = pa.ipc.new_file(self.path, self.schema)
+        elif table.schema != self.schema:  # e.g. a column all null in one batch
+            table = table.cast(self.schema)
+        self.writer.write_table(table)
+        self.rows += len(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def batches(self) -> Iterator[pa.Table]:
+        """The spilled rows, one written batch at a time (zero-copy from the memory map)."""
+        if not self.path.is_file():
+            return
+        with pa.memory_map(str(self.path)) as source:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield pa.Table.from_batches([reader.get_batch(i)])
+
+
 class MapSink:
     """Tuning and spilling as rows arrive (`add`), then the scored test rows in bounded batches
     (`finish`, `scored`). `expected`: the rows (validation and test) the set will receive, so
@@ -72,7 +108,7 @@ class MapSink:
 
     def __init__(self, spill_dir: Path, name: str, keys: Sequence[str], metrics_config: Any,
                  fallback: Optional[Callable[[tuple], tuple]] = None, expected: Optional[int] = None):
-        self.spill = ParquetSink(Path(spill_dir) / f".{name}.spill.tmp-{os.getpid()}")
+        self.spill = ArrowSpill(Path(spill_dir) / f".{name}.spill.tmp-{os.getpid()}")
         self.tuner = Tuner(keys, metrics_config, fallback)
         self.expected, self.received = expected, 0
 
@@ -91,12 +127,9 @@ class MapSink:
         return self.tuner.finish()
 
     def scored(self) -> Iterator[pa.Table]:
-        """The test rows scored at their tuned thresholds, one row group's worth at a time."""
-        if not self.spill.path.is_file():
-            return
-        source = pq.ParquetFile(self.spill.path)
-        for batch in source.iter_batches(batch_size=rows_per_group(source.schema_arrow)):
-            yield self.tuner.score(pa.Table.from_batches([batch]))
+        """The test rows scored at their tuned thresholds, one spilled batch (one arrival) at a time."""
+        for batch in self.spill.batches():
+            yield self.tuner.score(batch)
 
     def discard(self) -> None:
         self.spill.close()
