@@ -42,7 +42,6 @@ def test_row_groups_are_bounded_by_bytes(tmp_path):
     per_row = 32 * 32 * 2 + 512
     assert rows_per_group(table.schema, 100 * per_row) == 100
     sink = ParquetSink(tmp_path / "part.parquet")
-    sink.group = 0  # set on the first write
     for start in range(0, 300, 40):
         sink.write(table.slice(start, 40))
     sink.close()
