@@ -12,9 +12,19 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from analysis import covariates, equivalence, figures, ladder, layers, paper_values, reliability, stats, tables, validity
+from analysis import (
+    covariates,
+    equivalence,
+    figures,
+    ladder,
+    layers,
+    paper_values,
+    reliability,
+    stats,
+    tables,
+    validity,
+)
 from analysis.inputs import StudyInputs, read_backgrounds, read_heatmaps
-
 
 STATS_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_norm"]  # full model comparison for each
 DEPTH_METRICS = {"diff_gradcam": "diff_gradcam", "ehr_auc_norm": "ehr_auc_norm", "pointing_hit": "pointing_game"}

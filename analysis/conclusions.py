@@ -15,10 +15,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, paper_values
-from analysis.prose import interval, prose  # noqa: F401 (interval: also for report.py)
-from analysis.inputs import StudyInputs
 from analysis.compute import AnalysisOutputs, threshold_of
-
+from analysis.inputs import StudyInputs
+from analysis.prose import interval, prose  # noqa: F401 (interval: also for report.py)
 
 # ----------------------------------------------------------------------------- conclusions
 

@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, paper_values, tables
-from analysis.inputs import StudyInputs
 from analysis.compute import AnalysisOutputs, alpha_of, threshold_of
 from analysis.conclusions import conclusions_section, summary_items
-
+from analysis.inputs import StudyInputs
 
 # ----------------------------------------------------------------------------- the HTML report
 

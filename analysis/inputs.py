@@ -7,7 +7,7 @@
     data/                   manifest.parquet, report.json, cache/ (Figure 1 backgrounds)
 
 Plain pandas and pyarrow only: the analysis runs without torch, timm or Ray, and finds every
-file through the study contract (`training.contract.StudyStore`). It reads the runs it is given
+file through the study contract (`study.store.StudyStore`). It reads the runs it is given
 (the runs the config names), never whatever else lies in the store. A run without done.json
 is unfinished or failed, one without a CAM completion record has no scored maps; what such a
 run left is ignored and listed in `missing`.
@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from training.contract import StudyStore, run_key
-from training.models import FAMILY_ORDER, REGISTRY
+from study.models import FAMILY_ORDER, REGISTRY
+from study.store import StudyStore, run_key
 
 # family and depth of the built-in models (layers as the paper counts them), from their specs
 BUILTIN_MODELS: dict[str, tuple[str, int]] = {name: (spec.family, spec.depth) for name, spec in REGISTRY.items()}

@@ -21,13 +21,14 @@ import pandas as pd
 from mlflow.entities import Metric, RunTag
 
 from analysis import tables
-from analysis.inputs import load_study
 from analysis.compute import AnalysisOutputs, build_outputs
 from analysis.conclusions import interval, prose, summary_items
 from analysis.html import write_report
-from training.atomic import atomic_dir
-from training.contract import flatten, run_key
-from training.provenance import git_commit, machine
+from analysis.inputs import load_study
+from study.atomic import atomic_dir
+from study.provenance import git_commit, machine
+from study.records import flatten
+from study.store import run_key
 
 
 def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = None,

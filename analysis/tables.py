@@ -16,7 +16,7 @@ import pandas as pd
 
 from analysis import paper_values, stats, validity
 from analysis.inputs import PRIMARY_CAM_METHOD
-from training.contract import run_key
+from study.store import run_key
 
 CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "specificity", "auc"]
 EHR_VARIANTS = ["ehr_auc", "ehr_auc_inputiba"]

@@ -97,7 +97,7 @@ def _bench_sweep(name: str, args: argparse.Namespace) -> tuple[int, dict[str, fl
     one call per stage layer."""
     import dataclasses
 
-    from training import models
+    from study import models
 
     spec = registry.get(name)
     torch.manual_seed(0)

@@ -22,10 +22,10 @@ import ray
 import torch
 
 from explain.extract import CamScorer, extract_runs, run_work
-from training.config import load_config, parse_override
 from orchestrator.ray_setup import init_ray
-from training.contract import StudyStore
-from orchestrator.train_runs import is_finished, plan_runs
+from study.config import load_config, parse_override
+from study.runs import is_finished, plan_runs
+from study.store import StudyStore
 
 
 class _ScratchCams(StudyStore):

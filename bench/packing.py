@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-
 import train as train_bench  # noqa: E402  (bench/train.py)
+
+from study.config import load_config  # noqa: E402
 from training import registry  # noqa: E402
-from training.config import load_config  # noqa: E402
 
 
 def measure(args: dict, start, results) -> None:

@@ -58,9 +58,10 @@ def comparison_costs(size: int, runs: int = 6, images: int = 12) -> tuple[float,
     for a, b in pairs:
         compare(prepared[a], prepared[b])
     pair = (time.perf_counter() - started) / (len(pairs) * images)
+    import tempfile
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "maps.parquet"
@@ -79,8 +80,8 @@ def throughput() -> dict[str, float]:
 
 def dataset_sizes(config, seeds: int) -> dict:
     from explain.extract import cascade_units, copies_of, maps_per_row
+    from study.models import cam_layers
     from training import registry
-    from training.models import cam_layers
 
     positives = config.split.n_test // 2
     val_positives = config.split.n_val // 2
@@ -105,7 +106,7 @@ def dataset_sizes(config, seeds: int) -> dict:
 
 
 def project(config_path: Path, rows: list[dict], bench_size: int) -> None:
-    from training.config import load_config
+    from study.config import load_config
 
     base = load_config(config_path)
     size = base.preprocess.image_size

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import PreprocessConfig
+from study.config import PreprocessConfig
 from training.data import load_siim
 from training.prepare import process_batch
 from training.row_mapper import BATCH_SIZE, map_rows

@@ -26,10 +26,11 @@ import dataclasses
 from pathlib import Path
 
 from orchestrator import schedule
-from orchestrator.train_runs import plan_runs, run_demands
+from orchestrator.train_runs import run_demands
+from study.config import load_config
+from study.runs import plan_runs
+from study.store import StudyStore
 from training import registry
-from training.config import load_config
-from training.contract import StudyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,17 @@ import time
 
 import torch
 
-from training.config import load_config
+from study.config import load_config
 from training import augment, registry
-from training.loop import RunState, Split, batch_indices, make_model, make_optimizer, prepare_input, train_epoch
+from training.loop import (
+    RunState,
+    Split,
+    batch_indices,
+    make_model,
+    make_optimizer,
+    prepare_input,
+    train_epoch,
+)
 
 
 def synthetic_split(n: int, size: int) -> Split:

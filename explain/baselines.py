@@ -10,7 +10,7 @@ Chance and the oracle (h = M) are analytic and need no map (`analysis.ladder`). 
 `baselines/part-00000.parquet` with the columns of `cams/` (`model` and `cam_method` name the
 baseline, `seed` is null), tuned on the validation positives like any map set
 (`baselines/_tuning.json`); `baselines/_done.json` is written last, with the inputs it was made
-from (`training.contract.baselines_inputs`).
+from (`study.records.baselines_inputs`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import pyarrow as pa
 from explain import tuning
 from explain.rows import map_table
 from explain.sink import MapSink, ParquetSink
-from training import objectstore
-from training.atomic import atomic_dir
+from study import objectstore
+from study.atomic import atomic_dir
+from study.records import baselines_inputs, record_reason, write_record
+from study.store import StudyStore
 from training.cache import read_index
-from training.contract import StudyStore, baselines_inputs, record_reason, write_record
 
 NAMES = ("prior", "image_only")
 BATCH = 64  # images scored at once (the metrics sort each map; memory grows with the batch)

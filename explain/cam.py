@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.errors import ConfigError
+from study.errors import ConfigError
 from training.registry import ModelSpec, resolve_layer
 
 Weights = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -41,13 +41,15 @@ from explain import tuning
 from explain.cam import GRADIENT_METHODS
 from explain.rows import TRAINED, Copy, map_table
 from explain.sink import MapSink, ParquetSink
-from training import objectstore, registry
-from training.atomic import atomic_dir
+from study import objectstore
+from study.atomic import atomic_dir
+from study.errors import DataError
+from study.models import cam_layers, layer_roles
+from study.progress import duration_text
+from study.records import explain_inputs, record_reason, write_record
+from study.store import StudyStore, run_key
+from training import registry
 from training.cache import read_index
-from training.contract import StudyStore, explain_inputs, record_reason, run_key, write_record
-from training.errors import DataError
-from training.progress import duration_text
-from training.models import cam_layers, layer_roles
 from training.ray_data import reraise_own, without_budget_backpressure
 
 DONE = StudyStore.CAM_DONE  # written last into a run's CAM folder: the inputs it was made from
@@ -115,7 +117,6 @@ class CamScorer:
 
     def _models(self, key: str) -> tuple[registry.ModelSpec, dict]:
         from explain.randomization import Cascade, twin
-
         from training.loop import load_trained_model
 
         if self.loaded is None or self.loaded[0] != key:

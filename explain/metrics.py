@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-# MetricsConfig field names (training/config.py) and their defaults (STUDY.md §5, §9).
+# MetricsConfig field names (study/config.py) and their defaults (STUDY.md §5, §9).
 _DEFAULTS = {"ehr_thresholds": 100, "inputiba_min_heat": 0.1, "inputiba_quantiles": 10,
              "inputiba_cap": 0.99, "tuning_steps": 20}
 _OTSU_BINS = 256  # skimage.filters.threshold_otsu's default

@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from explain.metrics import COLUMNS as METRICS, IOU_CURVE, score_batch
+from explain.metrics import COLUMNS as METRICS
+from explain.metrics import IOU_CURVE, score_batch
 from explain.similarity import MEASURES, similarity
 
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from explain.metrics import IOU_CURVE, tuning_thresholds
-from training.atomic import write_text_atomic
+from study.atomic import write_text_atomic
 
 COLUMNS = ("tuned_threshold", "iou_tuned", "hit_tuned")
 SPLIT = "split"  # which split a row's image is from: "val" rows tune, "test" rows are kept

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from training.errors import CamstudyError
+from study.errors import CamstudyError
 
 
 class Terminated(KeyboardInterrupt):
@@ -118,7 +118,8 @@ def _load(args, reads_data: bool = False):
     an MLflow run exists; `reads_data`: the command reads the images (data.root is checked too).
     Commands call this before importing the pipeline (Ray, MLflow, torch: many seconds), so a
     config that cannot run fails at once."""
-    from training.config import load_config, parse_override, recipe_overrides
+    from study.config import load_config, parse_override, recipe_overrides
+    from training.source import check_data_source
 
     overrides, given_as = {}, {}
     if getattr(args, "recipes", None):
@@ -129,18 +130,18 @@ def _load(args, reads_data: bool = False):
         overrides[key], given_as[key] = value, f"--set {_as_typed(text)}"
     if getattr(args, "seeds", None):
         overrides["training.seeds"], given_as["training.seeds"] = _seeds(args.seeds), f"--seeds {_as_typed(args.seeds)}"
-    return load_config(args.config, overrides, given_as, reads_data=reads_data)
+    return load_config(args.config, overrides, given_as, checks=(check_data_source,) if reads_data else ())
 
 
 def _as_typed(text: str) -> str:
     """An argument as typed, for an error line: quoted and cut where it would break or flood the line."""
-    from training.errors import shown
+    from study.errors import shown
 
     return text if len(text) <= 100 and text.isprintable() else shown(text)
 
 
 def _seeds(text: str) -> list[int]:
-    from training.errors import ConfigError
+    from study.errors import ConfigError
 
     try:
         return [int(part) for part in text.split(",") if part.strip()]

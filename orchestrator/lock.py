@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from training.errors import CamstudyError
+from study.errors import CamstudyError
 
 
 class StudyBusy(CamstudyError):

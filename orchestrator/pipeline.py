@@ -3,7 +3,7 @@
 Every command works inside `open_study`: it takes the study's lock (one writer per study), makes
 or reads the study id, sweeps what killed writers left, and keeps the MLflow parent run RUNNING
 while it works, ending it FINISHED, FAILED or KILLED with the command. Whether a stage's output
-is reused is decided by the study contract (`training.contract`): each stage prints why it
+is reused is decided by the study contract (`study.records`): each stage prints why it
 reruns ("explain: resnet18-seed0: cam.methods changed"). `--force STAGE` removes the outputs of
 that stage and every later one, then redoes them.
 """
@@ -20,10 +20,17 @@ from orchestrator import tracking
 from orchestrator.lock import command_line, object_store_lock, study_lock
 from orchestrator.ray_setup import init_ray
 from orchestrator.stages import prepare_stage
-from orchestrator.train_runs import RunPlan, explain_actors, is_finished, placement, plan_runs, train_stage
-from training import objectstore
-from training.contract import (RETRAIN, StudyStore, analyze_inputs, read_record, record_reason, require_intact,
-                               write_record)
+from orchestrator.train_runs import explain_actors, placement, train_stage
+from study import objectstore
+from study.records import (
+    analyze_inputs,
+    read_record,
+    record_reason,
+    require_intact,
+    write_record,
+)
+from study.runs import RETRAIN, RunPlan, is_finished, plan_runs
+from study.store import StudyStore
 from training.ray_data import study_log
 
 STAGES = ("prepare", "train", "explain", "analyze")

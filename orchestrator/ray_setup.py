@@ -12,7 +12,7 @@ from typing import Optional
 
 import ray
 
-from training.config import StudyConfig
+from study.config import StudyConfig
 from training.ray_data import TRACE_LOGGER
 
 # How often Ray restarts a task that its memory monitor killed. Ray's default has no limit

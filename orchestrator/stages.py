@@ -10,18 +10,18 @@ import dataclasses
 import json
 
 from orchestrator.ray_setup import init_ray
-from training import objectstore
-from training.atomic import write_text_atomic
-from training.config import StudyConfig, dump_config
-from training.contract import StudyStore, fingerprint, prepare_inputs, record_reason, write_record
+from study import objectstore
+from study.atomic import write_text_atomic
+from study.config import StudyConfig, dump_config
+from study.errors import ConfigError
+from study.records import fingerprint, prepare_inputs, record_reason, write_record
+from study.store import StudyStore
 from training.cache import write_cache
 from training.data import SiimIndex, load_siim
-from training.errors import ConfigError
 from training.data_report import data_report, format_report
 from training.prepare import Prepared, cache_index, prepare_data, write_manifest
+from training.source import LAYOUT_OF_SOURCE
 from training.synth import generate
-
-_LAYOUT_OF_SOURCE = {"siim-dicom": "dicom", "siim-png": "png"}
 
 
 def prepare_stage(config: StudyConfig, force: bool = False) -> StudyStore:
@@ -58,10 +58,10 @@ def _load_source(config: StudyConfig, store: StudyStore) -> SiimIndex:
         index = load_siim(store.source_dir, strict=data.strict)
     else:
         index = load_siim(data.root, labels=data.labels, strict=data.strict)
-        if index.layout != _LAYOUT_OF_SOURCE[data.source]:
+        if index.layout != LAYOUT_OF_SOURCE[data.source]:
             raise ConfigError(f"data.source is {data.source!r} but {data.root} holds the "
                               f"{index.layout} layout; set data.source: "
-                              f"{next(k for k, v in _LAYOUT_OF_SOURCE.items() if v == index.layout)!r}")
+                              f"{next(k for k, v in LAYOUT_OF_SOURCE.items() if v == index.layout)!r}")
     print(f"prepare: {len(index.images)} labelled images in {data.root or store.source_dir} "
           f"({index.layout} layout; {len(index.unlabelled)} unlabelled, {len(index.orphans)} orphan label rows)")
     return index

@@ -46,9 +46,10 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402 (after the envir
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from training.provenance import git_commit
-from training.contract import StudyStore, read_record
-from training.atomic import write_text_atomic
+from study.atomic import write_text_atomic
+from study.provenance import git_commit
+from study.records import read_record
+from study.store import StudyStore
 
 STUDY_TAG = "camstudy.study"
 STUDY_ID_TAG = "camstudy.study_id"

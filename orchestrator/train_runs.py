@@ -35,7 +35,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -45,54 +45,17 @@ from ray.util.queue import Empty, Queue
 
 from orchestrator import ray_setup, schedule, tracking
 from orchestrator.train_worker import EpochReporter, train_worker
-from training import errors, registry
-from training.atomic import write_text_atomic
-from training.contract import StudyStore, fingerprint, finished_run, read_record, run_key
-from training.errors import CamstudyError, TrainingError
-from training.loop import run_inputs
-from training.progress import duration_text
+from study import errors
+from study.atomic import write_text_atomic
+from study.errors import CamstudyError, TrainingError
+from study.progress import duration_text
+from study.records import read_record
+from study.runs import RunPlan, is_finished, plan_runs
+from study.store import StudyStore
+from training import registry
 from training.ray_data import TRACE_LOGGER
 
-
 NODE_TAG = "camstudy.node"  # the Ray node a run trained on (its host in camstudy.node_host)
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    spec: registry.ModelSpec
-    seed: int
-    run_dir: Path
-    inputs: dict = field(compare=False, repr=False)  # what the run computes from (study contract)
-    permuted: bool = False  # trained on permuted labels (sanity.label_permutation, STUDY.md §10)
-
-    @property
-    def key(self) -> str:
-        return run_key(self.spec.name, self.seed, self.permuted)
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.inputs)
-
-
-def plan_runs(config, store: StudyStore) -> list[RunPlan]:
-    """Every (model, seed) of the config, in registry order then seed order; with
-    sanity.label_permutation, one run per model on permuted labels after them."""
-    plans = []
-    for spec in registry.specs_for(config.models):
-        recipe = registry.recipe_for(spec, config.recipes)
-        for seed in config.training.seeds:
-            plans.append(RunPlan(spec, seed, store.run_dir(spec.name, seed), run_inputs(spec, recipe, config, seed)))
-    if config.sanity.label_permutation:
-        seed = config.sanity.permutation_seed
-        for spec in registry.specs_for(config.models):
-            inputs = run_inputs(spec, registry.recipe_for(spec, config.recipes), config, seed, permuted_labels=True)
-            plans.append(RunPlan(spec, seed, store.run_dir(spec.name, seed, True), inputs, permuted=True))
-    return plans
-
-
-def is_finished(plan: RunPlan) -> bool:
-    """done.json with this plan's fingerprint; one made with other settings is an error naming what changed."""
-    return finished_run(plan.run_dir, plan.fingerprint, plan.inputs) is not None
 
 
 def child_params(config, plan: RunPlan) -> dict[str, Any]:

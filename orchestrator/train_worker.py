@@ -36,10 +36,11 @@ def train_worker(loop_config: dict) -> None:
     import torch
     from ray.train.torch import get_device
 
-    from training import objectstore, registry
-    from training.atomic import write_text_atomic
-    from training.contract import StudyStore
-    from training.errors import CamstudyError
+    from study import objectstore
+    from study.atomic import write_text_atomic
+    from study.errors import CamstudyError
+    from study.store import StudyStore
+    from training import registry
     from training.loop import train_run
 
     torch.set_num_threads(loop_config["torch_threads"])

@@ -31,11 +31,11 @@ from mlflow.entities import Param
 from ray.tune import Callback
 
 from orchestrator import tracking
+from study.atomic import write_text_atomic
+from study.errors import ConfigError
+from study.recipes import Recipe
+from study.store import StudyStore
 from training import registry
-from training.atomic import write_text_atomic
-from training.contract import StudyStore
-from training.errors import ConfigError
-from training.recipes import Recipe
 
 LR_RANGE = (1e-5, 1e-2)
 WEIGHT_DECAY_RANGE = (1e-6, 1e-2)

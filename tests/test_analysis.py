@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from analysis import report, stats
 from analysis.inputs import load_study, model_table
 from training.classification import classification_report
-from training.models import REGISTRY
+from study.models import REGISTRY
 
 SIZE = 16  # cache and heatmap side, pixels
 N_POSITIVE = 60

@@ -20,7 +20,7 @@ import pytest
 from analysis import compute, figures, reliability, stats
 from analysis.inputs import StudyInputs
 from explain.similarity import MEASURES, similarity
-from training.contract import StudyStore
+from study.store import StudyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["layer2", "layer3", "layer4"]  # layer4: the paper's layer (final_layer)

@@ -11,8 +11,8 @@ import pytest
 from explain.baselines import explain_baselines, image_only, location_prior
 from tests.conftest import make_tiny_cache
 from tests.test_metrics import naive_auprc, naive_row
-from training.config import load_config
-from training.contract import StudyStore
+from study.config import load_config
+from study.store import StudyStore
 
 from pathlib import Path
 

@@ -33,7 +33,7 @@ def test_cluster_yaml_passes_ray_validation():
 
 
 def test_paper_config_routes_vit_large_to_the_large_node_type():
-    from training.config import load_config
+    from study.config import load_config
 
     config = load_config(ROOT / "configs" / "paper.yaml")
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())

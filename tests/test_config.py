@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config import StudyConfig, dump_config, load_config, parse_override
-from training.errors import ConfigError
+from study.config import StudyConfig, dump_config, load_config, parse_override
+from study.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import cli
-from training.config import StudyConfig, load_config, parse_override
-from training.contract import flatten
-from training.errors import ConfigError
+from study.config import StudyConfig, load_config, parse_override
+from study.records import flatten
+from study.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

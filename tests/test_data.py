@@ -9,7 +9,7 @@ import pytest
 from training import rle
 from training.data import COLUMNS, load_labels, load_siim, read_image
 from training.dicom import write_jpeg_dicom
-from training.errors import DataError
+from study.errors import DataError
 
 SIZE = (16, 12)  # height, width: non-square so a transposed mask would not fit
 POSITIVE, NEGATIVE, OVERLAPPING = "1.2.3.1", "1.2.3.2", "1.2.3.3"

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from training.config import ModelsConfig, PreprocessConfig, ResourcesConfig, StudyConfig, TrainingConfig
+from study.config import ModelsConfig, PreprocessConfig, ResourcesConfig, StudyConfig, TrainingConfig
 from tests.conftest import TINY_SIZE, TINY_SPLITS
 from training import loop, registry
-from training.errors import TrainingError
-from training.recipes import Recipe
+from study.errors import TrainingError
+from study.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -180,7 +180,7 @@ def test_the_worker_count_enters_the_fingerprint_only_above_one():
 def test_two_ray_train_workers_train_one_run_and_log_every_epoch(ray_session, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from training.config import load_config
+    from study.config import load_config
     from orchestrator.pipeline import open_study, run_train
     from orchestrator.stages import prepare_stage
 

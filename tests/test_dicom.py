@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import generate_uid
 
 from training import dicom
-from training.errors import DataError
+from study.errors import DataError
 
 
 def gradient(height=64, width=48):

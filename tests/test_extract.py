@@ -10,9 +10,9 @@ import pytest
 
 from explain.extract import DONE, extract_runs
 from explain.metrics import COLUMNS
-from training.config import load_config
-from training.contract import StudyStore
-from orchestrator.train_runs import plan_runs
+from study.config import load_config
+from study.store import StudyStore
+from study.runs import plan_runs
 from tests.conftest import TINY_SIZE, make_tiny_cache
 from tests.test_metrics import naive_ehr, naive_row
 from training import registry

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli
-from training.config import load_config
-from training.errors import ConfigError
+from training.source import check_data_source
+from study.config import load_config
+from study.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -130,7 +131,7 @@ def test_a_plausible_data_root_passes_without_reading_an_image(tmp_path):
     root = _dicom_root(tmp_path, _labels(positive=10, negative=10))  # its one DICOM is an empty file
     overrides = {"storage": str(tmp_path / "storage"), "data.source": "siim-dicom", "data.root": str(root),
                  "split.n_val": 4, "split.n_test": 4}
-    assert load_config(DEMO, overrides, reads_data=True).data.root == str(root)
+    assert load_config(DEMO, overrides, checks=(check_data_source,)).data.root == str(root)
     assert not (tmp_path / "storage").exists()
 
 
@@ -139,7 +140,7 @@ def test_a_data_root_only_the_cluster_has_is_checked_only_by_the_commands_that_r
     assert load_config(PAPER).data.root == "/mnt/shared/siim-acr"
     if not Path("/mnt/shared/siim-acr").exists():
         with pytest.raises(ConfigError, match=r"paper\.yaml: data\.root: /mnt/shared/siim-acr does not exist"):
-            load_config(PAPER, {"storage": str(tmp_path)}, reads_data=True)
+            load_config(PAPER, {"storage": str(tmp_path)}, checks=(check_data_source,))
 
 
 # --- models, CAM layers and methods ---------------------------------------------------------------
@@ -244,5 +245,5 @@ def test_seeds_and_recipes_are_named_as_given(tmp_path, capsys):
 
 
 def test_the_demo_still_loads_and_passes_the_run_checks(tmp_path):
-    config = load_config(DEMO, {"storage": str(tmp_path / "storage")}, reads_data=True)
+    config = load_config(DEMO, {"storage": str(tmp_path / "storage")}, checks=(check_data_source,))
     assert config.data.source == "synthetic" and not (tmp_path / "storage").exists()

@@ -55,7 +55,7 @@ def test_module_level_imports_have_no_cycles():
 
 
 def test_the_contract_and_the_analysis_readers_load_without_torch():
-    code = ("import sys, training.contract, training.models, training.config, analysis.inputs, analysis.stats; "
+    code = ("import sys, study.records, study.store, study.models, study.config, analysis.inputs, analysis.stats; "
             "print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from training.config import AugmentConfig, ModelsConfig, PreprocessConfig, StudyConfig, TrainingConfig
+from study.config import AugmentConfig, ModelsConfig, PreprocessConfig, StudyConfig, TrainingConfig
 from tests.conftest import TINY_SIZE as SIZE, TINY_SPLITS as SPLITS
 from training import augment, loop, registry
-from training.errors import TrainingError
-from training.recipes import Recipe
+from study.errors import TrainingError
+from study.recipes import Recipe
 
 RECIPE = Recipe("adam", 1e-3, 3)
 

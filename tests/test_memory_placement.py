@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator import pipeline, ray_setup, schedule, train_runs
-from orchestrator.train_runs import Outcome, Starts, host_memory_gb, plan_runs, record_host_memory
+from orchestrator.train_runs import Outcome, Starts, host_memory_gb, record_host_memory
+from study.runs import plan_runs
 from training import registry
-from training.config import load_config
-from training.contract import StudyStore
-from training.errors import CamstudyError, TrainingError
+from study.config import load_config
+from study.store import StudyStore
+from study.errors import CamstudyError, TrainingError
 from training.ray_data import TRACE_LOGGER
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from explain import metrics as M
-from training.config import MetricsConfig
+from study.config import MetricsConfig
 
 NAN = float("nan")
 

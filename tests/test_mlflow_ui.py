@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator import tracking
 from tests.mlflow_server import free_port
-from training.config import load_config
+from study.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

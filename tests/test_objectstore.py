@@ -1,4 +1,4 @@
-"""Studies in object storage (training/objectstore.py): `storage: s3://...` against a local
+"""Studies in object storage (study/objectstore.py): `storage: s3://...` against a local
 S3-compatible server (moto's server mode, started on 127.0.0.1 and stopped by the test): every
 output lands in the bucket, a fresh mirror resumes from the bucket alone, a killed study resumes,
 the lock refuses a second writer and takes over from a dead one."""

@@ -16,11 +16,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training import contract, objectstore
-from training.atomic import atomic_dir, write_atomic, write_text_atomic
-from training.contract import (FILES, StudyStore, finished_run, read_record, record_reason,
-                               require_intact, vouched_files, write_record)
-from training.errors import StoreError, TrainingError
+from study import objectstore, records
+from study.atomic import atomic_dir, write_atomic, write_text_atomic
+from study.records import FILES, read_record, record_reason, require_intact, vouched_files, write_record
+from study.runs import finished_run
+from study.store import StudyStore
+from study.errors import StoreError, TrainingError
 from tests.test_objectstore import BUCKET, s3  # noqa: F401 (the moto server fixture, reused)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +75,8 @@ def test_a_truncated_file_is_one_line_naming_it_and_a_changed_input_still_says_w
 def test_a_same_size_change_is_found_by_its_hash_which_is_recomputed_only_when_the_time_moved(tmp_path, monkeypatch):
     record = _explain_output(_study(tmp_path))
     hashed = []
-    digest = contract._digest
-    monkeypatch.setattr(contract, "_digest", lambda file, info: hashed.append(file.name) or digest(file, info))
+    digest = records._digest
+    monkeypatch.setattr(records, "_digest", lambda file, info: hashed.append(file.name) or digest(file, info))
     assert record_reason(record, INPUTS) is None and hashed == []  # size and time as recorded: no read
     part = record.parent / StudyStore.CAM_PART
     recorded = part.stat().st_mtime_ns

@@ -8,15 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import PreprocessConfig, SplitConfig, load_config
+from study.config import PreprocessConfig, SplitConfig, load_config
 from orchestrator.stages import prepare_stage
 from training import rle
 from training.cache import load_split, read_index
-from training.errors import ConfigError, DataError
+from study.errors import ConfigError, DataError
 from training.data_report import data_report, format_report
 from training.prepare import MANIFEST_COLUMNS, prepare_data, process_batch, union_mask
 from training.row_mapper import map_rows
-from training.split import SPLITS, plan_selection, select_and_split
+from training.split import SPLITS, select_and_split
+from study.selection import plan_selection
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from training.config import PreprocessConfig
-from training.errors import DataError
+from study.config import PreprocessConfig
+from study.errors import DataError
 from training.preprocess import preprocess_image, resize_mask
 
 CFG = PreprocessConfig(image_size=32)

@@ -5,10 +5,10 @@ import timm
 import torch
 from torch import nn
 
-from training.config import ExtraModel, ModelsConfig, StudyConfig
+from study.config import ExtraModel, ModelsConfig, StudyConfig
 from training import registry
-from training.errors import ConfigError
-from training.recipes import PAPER_RECIPES
+from study.errors import ConfigError
+from study.recipes import PAPER_RECIPES
 
 SIZE = 32  # smallest input every model accepts: 1x1 ResNet map, 2x2 VGG map, 2x2 ViT grid
 BIG = {"vgg16", "vgg19", "vit_large"}  # 134-303 M parameters: 5-30 s each on 2 cores

@@ -12,7 +12,7 @@ from explain.similarity import similarity
 from tests.conftest import make_tiny_cache
 from training import registry
 from training.cache import load_split
-from training.config import load_config
+from study.config import load_config
 from training.loop import train_run
 
 from pathlib import Path

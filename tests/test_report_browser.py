@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from analysis import figures, report
 from analysis.html import COLLAPSE_ROWS, PAPER_ONLY
 from tests.test_analysis import SyntheticStudy, config_for
-from training.models import REGISTRY
+from study.models import REGISTRY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium; .ci/run does)")

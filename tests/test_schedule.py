@@ -10,9 +10,10 @@ import pytest
 
 from orchestrator import schedule
 from orchestrator.schedule import Demand, Packer
-from orchestrator.train_runs import RunPlan, Starts, plan_runs, record_gpu_memory, run_demands
-from training.config import load_config
-from training.contract import StudyStore
+from orchestrator.train_runs import Starts, record_gpu_memory, run_demands
+from study.runs import plan_runs
+from study.config import load_config
+from study.store import StudyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from explain import tuning
 from explain.extract import MapProgress
 from explain.sink import MapSink, ParquetSink, rows_per_group
 from tests.test_tuning import lesion_batch, rows_of, table_for
-from training.config import MetricsConfig
+from study.config import MetricsConfig
 
 
 def test_streamed_batches_equal_one_shot_tuning(tmp_path):

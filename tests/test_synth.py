@@ -10,7 +10,7 @@ import pytest
 
 from training import rle
 from training.dicom import read_image
-from training.errors import CamstudyError
+from study.errors import CamstudyError
 from training.synth import DICOM_DIR, LABEL_FILE, PARAMS_FILE, generate, render
 
 SMALL = dict(n=16, size=64, seed=3, unlabelled=3, orphans=2)

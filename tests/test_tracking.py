@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import tracking
 from orchestrator.lock import StudyBusy, study_lock
-from training.config import load_config
-from training.contract import StudyStore, changed_keys, record_reason, write_record
+from study.config import load_config
+from study.store import StudyStore
+from study.records import changed_keys, record_reason, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train_runs import StageProgress, plan_runs
-from training.config import load_config
-from training.contract import StudyStore
+from orchestrator.train_runs import StageProgress
+from study.runs import plan_runs
+from study.config import load_config
+from study.store import StudyStore
 from training import registry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from mlflow.tracking import MlflowClient
 from orchestrator.tracking import StudyTracker
 from orchestrator.tune import LR_RANGE, WEIGHT_DECAY_RANGE, tune_recipes
 from tests.conftest import make_tiny_cache
-from training.config import load_config, recipe_overrides
-from training.contract import StudyStore
-from training.errors import ConfigError
+from study.config import load_config, recipe_overrides
+from study.store import StudyStore
+from study.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)

@@ -12,7 +12,7 @@ from explain import tuning
 from explain.metrics import tuning_thresholds
 from explain.rows import map_table
 from tests.test_metrics import naive_iou_curve
-from training.config import MetricsConfig
+from study.config import MetricsConfig
 
 
 def rows_of(split, n, rng):

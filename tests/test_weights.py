@@ -10,8 +10,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from training import registry, weights
-from training.errors import ConfigError, WeightsError
+from training import registry
+from study.errors import ConfigError, WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,9 +78,9 @@ def test_an_unknown_pretrained_tag_lists_the_known_ones():
 
 OFFLINE_SCRIPT = """
 import json
-from training.config import StudyConfig, ModelsConfig
+from study.config import StudyConfig, ModelsConfig
 from training import registry, weights
-from training.errors import WeightsError
+from study.errors import WeightsError
 out = {}
 try:
     registry.build_model(registry.get("resnet18"), init="imagenet", image_size=32)

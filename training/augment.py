@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training.config import AugmentConfig
+from study.config import AugmentConfig
 
 
 def augment(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

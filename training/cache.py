@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.atomic import atomic_dir
-from training.contract import StudyStore
-from training.errors import DataError
+from study.atomic import atomic_dir
+from study.errors import DataError
+from study.store import StudyStore
 
 INDEX_COLUMNS = StudyStore.CACHE_INDEX_COLUMNS
 

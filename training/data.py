@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from study.errors import DataError
 from training import dicom, rle
-from training.errors import DataError
 
 # rle_rows: the label CSV rows (regions) OR-ed into mask_rle; NaN where the layout merged them
 COLUMNS = ["image_id", "path", "label", "mask_rle", "rle_rows", "height", "width"]

@@ -8,7 +8,6 @@ from typing import Any
 from training.prepare import Prepared
 from training.split import SPLITS
 
-
 QUANTILES = (0.05, 0.25, 0.50, 0.75, 0.95)
 
 

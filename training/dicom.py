@@ -20,8 +20,8 @@ from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from training.atomic import write_atomic
-from training.errors import DataError
+from study.atomic import write_atomic
+from study.errors import DataError
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"

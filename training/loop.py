@@ -45,14 +45,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from training import augment, objectstore, registry
-from training.atomic import link_atomic, write_atomic, write_text_atomic
+from study import objectstore
+from study.atomic import link_atomic, write_atomic, write_text_atomic
+from study.errors import TrainingError
+from study.recipes import Recipe
+from study.records import FILES, run_inputs, vouched_files
+from study.records import fingerprint as inputs_fingerprint
+from study.runs import finished_run
+from study.store import StudyStore
+from training import augment, registry
 from training.cache import load_split
 from training.classification import auc, classification_report
-from training.contract import FILES, StudyStore, finished_run, fingerprint as inputs_fingerprint, vouched_files
-from training.errors import TrainingError
-from training.recipes import Recipe
-from training.models import TRAINING_FIELDS
 from training.registry import ModelSpec
 
 CHECKPOINT, MODEL, DONE = StudyStore.CHECKPOINT, StudyStore.MODEL, StudyStore.DONE
@@ -565,21 +568,6 @@ def run_fingerprint(spec: ModelSpec, recipe: Recipe, config: Any, seed: int) -> 
     return inputs_fingerprint(run_inputs(spec, recipe, config, seed))
 
 
-def run_inputs(spec: ModelSpec, recipe: Recipe, config: Any, seed: int, permuted_labels: bool = False) -> dict:
-    """Everything that changes what a run computes (the inputs of the study contract's rule)."""
-    training = config.training
-    relevant = {"spec": {name: getattr(spec, name) for name in TRAINING_FIELDS}, "recipe": dataclasses.asdict(recipe), "seed": seed,
-                "init": config.models.init, "weights_file": config.models.weights_files.get(spec.name),
-                "preprocess": dataclasses.asdict(config.preprocess), "augment": dataclasses.asdict(config.augment),
-                "data": {key: value for key, value in dataclasses.asdict(config.data).items()
-                         if key not in ("root", "labels")},  # paths may differ between machines
-                "split": dataclasses.asdict(config.split), "batch_size": training.batch_size,
-                "selection": training.selection, "threshold": training.threshold, "amp": training.amp}
-    if config.resources.workers_per_run > 1:  # only then: single-worker fingerprints stay as they were
-        relevant["workers_per_run"] = config.resources.workers_per_run
-    if permuted_labels:  # likewise
-        relevant["permuted_labels"] = True
-    return json.loads(json.dumps(relevant, default=str))  # as stored in done.json and compared
 
 
 # --------------------------------------------------------------------------- small helpers

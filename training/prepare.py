@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from study.atomic import write_atomic
+from study.config import PreprocessConfig, SplitConfig
+from study.errors import DataError
+from study.selection import Selection, plan_selection
+from study.store import StudyStore
 from training import lesions, rle
-from training.atomic import write_atomic
-from training.contract import StudyStore
-from training.config import PreprocessConfig, SplitConfig
 from training.data import read_image
-from training.errors import DataError
 from training.preprocess import preprocess_image, resize_mask
 from training.row_mapper import Workers, map_rows
-from training.split import Selection, apply_selection, available, plan_selection
-
+from training.split import apply_selection, available
 
 MANIFEST_COLUMNS = ["image_id", "split", "label", "mask_rle", "rle_rows", "mask_fraction", "n_regions",
                     "elongation", "path", "height", "width", "content_hash"]

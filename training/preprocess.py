@@ -9,8 +9,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from training.config import PreprocessConfig
-from training.errors import DataError
+from study.config import PreprocessConfig
+from study.errors import DataError
 
 INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 # a constant image has std 0; below this the z-score only subtracts the mean (the result is all 0)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-from training.errors import CamstudyError
+from study.errors import CamstudyError
 
 
 @contextlib.contextmanager

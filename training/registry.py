@@ -1,6 +1,6 @@
-"""Building the study's models with timm from their specs (`training.models`, STUDY.md §3).
+"""Building the study's models with timm from their specs (`study.models`, STUDY.md §3).
 
-The specs (timm name, pretrained tag, family, depth, target layer) live in `training.models`,
+The specs (timm name, pretrained tag, family, depth, target layer) live in `study.models`,
 torch-free, and are re-exported here; every test about "all models" loops over `names()`.
 
 Target layers, checked against timm 1.0.31 (tests/test_registry.py re-checks them):
@@ -30,10 +30,10 @@ import timm
 import torch
 from torch import nn
 
-from training import models
-from training.errors import ConfigError
+from study import models
+from study.errors import ConfigError
+from study.models import REGISTRY, ModelSpec, get, get_spec, names, recipe_for  # noqa: F401 (re-exported)
 from training.full_kernel_conv import use_full_kernel_convs
-from training.models import REGISTRY, ModelSpec, get, get_spec, names, recipe_for  # noqa: F401 (re-exported)
 
 
 def specs_for(models_config: Any) -> list[ModelSpec]:

@@ -17,7 +17,6 @@ import pandas as pd
 
 from training.ray_data import reraise_own, without_budget_backpressure
 
-
 BATCH_SIZE = 16  # images per Ray Data block and batch: ~1.6 MB of 224-px float16 output
 BLOCKS_PER_TASK = 4  # Ray Data blocks per task slot: few, long tasks with a short tail
 Workers = Union[int, Literal["auto"]]

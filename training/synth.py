@@ -31,10 +31,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from study.atomic import write_text_atomic
+from study.errors import CamstudyError
 from training import rle
-from training.atomic import write_text_atomic
 from training.dicom import write_jpeg_dicom
-from training.errors import CamstudyError
 
 DICOM_DIR = "dicom-images-train"
 LABEL_FILE = "train-rle.csv"

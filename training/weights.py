@@ -27,7 +27,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from timm.models import adapt_input_conv
 from torch import nn
 
-from training.errors import WeightsError
+from study.errors import WeightsError
 
 HOW_TO_PROVIDE = (
     "provide them in one of three ways: run `camstudy fetch-weights CONFIG` on a machine with internet "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from training.errors import require
+from study.errors import require
 
 
 @dataclass(frozen=True)

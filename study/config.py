@@ -17,14 +17,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import yaml
 
-from training.contract import fingerprint
-from training.errors import CamstudyError, ConfigError, require as _check, shown
-from training.models import LAYER_ARMS, cam_layers, specs_for
-from training.recipes import PAPER_RECIPES, Recipe
+from study.errors import CamstudyError, ConfigError, shown
+from study.errors import require as _check
+from study.models import LAYER_ARMS, cam_layers, specs_for
+from study.recipes import PAPER_RECIPES, Recipe
+from study.records import fingerprint
 
 # --------------------------------------------------------------------------- schema
 
@@ -439,15 +440,17 @@ class StudyConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
-                given_as: dict[str, str] | None = None, reads_data: bool = False) -> StudyConfig:
+                given_as: dict[str, str] | None = None,
+                checks: Sequence[Callable[[StudyConfig], None]] = ()) -> StudyConfig:
     """Read a YAML config, apply dotted-key overrides, validate, and resolve local storage.
 
     A config that cannot run is refused here, before any command creates the study folder, its
     lock or an MLflow run: besides every key's type and range, unknown models, CAM layer arms a
     model has no layers for, rollout on a CNN, and a split the synthetic data cannot give.
-    `reads_data` (the commands that read the images) also checks a real data root
-    (`check_data_source`); it is not the default because configs whose data root exists only on
-    the cluster are loaded elsewhere (tests, benches, the submitting machine).
+    `checks` run on the built config inside the same error framing: the commands that read the
+    images pass `training.source.check_data_source` (a real data root); it is not the default
+    because configs whose data root exists only on the cluster are loaded elsewhere (tests,
+    benches, the submitting machine), and because it reads the data, which this floor does not.
 
     An error is prefixed with what caused it: the override that set a key the message names
     (`given_as[key]`, how the user wrote it, e.g. `--set preprocess.image_size=big`), else the file.
@@ -466,8 +469,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
     try:
         config = build(StudyConfig, raw, "")
         _refuse_impossible_synthetic_split(config)
-        if reads_data:
-            check_data_source(config)
+        for check in checks:
+            check(config)
         return resolve_storage(config, base=Path.cwd())
     except ConfigError as error:
         raise ConfigError(f"{_cause(str(error), path, overrides, given_as or {})}: {error}") from None
@@ -484,11 +487,13 @@ def _cause(message: str, path: Path, overrides: dict[str, Any], given_as: dict[s
 
 def _refuse_impossible_synthetic_split(config: StudyConfig) -> None:
     """Synthetic data's label counts follow from data.synthetic, so the split prepare would plan
-    is planned now (training.split, the same rule) and a request it cannot meet is refused at
+    is planned now (study.selection, the same rule prepare follows) and a request it cannot meet is refused at
     load. Real data is checked by `check_data_source`, as far as its label file allows."""
     if config.data.source != "synthetic":
         return
-    from training.split import plan_selection  # training.split imports this module
+    from study.selection import (
+        plan_selection,  # study.selection imports this module's SplitConfig
+    )
 
     synthetic = config.data.synthetic
     positive = round(synthetic.n * synthetic.positive_fraction)  # as training.synth._plan draws them
@@ -498,79 +503,6 @@ def _refuse_impossible_synthetic_split(config: StudyConfig) -> None:
         raise ConfigError(f"{error} (synthetic data: data.synthetic.n = {synthetic.n} labelled images, {positive} "
                           f"positive at data.synthetic.positive_fraction = {synthetic.positive_fraction}; a larger "
                           "data.synthetic.n also fixes it)") from None
-
-
-# data.source -> the training.data layout it names
-LAYOUT_OF_SOURCE = {"siim-dicom": "dicom", "siim-png": "png"}
-
-
-def check_data_source(config: StudyConfig) -> None:
-    """A real data source that cannot be read is refused: data.root missing or not a folder, no
-    SIIM layout below it (training.data's own detection), the other layout than data.source
-    names, no label file, or a split larger than the label file's images. Reads a directory
-    listing and the label CSV, never an image: what only the images can settle (a DICOM without
-    a label row, duplicates, the exact positive/negative split) stays with prepare, which
-    reports it in one line too."""
-    data = config.data
-    if data.source == "synthetic":
-        return
-    from training import data as siim  # cv2 and pydicom: imported only for a real source
-
-    root = Path(data.root)
-    wanted = siim.LAYOUTS[LAYOUT_OF_SOURCE[data.source]]
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        raise ConfigError(f"data.root: {root} {what}; set data.root to the folder of your SIIM download, the one "
-                          f"with {wanted.looks_for}")
-    try:
-        layout = siim._detect_layout(root)
-    except CamstudyError as error:
-        raise ConfigError(f"data.root: {error}") from None
-    if layout is not wanted:
-        other = next(source for source, name in LAYOUT_OF_SOURCE.items() if name == layout.name)
-        raise ConfigError(f"data.source: {data.source!r}, but {root} holds the {layout.name} layout; set data.source: "
-                          f"{other!r}, or point data.root at {wanted.looks_for}")
-    positive, total, label_file = _label_counts(data, root, siim)
-    split = config.split
-    held_out = split.n_val + split.n_test
-    if held_out >= total:
-        raise ConfigError(f"split.n_val + split.n_test = {split.n_val} + {split.n_test} = {held_out}, "
-                          f"but {label_file} labels {total} images ({positive} positive), leaving none to train on; "
-                          "lower split.n_val and split.n_test")
-    if split.balance == "exact" and isinstance(split.n_positive, int) and split.n_positive > positive:
-        raise ConfigError(f"split.n_positive: {split.n_positive} positive images requested, but {label_file} labels "
-                          f"{positive} positive images; lower split.n_positive (at most {positive}, or 'all') or set "
-                          "split.balance: max-available to use what exists")
-
-
-def _label_counts(data: DataConfig, root: Path, siim: Any) -> tuple[int, int, str]:
-    """(positive, all) images the label file lists, and the file: an upper bound on what prepare
-    can select (it keeps only the listed images that are on disk)."""
-    from training import rle
-
-    if data.source == "siim-png":
-        if data.labels is not None:
-            raise ConfigError(f"data.labels: the PNG layout takes its labels from png_masks/ and "
-                              f"{' / '.join(siim.PNG_LISTS)}; remove data.labels")
-        try:
-            listing = siim._read_png_listing(root)
-        except CamstudyError as error:
-            raise ConfigError(f"data.root: {error}") from None
-        return int((listing["has_pneumo"] == "1").sum()), len(listing), f"the image lists of {root}"
-    if data.labels is not None:
-        label_file = Path(data.labels)
-        if not label_file.is_file():
-            raise ConfigError(f"data.labels: {label_file} is not a file; set data.labels to the label CSV "
-                              f"(train-rle.csv or stage_2_train.csv), or remove it to use {root / siim.STAGE1_LABELS}")
-    else:
-        try:
-            label_file = siim._stage1_label_file(root)
-        except CamstudyError:
-            raise ConfigError(f"data.root: {root} holds DICOMs but no {siim.STAGE1_LABELS}; put it there, or set "
-                              "data.labels to the label CSV (train-rle.csv or stage_2_train.csv)") from None
-    rows = siim._read_label_rows(label_file)
-    positive = rows.loc[rows["rle"] != rle.EMPTY, "image_id"].nunique()
-    return int(positive), int(rows["image_id"].nunique()), str(label_file)
 
 
 # Set by `ray job submit` in the job's driver: its working folder is Ray's temporary copy of
@@ -583,7 +515,7 @@ OBJECT_STORES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # scheme
 
 def resolve_storage(config: StudyConfig, base: Path) -> StudyConfig:
     """Make the storage path absolute so Ray workers and MLflow agree on it; an object-store URI
-    (`s3://bucket/prefix`, any scheme of OBJECT_STORES) is kept as it is (training.objectstore).
+    (`s3://bucket/prefix`, any scheme of OBJECT_STORES) is kept as it is (study.objectstore).
 
     Refused: another URI scheme, a path that is a file, and under `ray job submit` a relative
     path (it would resolve inside the job's temporary working folder, so the study would vanish

@@ -4,7 +4,7 @@ Every stage reads and writes its study folder with plain file I/O. A study whose
 URI is worked on in a node-local mirror (`mirror_path`: `$CAMSTUDY_STAGING`, default
 `~/.cache/camstudy/staging`, then the URI's scheme and path), and the object store holds it:
 
-- **Uploads**: the atomic-write helpers (`training.atomic`) call `after_write` for what they have
+- **Uploads**: the atomic-write helpers (`study.atomic`) call `after_write` for what they have
   just renamed into place; a path inside an active mirror is uploaded at once (a folder replaces
   its remote copy, its completion records `done.json`/`_done.json` last). So the object store
   only ever holds complete files, as the local folder does, and a killed command loses at most
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from training.errors import ConfigError
+from study.errors import ConfigError
 
 RECORDS = ("done.json", "_done.json")  # a folder's completion records: uploaded after everything else
 SKIP = ("ray",)  # Ray Train's own state lives at its URI directly (RunConfig.storage_path)
@@ -244,9 +244,9 @@ def _skipped(remote: Remote, path: Path) -> bool:
     return bool(relative.parts) and (relative.parts[0] in SKIP or any(map(is_temporary, relative.parts)))
 
 
-_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # training.atomic's temporary siblings
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # study.atomic's temporary siblings
 
 
 def is_temporary(name: str) -> bool:
-    """Whether a file or folder name is a writer's temporary (`.<name>.tmp-<pid>`, training.atomic)."""
+    """Whether a file or folder name is a writer's temporary (`.<name>.tmp-<pid>`, study.atomic)."""
     return _TEMPORARY.match(name) is not None

@@ -1,7 +1,7 @@
 """Atomic writes: a temporary sibling renamed into place, so a crash never leaves a half file.
 
 In a study whose storage is an object store, what is renamed into place is then uploaded
-(`training.objectstore.after_write`): the remote copy, too, only ever holds complete files.
+(`study.objectstore.after_write`): the remote copy, too, only ever holds complete files.
 
 A full disk (ENOSPC, or a quota: EDQUOT) while writing is a `StoreError` naming the output: the
 temporary is removed, so nothing partial is visible, and the same command rerun once space is
@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from training import objectstore
-from training.errors import StoreError
+from study import objectstore
+from study.errors import StoreError
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

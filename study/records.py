@@ -1,9 +1,6 @@
-"""The study contract: every fact that more than one stage relies on, stated once (torch-free).
+"""Stage records: what each output was made from and vouches for, and the one completion rule
+(torch-free).
 
-- **Run keys**: `run_key("resnet50", 2) == "resnet50-seed2"` (a label-permutation run:
-  `run_key("resnet50", 0, permuted=True) == "resnet50-seed0-permuted"`), and `parse_run_key` back.
-- **The store layout**: `StudyStore` names every folder and file a stage reads or writes; no
-  other module spells a store path.
 - **The completion rule**: a stage's output (the prepared data, one run's CAMs, the analysis)
   carries a record of the *inputs* it was made from: the config keys it depends on, the
   fingerprints of what it read from upstream, and `SCORING_VERSION`. It is reused only when the
@@ -25,19 +22,24 @@ they change how fast a result comes, not the result.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import re
 import stat
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
-from training import objectstore
-from training.atomic import write_text_atomic
-from training.errors import StoreError, TrainingError
+from study import objectstore
+from study.atomic import write_text_atomic
+from study.errors import StoreError
+from study.models import TRAINING_FIELDS
+from study.store import StudyStore, run_key
+
+if TYPE_CHECKING:
+    from study.models import ModelSpec
+    from study.recipes import Recipe
 
 # Bump when the prepared data gains or changes a column: the prepare stage is redone (its inputs
 # include this), the training runs are not (theirs name the config sections, not this).
@@ -47,23 +49,6 @@ PREPARE_VERSION = 2  # 2: rle_rows and the lesion covariates in the manifest and
 SCORING_VERSION = 3  # 3: layer sweep, auprc/auroc_pixel, tuned thresholds, lesion covariates
 # Bump when a table, statistic or the report changes: the analysis is redone.
 ANALYSIS_VERSION = 4  # 4: layer_vs_final, calls at the threshold, cascade step verdicts, summary.md, runs table in MLflow
-
-# --------------------------------------------------------------------------- run keys
-
-PERMUTED = "-permuted"  # the run key's suffix of a run trained on permuted labels (STUDY.md §10)
-_RUN_KEY = re.compile(r"^(?P<model>[A-Za-z0-9_.]+)-seed(?P<seed>\d+)(?P<permuted>-permuted)?$")
-
-
-def run_key(model: str, seed: int, permuted: bool = False) -> str:
-    """The one name of a (model, seed) run: its folders, its MLflow child, its log lines."""
-    return f"{model}-seed{seed}{PERMUTED if permuted else ''}"
-
-
-def parse_run_key(name: str) -> Optional[tuple[str, int, bool]]:
-    """("resnet50", 2, False) for "resnet50-seed2"; None for a name of another form."""
-    match = _RUN_KEY.match(name)
-    return (match["model"], int(match["seed"]), bool(match["permuted"])) if match else None
-
 
 # --------------------------------------------------------------------------- the completion rule
 
@@ -129,30 +114,6 @@ def record_reason(path: Path, inputs: Mapping[str, Any]) -> Optional[str]:
     keys = changed_keys(record["inputs"], inputs)
     shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
     return f"{shown} changed" if keys else "its inputs changed"
-
-
-# what a damaged output of a finished training run calls for: never a silent retraining (hours of GPU time)
-RETRAIN = "rerun with `--force train` to retrain it, or restore the file"
-
-
-def finished_run(run_dir: Path, fingerprint: str, inputs: Optional[Mapping[str, Any]] = None) -> Optional[dict]:
-    """A training run's done.json summary when it finished with these settings, None when it has
-    not finished. One finished with other settings, or whose outputs done.json vouches for are
-    damaged, is an error naming what changed: it is never silently reused, nor silently retrained
-    (that is `--force train`)."""
-    done = Path(run_dir) / StudyStore.DONE
-    summary = read_record(done)
-    if summary is None:
-        return None
-    if summary.get("fingerprint") != fingerprint:
-        keys = changed_keys(summary["inputs"], inputs) if inputs and isinstance(summary.get("inputs"), Mapping) else []
-        what = f"{', '.join(keys[:4])} changed" if keys else "model, recipe, seed, data or training settings differ"
-        raise TrainingError(f"{run_dir}: this run finished with other settings ({what}); rerun with "
-                            "`--force train` to retrain it, or restore the settings it was trained with")
-    damage = damaged_file(done, summary)
-    if damage is not None:
-        raise TrainingError(f"{damage}: an output of the finished run {run_dir.name} is damaged; {RETRAIN}")
-    return summary
 
 
 def require_intact(path: Path, remedy: str) -> None:
@@ -274,142 +235,18 @@ def analyze_inputs(config: Any, store: "StudyStore", runs: list[tuple]) -> dict[
             "training": {"threshold": plain["training"]["threshold"]},
             "tracking": plain["tracking"], "analysis_version": ANALYSIS_VERSION}
 
-
-# --------------------------------------------------------------------------- the store
-
-
-class StudyStore:
-    """One folder per study (ARCHITECTURE.md, "the study store"). Nothing is written in place:
-    files go to a temporary sibling `.<name>.tmp-<pid>` and are renamed. With object storage
-    the folder is a node-local mirror whose writes are uploaded as they complete.
-
-        study.json                       the study's id (made with the store) and creation time
-        gpu_memory.json                  measured peak GPU memory per model and settings
-        config.yaml                      resolved config, as last run
-        source/                          synthetic SIIM-format data (data.source: synthetic)
-        data/manifest.parquet, report.json, cache/{index.parquet, images.npy, masks.npy}
-        train/<run key>/                 checkpoint.pt, best-eNNNN.pt, model.pt, predictions.parquet,
-                                         test_metrics.json, attempt.json, error.json, done.json (last)
-        cams/<run key>/                  part-00000.parquet (trained-model maps only), _tuning.json, _done.json (last)
-        sanity/<run key>/                part-00000.parquet: the weight-randomised twin's and the cascade's maps
-        sanity/<run key>-permuted/       a label-permutation run's maps, _tuning.json, _done.json (last)
-        baselines/                       part-00000.parquet: location prior and image-only maps, same
-                                         columns; _tuning.json, _done.json (last)
-        analysis/                        tables, statistics, figures, report.html
-        tune/<family>/<trial>/, tune/ray/ `camstudy tune`'s trial runs and Ray Tune's own state
-        stages/<stage>.json              completion records of prepare and analyze
-        camstudy.log                     full traces of failed Ray tasks (the console gets one line)
-        .lock                            held by the one command writing the study
-    """
-
-    CHECKPOINT, MODEL, DONE = "checkpoint.pt", "model.pt", "done.json"
-    PREDICTIONS, TEST_METRICS = "predictions.parquet", "test_metrics.json"
-    ATTEMPT = "attempt.json"  # the MLflow child of the attempt a checkpoint belongs to
-    ERROR = "error.json"  # camstudy's own error in a run's worker, for the driver (not retried)
-    CAM_PART, CAM_DONE = "part-00000.parquet", "_done.json"
-    # the IoU thresholds tuned on validation positives and the images they came from ("_": Parquet
-    # dataset readers skip the file)
-    CAM_TUNING = "_tuning.json"
-    CACHE_INDEX, CACHE_IMAGES, CACHE_MASKS = "index.parquet", "images.npy", "masks.npy"  # in data/cache/
-    # the cache index: `row` indexes the arrays; mask_fraction and the lesion covariates (rle_rows,
-    # n_regions, elongation: training.lesions) are measured at native resolution by prepare
-    CACHE_INDEX_COLUMNS = ("row", "image_id", "split", "label", "mask_fraction", "rle_rows", "n_regions",
-                           "elongation")
-
-    def __init__(self, study_dir: str | Path):
-        """A local folder, or a URI (`s3://bucket/prefix/study`): then the study lives in the object
-        store and is worked on in a node-local mirror (`training.objectstore`), which is `root`."""
-        self.remote = objectstore.open_remote(str(study_dir)) if objectstore.is_uri(str(study_dir)) else None
-        self.root = self.remote.local if self.remote else Path(study_dir)
-
-    @property
-    def location(self) -> str:
-        """Where the study lives: its URI, or its folder."""
-        return self.remote.uri if self.remote else str(self.root)
-
-    @property
-    def ray_storage(self) -> str:
-        """Ray Train's storage_path: the object store itself for a remote study (Ray writes there
-        through pyarrow.fs), the store's folder otherwise."""
-        return f"{self.remote.uri}/ray" if self.remote else str(self.ray_dir)
-
-    def shown(self, path: str | Path) -> str:
-        """How the console names a study file: for a study in object storage its URI, which is the
-        authority, and where the local copy is; else its path."""
-        if self.remote is None:
-            return str(path)
-        relative = Path(path).resolve().relative_to(self.root.resolve()).as_posix()
-        return f"{self.remote.uri}/{relative} (local copy: {path})"
-
-    def pull(self, *paths: Path) -> int:
-        """Fetch these folders or files (default: the whole study) from the object store into the
-        mirror when newer there; nothing for a local study. Returns how many files came."""
-        if self.remote is None:
-            return 0
-        return self.remote.pull(*(Path(p).resolve().relative_to(self.root.resolve()) for p in paths))
-
-    def push(self, *paths: Path) -> None:
-        """Upload files written without the atomic helpers (MLflow's SQLite file, the log)."""
-        if self.remote is not None:
-            for path in paths:
-                if Path(path).exists():
-                    self.remote.upload(Path(path))
-
-    study_path = property(lambda self: self.root / "study.json")
-    config_path = property(lambda self: self.root / "config.yaml")
-    source_dir = property(lambda self: self.root / "source")
-    data_dir = property(lambda self: self.root / "data")
-    manifest_path = property(lambda self: self.root / "data" / "manifest.parquet")
-    cache_dir = property(lambda self: self.root / "data" / "cache")
-    data_report_path = property(lambda self: self.root / "data" / "report.json")
-    analysis_dir = property(lambda self: self.root / "analysis")
-    mlflow_db = property(lambda self: self.root / "mlflow.db")
-    log_path = property(lambda self: self.root / "camstudy.log")
-    lock_path = property(lambda self: self.root / ".lock")
-    ray_dir = property(lambda self: self.root / "ray")  # Ray Train's own run state (storage_path)
-    tune_dir = property(lambda self: self.root / "tune")  # `camstudy tune`: trial runs, Ray Tune's state
-    # measured peak GPU memory per model and settings (orchestrator.schedule sizes GPU shares by it)
-    gpu_memory_path = property(lambda self: self.root / "gpu_memory.json")
-    host_memory_path = property(lambda self: self.root / "host_memory.json")  # measured peak RAM, likewise
-
-    def run_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
-        return self.root / "train" / run_key(model, seed, permuted)
-
-    def cams_dir(self, model: str, seed: int) -> Path:
-        return self.root / "cams" / run_key(model, seed)
-
-    def sanity_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
-        return self.root / "sanity" / run_key(model, seed, permuted)
-
-    def maps_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
-        """Where a run's explain output is complete (its _done.json): cams/ for a trained run,
-        sanity/ for a label-permutation run (every map of it is a sanity map)."""
-        return self.sanity_dir(model, seed, True) if permuted else self.cams_dir(model, seed)
-
-    baselines_dir = property(lambda self: self.root / "baselines")
-
-    def stage_record(self, stage: str) -> Path:
-        return self.root / "stages" / f"{stage}.json"
-
-    def study_id(self) -> str:
-        """The study's id, made once with the store: what tells two studies of one name apart."""
-        record = read_record(self.study_path)
-        if record and isinstance(record.get("id"), str):
-            return record["id"]
-        study_id = uuid.uuid4().hex[:12]
-        write_text_atomic(self.study_path, json.dumps(
-            {"id": study_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "name": self.root.name}, indent=2))
-        return study_id
-
-    def sweep_temporary(self) -> list[Path]:
-        """Remove what writers killed mid-write left (`.<name>.tmp-<pid>`); call it with the lock
-        held, before the stage starts any writer of its own."""
-        import shutil
-
-        swept = list(self.root.rglob(".*.tmp-*"))
-        for path in swept:  # one inside a swept folder is already gone
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        return swept
+def run_inputs(spec: "ModelSpec", recipe: "Recipe", config: Any, seed: int, permuted_labels: bool = False) -> dict:
+    """Everything that changes what a run computes (the inputs of the study contract's rule)."""
+    training = config.training
+    relevant = {"spec": {name: getattr(spec, name) for name in TRAINING_FIELDS}, "recipe": dataclasses.asdict(recipe), "seed": seed,
+                "init": config.models.init, "weights_file": config.models.weights_files.get(spec.name),
+                "preprocess": dataclasses.asdict(config.preprocess), "augment": dataclasses.asdict(config.augment),
+                "data": {key: value for key, value in dataclasses.asdict(config.data).items()
+                         if key not in ("root", "labels")},  # paths may differ between machines
+                "split": dataclasses.asdict(config.split), "batch_size": training.batch_size,
+                "selection": training.selection, "threshold": training.threshold, "amp": training.amp}
+    if config.resources.workers_per_run > 1:  # only then: single-worker fingerprints stay as they were
+        relevant["workers_per_run"] = config.resources.workers_per_run
+    if permuted_labels:  # likewise
+        relevant["permuted_labels"] = True
+    return json.loads(json.dumps(relevant, default=str))  # as stored in done.json and compared

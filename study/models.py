@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from training.errors import ConfigError
-from training.recipes import Recipe
+from study.errors import ConfigError
+from study.recipes import Recipe
 
 FAMILY_ORDER = ("vgg", "resnet", "vit")  # the paper's order of families in tables and figures
 
