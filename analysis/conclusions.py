@@ -2,7 +2,7 @@
 
 Every sentence is about the valid map sets only (STUDY.md §8): a degenerate set is named once, in
 the note before the list, and in no conclusion. No sentence ranks models whose CIs overlap.
-Each sentence that states a result is one function of the tables (tests/test_sentences.py flips
+Each sentence that states a result is one function of the tables (tests/analysis/test_conclusions.py flips
 each one by flipping its data), and every number in a sentence is written by `prose`, one
 rounding rule, so a sentence never disagrees with its table."""
 

@@ -337,7 +337,7 @@ def crossed_mixed_model(df: pd.DataFrame, value: str = "diff_gradcam", group: st
     statsmodels MixedLM cannot fit crossed random effects directly: `statsmodels_check` also fits
     them as variance components (`vc_formula`) of a single group. That fit does dense solves of
     size rows x (images + runs) each step (6.5 min for 13,500 rows on 2 cores), hence opt-in;
-    tests/test_stats.py checks that both agree.
+    tests/analysis/test_stats.py checks that both agree.
     """
     data = _tidy(df, value, group, subject, run)
     data["r"] = data["g"].astype(str) + "-seed" + data["r"].astype(str)

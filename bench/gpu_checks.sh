@@ -21,9 +21,9 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 # CUDA paths: the CAM engine (parity with pytorch-grad-cam on every registry model, the layer
 # sweep, no leaks) and the training loop (bf16 autocast, channels-last, resume) on the GPU
-python3 -m pytest -q -p no:cacheprovider -x tests/test_cam.py tests/test_loop.py tests/test_metrics.py 2>&1 | tail -15 | tee "$OUT/tests_gpu.txt"
+python3 -m pytest -q -p no:cacheprovider -x tests/explain/test_cam.py tests/training/test_loop.py tests/explain/test_metrics.py 2>&1 | tail -15 | tee "$OUT/tests_gpu.txt"
 if [ "$GPUS" -ge 2 ]; then  # DDP inside one run over NCCL, two workers
-  python3 -m pytest -q -p no:cacheprovider -x tests/test_ddp.py 2>&1 | tail -5 | tee "$OUT/tests_ddp.txt"
+  python3 -m pytest -q -p no:cacheprovider -x tests/training/test_loop_ddp.py 2>&1 | tail -5 | tee "$OUT/tests_ddp.txt"
 fi
 # CAM throughput ratios and the layer sweep's cost on the GPU (224 px, batch 8 as on CPU, and batch 64)
 python3 bench/cam.py --device cuda --threads 8 --repeats 20 2>&1 | tee "$OUT/cam_gpu_b8.txt"

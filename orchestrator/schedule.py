@@ -89,7 +89,7 @@ def estimated_host_memory_gb(params_millions: float, activations_per_image: floa
       the CUDA libraries' host memory (`HOST_CUDA_GB`).
 
     Against the measured peaks (one process outside Ray, 96 and 224 px, batch 1 to 32:
-    tests/test_memory_placement.py) this estimate is 3-36% above, never below; the ViTs keep fewer
+    tests/orchestrator/test_train_runs_memory.py) this estimate is 3-36% above, never below; the ViTs keep fewer
     bytes per counted activation than assumed, so ViT-L is overestimated most.
     """
     fixed = HOST_PROCESS_GB + cache_gb

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlflow_server import free_port, mlflow_server
+from tests.mlflow_server import free_port, mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

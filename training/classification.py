@@ -2,7 +2,7 @@
 
 Proportions (accuracy, precision, recall, specificity) get Wilson score intervals; the AUC gets
 DeLong's variance, computed with the fast midrank algorithm of Sun & Xu (IEEE SPL 2014), which is
-what R's pROC uses. Checked against pROC on its own `aSAH` data (tests/test_classification.py).
+what R's pROC uses. Checked against pROC on its own `aSAH` data (tests/training/test_classification.py).
 Labels are 0/1 with 1 = positive (pneumothorax); scores are larger for "more positive".
 """
 

@@ -3,7 +3,7 @@
 The specs (timm name, pretrained tag, family, depth, target layer) live in `study.models`,
 torch-free, and are re-exported here; every test about "all models" loops over `names()`.
 
-Target layers, checked against timm 1.0.31 (tests/test_registry.py re-checks them):
+Target layers, checked against timm 1.0.31 (tests/training/test_registry.py re-checks them):
 - vgg16 `features.28`, vgg19 `features.34`: the last Conv2d of `features` (14x14 at 224 px).
   `features[-1]` is a MaxPool2d (7x7) and `features[-2]` the in-place ReLU after the conv; the
   pooled map then goes through timm's `pre_logits` ConvMlp (fc6/fc7 as a 7x7 and a 1x1 conv),

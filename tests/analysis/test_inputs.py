@@ -1,0 +1,151 @@
+"""The analysis reads maps by an explicit filter and in bounded pieces (analysis/inputs.py,
+analysis/reliability.py): a run's Parquet written with the paper's layer first gives the same
+stability table and Figure 1 as the natural order, a stability table equals a naive all-in-memory
+computation, and the analysis' peak memory does not grow with the number of maps."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from analysis import compute, figures, reliability, stats
+from analysis.inputs import StudyInputs
+from explain.similarity import MEASURES, similarity
+from study.store import StudyStore
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = ["layer2", "layer3", "layer4"]  # layer4: the paper's layer (final_layer)
+RUNS = [("resnet18", 0), ("resnet18", 1), ("resnet34", 0)]
+
+
+def smooth_maps(rng, n: int, size: int) -> np.ndarray:
+    """Blobs at random places: maps alike enough that SSIM and ranks vary."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    centres = rng.random((n, 2))
+    heat = np.exp(-((yy[None] - centres[:, :1, None]) ** 2 + (xx[None] - centres[:, 1:, None]) ** 2) / 0.05)
+    return (heat + 0.2 * rng.random((n, size, size))).clip(0, 1).astype(np.float16)
+
+
+def write_store(study: Path, images: int, size: int, final_first: bool = False, seed: int = 0,
+                runs=RUNS, layers=LAYERS) -> pd.DataFrame:
+    """cams/<run>/ with one row per image x layer (the paper's layer last, as explain writes them,
+    or first), and the trained rows (paper's layer) an analysis would hand the readers."""
+    store, rng = StudyStore(study), np.random.default_rng(seed)
+    ids = [f"img{i:05d}" for i in range(images)]
+    order = list(reversed(layers)) if final_first else layers
+    trained = []
+    for model, run_seed in runs:
+        maps = {layer: smooth_maps(rng, images, size) for layer in layers}
+        folder = store.cams_dir(model, run_seed)
+        folder.mkdir(parents=True)
+        writer = None
+        for layer in order:
+            table = pa.table({"image_id": ids, "model": [model] * images, "seed": [run_seed] * images,
+                              "cam_method": ["gradcam"] * images, "randomized": [False] * images,
+                              "cam_layer": [layer] * images, "final_layer": [layer == layers[-1]] * images,
+                              "heatmap": pa.FixedShapeTensorArray.from_numpy_ndarray(maps[layer])})
+            writer = writer or pq.ParquetWriter(folder / StudyStore.CAM_PART, table.schema)
+            writer.write_table(table)
+        writer.close()
+        trained.append(pd.DataFrame({"image_id": ids, "model": model, "seed": run_seed, "cam_method": "gradcam",
+                                     "mask_fraction": np.linspace(0.01, 0.2, images)}))
+    return pd.concat(trained, ignore_index=True)
+
+
+def test_final_layer_rows_first_give_the_same_stability_and_figure1(tmp_path, monkeypatch):
+    natural, first = tmp_path / "natural", tmp_path / "first"
+    trained = write_store(natural, 12, 24)
+    write_store(first, 12, 24, final_first=True)
+    a = reliability.stability_table(natural, trained, "gradcam")
+    b = reliability.stability_table(first, trained, "gradcam")
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 3 * len(MEASURES) and set(a["kind"]) == {"repeatability", "reproducibility"}
+
+    drawn = {}
+    monkeypatch.setattr(compute, "read_backgrounds",
+                        lambda root, ids: {i: (np.zeros((24, 24), np.float32), np.zeros((24, 24), np.uint8)) for i in ids})
+    monkeypatch.setattr(figures, "heatmap_grid", lambda backgrounds, heatmaps, ids, models, path, *rest, **options:
+                        drawn.setdefault(Path(path).parent.parent.name, heatmaps))
+    for study in (natural, first):
+        (study / "out").mkdir()
+        inputs = StudyInputs(root=study, config={}, models=pd.DataFrame({"model": ["resnet18", "resnet34"]}),
+                             runs=pd.DataFrame(), test_metrics=pd.DataFrame(), predictions=pd.DataFrame(),
+                             cams=pd.DataFrame())
+        compute._figure1(inputs, trained, study / "out" / "figure1.png", "gradcam", [], degenerate=[])
+    assert set(drawn) == {"natural", "first"}
+    final = pq.read_table(StudyStore(natural).cams_dir("resnet34", 0), filters=[("final_layer", "=", True)])
+    final = dict(zip(final.column("image_id").to_pylist(), final.column("heatmap").combine_chunks().to_numpy_ndarray()))
+    for model in ("resnet18", "resnet34"):
+        assert drawn["natural"][model].keys() == drawn["first"][model].keys() and len(drawn["first"][model]) == 3
+        for image, heat in drawn["first"][model].items():
+            np.testing.assert_array_equal(heat, drawn["natural"][model][image])
+            if model == "resnet34":  # the paper's layer's map, not whichever row came last
+                np.testing.assert_array_equal(heat, final[image].astype(np.float32))
+
+
+def test_stability_equals_a_naive_all_in_memory_comparison(tmp_path, monkeypatch):
+    trained = write_store(tmp_path, 30, 20)
+    trained = trained[~((trained["model"] == "resnet34") & (trained["image_id"] < "img00005"))]  # partial overlap
+    monkeypatch.setattr(reliability, "STABILITY_BUDGET_BYTES", 3 * 20 * 20 * 49 * 7)  # 7 images per chunk
+    found = reliability.stability_table(tmp_path, trained, "gradcam").set_index(["model_a", "seed_a", "model_b",
+                                                                                 "seed_b", "measure"])
+    table = pq.read_table(tmp_path / "cams", filters=[("final_layer", "=", True)]).to_pandas()
+    for (ma, sa), (mb, sb) in itertools.combinations(RUNS, 2):
+        ids_a = set(trained.loc[(trained["model"] == ma) & (trained["seed"] == sa), "image_id"])
+        ids_b = set(trained.loc[(trained["model"] == mb) & (trained["seed"] == sb), "image_id"])
+        common = sorted(ids_a & ids_b)
+        pick = lambda m, s: np.stack([np.asarray(table[(table["model"] == m) & (table["seed"] == s) &  # noqa: E731
+                                                       (table["image_id"] == i)]["heatmap"].iloc[0], np.float32).reshape(20, 20)
+                                      for i in common])
+        naive = similarity(pick(ma, sa), pick(mb, sb))
+        for measure, column in MEASURES.items():
+            row = found.loc[(ma, sa, mb, sb, measure)]
+            mean, lo, hi = stats.mean_ci(naive[column])
+            assert row["n"] == len(common) and row["mean"] == pytest.approx(mean, rel=1e-12)
+            assert (row["lo"], row["hi"]) == pytest.approx((lo, hi), rel=1e-12)
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak
+CHILD = """
+import json, sys
+import pandas as pd
+from analysis import reliability
+from analysis.inputs import read_cams
+study, trained = sys.argv[1], pd.read_parquet(sys.argv[2])
+peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+before = peak()
+table = reliability.stability_table(study, trained, "gradcam")
+lines = reliability.pass_lines(study, trained, "gradcam", 50)
+scores = [read_cams(folder, []) for folder in sorted((__import__("pathlib").Path(study) / "cams").iterdir())]
+print(json.dumps({"imports_kib": before, "peak_kib": peak(),
+                  "pairs": int(len(table) / 3)}))
+"""
+
+
+@pytest.mark.slow
+def test_analysis_memory_does_not_grow_with_the_number_of_maps(tmp_path):
+    """Four times the maps (4 runs x 150 vs 600 images of 160 px): the peak RSS of the map readers
+    stays within 1.3x. Holding every run's maps at once (what stability did before) would add
+    ~60 MB at the small size and ~250 MB at the large one."""
+    peaks = {}
+    runs = RUNS + [("resnet34", 1)]
+    for images in (150, 600):
+        study = tmp_path / f"n{images}"
+        trained = write_store(study, images, 160, runs=runs, layers=["layer4"])
+        trained.to_parquet(tmp_path / f"trained{images}.parquet")
+        done = subprocess.run([sys.executable, "-c", CHILD, str(study), str(tmp_path / f"trained{images}.parquet")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        peaks[images] = json.loads(done.stdout.strip().splitlines()[-1])
+        assert peaks[images]["pairs"] == 6
+    ratio = peaks[600]["peak_kib"] / peaks[150]["peak_kib"]
+    assert ratio <= 1.3, peaks
