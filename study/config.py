@@ -26,6 +26,7 @@ from study.errors import require as _check
 from study.models import LAYER_ARMS, cam_layers, specs_for
 from study.recipes import PAPER_RECIPES, Recipe
 from study.records import fingerprint
+from study.selection import plan_selection
 
 # --------------------------------------------------------------------------- schema
 
@@ -491,10 +492,6 @@ def _refuse_impossible_synthetic_split(config: StudyConfig) -> None:
     load. Real data is checked by `check_data_source`, as far as its label file allows."""
     if config.data.source != "synthetic":
         return
-    from study.selection import (
-        plan_selection,  # study.selection imports this module's SplitConfig
-    )
-
     synthetic = config.data.synthetic
     positive = round(synthetic.n * synthetic.positive_fraction)  # as training.synth._plan draws them
     try:

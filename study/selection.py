@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from study.config import SplitConfig
 from study.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # for annotations only: study.config imports this module (its load check plans the split)
+    from study.config import SplitConfig
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from torch import nn
 from study import models
 from study.errors import ConfigError
 from study.models import REGISTRY, ModelSpec, get, get_spec, names, recipe_for  # noqa: F401 (re-exported)
+from training import weights
 from training.full_kernel_conv import use_full_kernel_convs
 
 
@@ -55,8 +56,6 @@ def build_model(spec: ModelSpec, *, init: str, image_size: int, weights_file: Op
     init "random": timm's random initialisation, the only way to get one. The model carries
     `model.camstudy_weights`, a `weights.WeightsReport` saying where its weights came from.
     """
-    from training import weights  # weights.fetch_weights uses this module
-
     kwargs = create_kwargs(spec, image_size=image_size, num_classes=num_classes, in_chans=in_chans)
     if init == "random":
         if weights_file is not None:

@@ -28,6 +28,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from study.errors import WeightsError
+from study.models import specs_for  # the specs alone: training.registry builds models with this module
 
 HOW_TO_PROVIDE = (
     "provide them in one of three ways: run `camstudy fetch-weights CONFIG` on a machine with internet "
@@ -83,8 +84,6 @@ def fetch_weights(config: Any) -> list[str]:
 
     Models with a local weights file, and every model under models.init 'random', need nothing.
     """
-    from training.registry import specs_for  # the registry imports this module
-
     if config.models.init != "imagenet":
         return []
     fetched = []
@@ -102,8 +101,6 @@ def missing_weights(config: Any) -> list[str]:
     A driver can call this before launching runs: with HF_HUB_OFFLINE or without internet access,
     anything listed here will fail in every run that needs it.
     """
-    from training.registry import specs_for  # the registry imports this module
-
     if config.models.init != "imagenet":
         return []
     missing = []
@@ -111,13 +108,13 @@ def missing_weights(config: Any) -> list[str]:
         file = config.models.weights_files.get(spec.name)
         if file is not None and not Path(file).expanduser().is_file():
             missing.append(f"{spec.name}: file {file}")
-        elif file is None and not _in_hf_cache(spec.pretrained_name):
+        elif file is None and not _in_hf_cache(spec.pretrained_name, spec.name):
             missing.append(f"{spec.name}: {spec.pretrained_name} (not in {constants.HF_HUB_CACHE})")
     return missing
 
 
-def _in_hf_cache(pretrained_name: str) -> bool:
-    cfg = _pretrained_cfg(pretrained_name, pretrained_name)
+def _in_hf_cache(pretrained_name: str, model_key: str) -> bool:
+    cfg = _pretrained_cfg(pretrained_name, model_key)
     if not cfg.hf_hub_id:
         return False
     return any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, filename), str)
@@ -131,6 +128,8 @@ def _pretrained_cfg(pretrained_name: str, model_key: str) -> Any:
         cfg = None
     if cfg is None:
         architecture = pretrained_name.split(".")[0]
+        if not timm.is_model(architecture):  # a models.extra entry naming no timm architecture
+            raise WeightsError(f"{model_key}: {architecture!r} is not a timm architecture (see timm.list_models())")
         raise WeightsError(f"{model_key}: timm has no pretrained weights {pretrained_name!r}; tags for "
                            f"{architecture}: {timm.list_pretrained(architecture + '.*') or 'none'}")
     return cfg

@@ -76,6 +76,16 @@ def test_an_unknown_pretrained_tag_lists_the_known_ones():
         registry.build_model(spec, init="imagenet", image_size=32)
 
 
+def test_weights_read_the_specs_from_the_study_contract_and_name_an_unknown_architecture():
+    from study.config import ExtraModel, ModelsConfig, StudyConfig
+    from training import weights
+
+    config = StudyConfig(models=ModelsConfig(names=("x",), extra={"x": ExtraModel("no_such_net", "resnet", 1, "layer4")}))
+    for ask in (weights.missing_weights, weights.fetch_weights):
+        with pytest.raises(WeightsError, match=r"^x: 'no_such_net' is not a timm architecture"):
+            ask(config)
+
+
 OFFLINE_SCRIPT = """
 import json
 from study.config import StudyConfig, ModelsConfig
