@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.config import CAM_METHODS
 from study.errors import ConfigError
 from training.registry import ModelSpec, resolve_layer
 
@@ -59,7 +60,9 @@ GRADIENT_METHODS: dict[str, Weights] = {
     "gradcam": _gradcam, "gradcam++": _gradcam_pp, "hirescam": _hirescam, "layercam": _layercam,
 }
 LIBRARY_METHODS = ("scorecam", "eigencam")  # pytorch_grad_cam.ScoreCAM / EigenCAM
-METHODS = (*GRADIENT_METHODS, *LIBRARY_METHODS, "rollout")
+# The methods are the config's (`cam.methods` accepts these and no other); each is implemented
+# above, in LIBRARY_METHODS, or is "rollout" (tests/explain/test_cam.py checks the two agree)
+METHODS = CAM_METHODS
 
 
 # ---------------------------------------------------------------- public entry points

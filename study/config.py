@@ -201,6 +201,7 @@ class TrainingConfig:
         _check(0 < self.threshold < 1, "training.threshold", self.threshold, "a value in (0, 1)")
 
 
+# The CAM methods, stated once: what cam.methods accepts and what explain.cam implements (its METHODS)
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "scorecam", "eigencam", "rollout")
 
 

@@ -236,6 +236,13 @@ def test_autograd_starts_at_the_target_layer(resnet18):
     assert seen["global_pool"] and seen["fc"] and seen["layer4"]
 
 
+def test_the_engine_implements_exactly_the_configs_methods():
+    from study.config import CAM_METHODS
+
+    assert cam.METHODS is CAM_METHODS
+    assert sorted(CAM_METHODS) == sorted([*cam.GRADIENT_METHODS, *cam.LIBRARY_METHODS, "rollout"])
+
+
 @pytest.mark.parametrize("method", cam.METHODS)
 def test_every_method_releases_hooks_and_restores_state(method, resnet18, vit_small):
     spec, model = model_for(method, resnet18, vit_small)
