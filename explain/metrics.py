@@ -40,16 +40,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from study import maps
+
 # MetricsConfig field names (study/config.py) and their defaults (STUDY.md §5, §9).
 _DEFAULTS = {"ehr_thresholds": 100, "inputiba_min_heat": 0.1, "inputiba_quantiles": 10,
              "inputiba_cap": 0.99, "tuning_steps": 20}
 _OTSU_BINS = 256  # skimage.filters.threshold_otsu's default
 
-COLUMNS = ("diff_gradcam", "ehr_auc", "ehr_auc_chance", "ehr_auc_oracle",
-           "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
-           "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit",
-           "iou_otsu", "auprc", "auroc_pixel", "mask_fraction_scored", "cam_all_zero")
-IOU_CURVE = "iou_curve"  # score_batch's (B, K) IoU of {h >= t_k} at the tuning thresholds: not a column
+COLUMNS = maps.METRICS  # what score_batch computes per map: columns of every map dataset (study.maps)
+IOU_CURVE = maps.IOU_CURVE  # score_batch's (B, K) IoU of {h >= t_k} at the tuning thresholds: not stored
 
 
 # ---------------------------------------------------------------- input

@@ -2,24 +2,9 @@
 
 `map_table` turns a batch of heatmaps into rows: the map as stored (float16) and every metric
 computed from exactly that stored map, so re-scoring the Parquet reproduces each number. The
-column order is `COLUMNS` (after `explain.tuning.apply`: the split and the IoU curve dropped,
-`tuning.COLUMNS` added before the heatmap):
-
-    image_id, model, seed, label, probability, correct       the image and the run's prediction
-    mask_fraction, rle_rows, n_regions, elongation           the lesion (training.lesions)
-    randomized, randomization, stages_randomized,           which copy of the model: "none" (trained),
-      randomized_from                                        "full" (fresh weights), "cascade" (the units
-                                                             of training.registry.cascade_units down to
-                                                             `randomized_from` re-initialised), "labels"
-    cam_method, cam_layer                                    which map
-    layer_depth, map_size, final_layer, matched_layer        where in the network (training.registry)
-    split                                                    "test" (kept) or "val" (tunes, then dropped)
-    diff_gradcam ... auroc_pixel, cam_all_zero                every metric of explain.metrics
-    cam_constant                                             max = min: all-zero or flat
-    spearman_to_trained, ssim_to_trained,                    a randomised map against the trained map of the
-      top10_iou_to_trained                                   same image, method and layer (test rows; NaN else)
-    iou_curve                                                IoU at each tuning threshold (dropped)
-    heatmap                                                  float16 (S, S), FixedShapeTensorArray
+columns, their order and their meaning are `study.maps` (the analysis reads them from there):
+`map_table` gives `study.maps.ROW_COLUMNS`, and `explain.tuning.apply` turns them into
+`study.maps.COLUMNS` (the split and the IoU curve dropped, the tuned columns added before the heatmap).
 """
 
 from __future__ import annotations
@@ -33,6 +18,7 @@ import pyarrow as pa
 from explain.metrics import COLUMNS as METRICS
 from explain.metrics import IOU_CURVE, score_batch
 from explain.similarity import MEASURES, similarity
+from study import maps
 
 
 class Copy(NamedTuple):
@@ -49,12 +35,9 @@ class Copy(NamedTuple):
 
 TRAINED = Copy()
 
-IMAGE_COLUMNS = ("image_id", "label", "probability", "correct", "mask_fraction", "rle_rows", "n_regions",
-                 "elongation", "split")  # taken from the work rows as they are
-COLUMNS = ("image_id", "model", "seed", "label", "probability", "correct", "mask_fraction", "rle_rows",
-           "n_regions", "elongation", "randomized", "randomization", "stages_randomized", "randomized_from",
-           "cam_method", "cam_layer", "layer_depth", "map_size", "final_layer", "matched_layer", "split", *METRICS,
-           "cam_constant", *MEASURES.values(), IOU_CURVE, "heatmap")
+# taken from the work rows as they are
+IMAGE_COLUMNS = ("image_id", "label", "probability", "correct", *maps.LESION, maps.SPLIT)
+COLUMNS = maps.ROW_COLUMNS
 
 
 def stored_map(heat: Any):

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-MEASURES = {"spearman": "spearman_to_trained", "ssim": "ssim_to_trained", "top10_iou": "top10_iou_to_trained"}
+from study.maps import SIMILARITY
+
+MEASURES = SIMILARITY  # measure -> the map datasets' column holding it (study.maps)
 TOP_SHARE = 0.1
 
 

@@ -23,10 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from explain.metrics import IOU_CURVE, tuning_thresholds
+from study import maps
 from study.atomic import write_text_atomic
 
-COLUMNS = ("tuned_threshold", "iou_tuned", "hit_tuned")
-SPLIT = "split"  # which split a row's image is from: "val" rows tune, "test" rows are kept
+COLUMNS = maps.TUNED  # added to the test rows before the heatmap (study.maps)
+SPLIT = maps.SPLIT  # which split a row's image is from: "val" rows tune, "test" rows are kept
 
 
 def choose(curves: np.ndarray) -> tuple[Optional[int], np.ndarray]:

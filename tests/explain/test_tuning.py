@@ -90,3 +90,15 @@ def test_each_set_gets_its_own_threshold_and_no_validation_map_means_none(tmp_pa
     assert written["grid"] == pytest.approx(list(np.arange(1, 10) / 10))
     assert [s["cam_method"] for s in written["sets"]] == ["a", "b", "c"]
     assert written["sets"][2]["threshold"] is None and written["sets"][2]["val_images"] == 0
+
+
+def test_the_rows_have_the_study_contracts_columns_before_and_after_tuning():
+    from study import maps
+
+    rng = np.random.default_rng(0)
+    config = MetricsConfig()
+    whole = table_for((rows_of("val", 3, rng), lesion_batch(rng, 3)), (rows_of("test", 2, rng), lesion_batch(rng, 2)),
+                      config)
+    assert tuple(whole.column_names) == maps.ROW_COLUMNS
+    kept, _ = tuning.apply(whole, ["cam_method"], config)
+    assert tuple(kept.column_names) == maps.COLUMNS
