@@ -27,6 +27,7 @@ import pandas as pd
 import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.stats.multicomp import pairwise_tukeyhsd
+from statsmodels.stats.multitest import multipletests
 
 from training.classification import auc, delong_paired, mcnemar_exact
 
@@ -39,14 +40,13 @@ PAIR_COLUMNS = ["group1", "group2", "meandiff", "p_adj", "lower", "upper", "reje
 
 
 def holm(p_values: Any) -> np.ndarray:
-    """Holm step-down adjusted p-values; nan entries stay nan and do not count as tests."""
+    """Holm step-down adjusted p-values (statsmodels `multipletests`); nan entries stay nan and
+    do not count as tests."""
     p = np.asarray(p_values, dtype=float)
     adjusted = np.full(p.shape, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    order = finite[np.argsort(p[finite], kind="stable")]
-    # the i-th smallest of m p-values is multiplied by (m - i), then made monotone
-    scaled = p[order] * (len(order) - np.arange(len(order)))
-    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    finite = np.isfinite(p)
+    if finite.any():
+        adjusted[finite] = multipletests(p[finite], method="holm")[1]
     return adjusted
 
 

@@ -61,6 +61,8 @@ def test_holm_on_a_known_vector():
     assert np.isnan(adjusted[1]) and adjusted[[0, 2]] == pytest.approx([0.02, 0.02])
     p = np.random.default_rng(0).uniform(0, 0.2, 12)
     assert stats.holm(p) == pytest.approx(multipletests(p, method="holm")[1])
+    assert stats.holm([]).shape == (0,) and np.isnan(stats.holm([np.nan, np.nan])).all()
+    assert stats.holm([0.4, 0.4, 0.3]) == pytest.approx([0.9, 0.9, 0.9])  # 0.3*3, then max(0.4*2, 0.9)
 
 
 def paired_frame(columns: dict[str, list[float]]) -> pd.DataFrame:
