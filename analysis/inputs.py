@@ -24,20 +24,19 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from study import maps as map_columns
 from study.models import FAMILY_ORDER, REGISTRY
 from study.store import StudyStore, run_key
 
 # family and depth of the built-in models (layers as the paper counts them), from their specs
 BUILTIN_MODELS: dict[str, tuple[str, int]] = {name: (spec.family, spec.depth) for name, spec in REGISTRY.items()}
 PRIMARY_CAM_METHOD = "gradcam"
-CAM_REQUIRED = ["image_id", "model", "seed", "diff_gradcam", "randomized", "cam_method"]
-CAM_OPTIONAL = ["label", "probability", "correct", "mask_fraction", "rle_rows", "n_regions", "elongation",
-                "cam_layer", "layer_depth", "map_size", "final_layer", "matched_layer", "ehr_auc", "ehr_auc_chance",
-                "ehr_auc_oracle", "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
-                "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit",
-                "iou_otsu", "auprc", "auroc_pixel", "mask_fraction_scored", "cam_all_zero", "cam_constant",
-                "tuned_threshold", "iou_tuned", "hit_tuned", "randomization", "stages_randomized", "randomized_from",
-                "spearman_to_trained", "ssim_to_trained", "top10_iou_to_trained"]
+# the map datasets' columns (study.maps): a dataset without the required ones is left out; the
+# others, every column but the heatmap, are read when present
+CAM_REQUIRED = list(map_columns.REQUIRED)
+CAM_OPTIONAL = [column for column in map_columns.SCORES if column not in map_columns.REQUIRED]
+
+
 def model_table(models: list[str], known: Optional[Mapping[str, tuple[str, int]]] = None) -> pd.DataFrame:
     """model, family, depth, in plot order: by family (VGG, ResNet, ViT, others), then depth.
 
