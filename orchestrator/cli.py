@@ -66,14 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"camstudy {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from study.config import SyntheticData
+
+    default = SyntheticData()  # the config's data.synthetic defaults, the one statement of them
     synth = commands.add_parser("synth", help="write a synthetic dataset in the SIIM stage-1 layout")
     synth.add_argument("--out", required=True, type=Path, help="output folder")
-    synth.add_argument("--n", type=int, default=400, help="labelled images (default 400)")
-    synth.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--contrast", type=float, default=0.5, help="lesion contrast in [0, 1] (default 0.5)")
-    synth.add_argument("--positive-fraction", type=float, default=0.5)
-    synth.add_argument("--lesion-scale", type=float, default=1.0,
+    synth.add_argument("--n", type=int, default=default.n, help=f"labelled images (default {default.n})")
+    synth.add_argument("--size", type=int, default=default.size, help=f"image side in pixels (default {default.size})")
+    synth.add_argument("--seed", type=int, default=default.seed)
+    synth.add_argument("--contrast", type=float, default=default.contrast,
+                       help=f"lesion contrast in [0, 1] (default {default.contrast})")
+    synth.add_argument("--positive-fraction", type=float, default=default.positive_fraction)
+    synth.add_argument("--lesion-scale", type=float, default=default.lesion_scale,
                        help="multiply lesion areas (1 = the real SIIM distribution)")
     synth.set_defaults(handler=_synth)
 

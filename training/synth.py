@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from study.atomic import write_text_atomic
+from study.config import SyntheticData
 from study.errors import CamstudyError
 from training import rle
 from training.dicom import write_jpeg_dicom
@@ -137,9 +138,13 @@ class _Crescent:
 # --- public API -------------------------------------------------------------------------------
 
 
-def generate(out: str | Path, n: int = 400, size: int = 256, seed: int = 0,
-             positive_fraction: float = 0.5, contrast: float = 0.5, unlabelled: int = 3,
-             orphans: int = 2, lesion_scale: float = 1.0) -> SynthSummary:
+DEFAULTS = SyntheticData()  # the config's data.synthetic defaults, the one statement of them
+
+
+def generate(out: str | Path, n: int = DEFAULTS.n, size: int = DEFAULTS.size, seed: int = DEFAULTS.seed,
+             positive_fraction: float = DEFAULTS.positive_fraction, contrast: float = DEFAULTS.contrast,
+             unlabelled: int = DEFAULTS.unlabelled, orphans: int = DEFAULTS.orphans,
+             lesion_scale: float = DEFAULTS.lesion_scale) -> SynthSummary:
     """Write a synthetic dataset in the SIIM stage-1 layout under `out` and summarise it.
 
     `n` labelled images, `unlabelled` extra DICOMs without a label row, `orphans` label rows
@@ -168,8 +173,8 @@ def generate(out: str | Path, n: int = 400, size: int = 256, seed: int = 0,
     return summary
 
 
-def render(size: int, seed: int, index: int, positive: bool, contrast: float = 0.5,
-           lesion_scale: float = 1.0) -> Phantom:
+def render(size: int, seed: int, index: int, positive: bool, contrast: float = DEFAULTS.contrast,
+           lesion_scale: float = DEFAULTS.lesion_scale) -> Phantom:
     """Draw image `index` of the dataset with `seed` at `size` x `size` pixels.
 
     Anatomy, pose, exposure and noise come from streams of their own, so the image is the same

@@ -220,6 +220,22 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     assert "2 positive" in capsys.readouterr().out and (tmp_path / LABEL_FILE).is_file()
 
 
+def test_the_generator_and_the_cli_take_their_defaults_from_the_config():
+    import dataclasses
+    import inspect
+
+    from orchestrator.cli import _parser
+    from study.config import SyntheticData
+
+    default = SyntheticData()
+    parameters = inspect.signature(generate).parameters
+    for field in dataclasses.fields(SyntheticData):  # prepare calls generate(**asdict(data.synthetic))
+        assert parameters[field.name].default == getattr(default, field.name), field.name
+    args = _parser().parse_args(["synth", "--out", "x"])
+    for key in ("n", "size", "seed", "contrast", "positive_fraction", "lesion_scale"):
+        assert getattr(args, key) == getattr(default, key), key
+
+
 # --- the real reader ---------------------------------------------------------------------------
 
 
