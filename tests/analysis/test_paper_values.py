@@ -51,7 +51,8 @@ def test_ehr_table_fills_the_range_of_exact_values():
                                    "paper_ehr_source"]
     assert set(table["model"]) == MODELS
     exact = table[table["paper_ehr_exact"]]
-    assert (exact["paper_ehr_low"] == exact["paper_ehr_auc"]).all() and (exact["paper_ehr_high"] == exact["paper_ehr_auc"]).all()
+    assert (exact["paper_ehr_low"] == exact["paper_ehr_auc"]).all()
+    assert (exact["paper_ehr_high"] == exact["paper_ehr_auc"]).all()
     resnet18 = table.set_index("model").loc["resnet18"]
     assert (resnet18["paper_ehr_low"], resnet18["paper_ehr_high"]) == (0.021, 0.023)
     assert table[["paper_ehr_low", "paper_ehr_high"]].notna().all().all()

@@ -42,7 +42,8 @@ def trained_scores() -> pd.DataFrame:
     for model, offset in (("vgg16", 0.0), ("resnet18", 0.1)):
         for seed in (0, 1):
             for i, base in enumerate([0.1, 0.2, 0.6]):
-                rows.append({"model": model, "seed": seed, "image_id": f"img{i}", "diff_gradcam": base + offset + seed / 10,
+                rows.append({"model": model, "seed": seed, "image_id": f"img{i}",
+                             "diff_gradcam": base + offset + seed / 10,
                              "ehr_auc": 0.02 + offset / 10 + i / 100, "ehr_auc_chance": 0.01, "ehr_auc_oracle": 0.5,
                              "mask_fraction": 0.01 * (i + 1)})
     return pd.DataFrame(rows)
