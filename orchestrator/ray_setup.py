@@ -13,6 +13,7 @@ from typing import Optional
 import ray
 
 from study.config import StudyConfig
+from training import ray_private
 from training.ray_data import TRACE_LOGGER
 
 # How often Ray restarts a task that its memory monitor killed. Ray's default has no limit
@@ -38,9 +39,7 @@ RUN_TASK = "train[{}]"
 def running_cluster() -> str | None:
     """The address of the cluster this process should join: RAY_ADDRESS (set by `ray job
     submit`), or a cluster started on this machine with `ray start --head`; None when neither."""
-    from ray._private.services import canonicalize_bootstrap_address
-
-    return canonicalize_bootstrap_address(None)
+    return ray_private.bootstrap_address()
 
 
 def init_ray(config: StudyConfig | None = None) -> None:
@@ -96,8 +95,8 @@ def local_data_context(progress: bool = True) -> None:
 # local cluster's default token auth (the "disabled" warning, a security risk, still shows) and
 # Ray Data's note that its bars are off (camstudy turns them off off a terminal and prints its own).
 KNOWN_NOTICES = {
-    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
-    "ray.data._internal.progress": "Progress bars disabled",
+    ray_private.TOKEN_AUTH_LOGGER: "Token authentication is enabled",
+    ray_private.PROGRESS_LOGGER: "Progress bars disabled",
 }
 
 
@@ -154,8 +153,8 @@ def route_memory_reports() -> None:
     each on the console instead. The raylet pushes them to the driver, which prints them on stdout
     whatever `log_to_driver` says, through `ray._private.worker.print_to_stdstream`: Ray has no
     public hook for these messages, so that function is wrapped (a Ray without it prints them as
-    before). Every other pushed message passes unchanged."""
-    import ray._private.worker as ray_worker
+    before; `training.ray_private.worker_module`). Every other pushed message passes unchanged."""
+    ray_worker = ray_private.worker_module()
 
     original = getattr(ray_worker, "print_to_stdstream", None)
     if original is None or getattr(original, "routes_memory_reports", False):

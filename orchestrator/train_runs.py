@@ -124,8 +124,8 @@ def _trainer_class(workers: int) -> type:
     if workers > 1:
         from ray.train.torch import TorchTrainer
         return TorchTrainer
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-    return DataParallelTrainer
+    from training.ray_private import v2_data_parallel_trainer  # Ray Train V2's, not a public path
+    return v2_data_parallel_trainer()
 
 
 def _root_cause(error: BaseException) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from study.errors import CamstudyError
+from training import ray_private
 
 
 @contextlib.contextmanager
@@ -19,8 +20,7 @@ def without_budget_backpressure(context: Any) -> Iterator[None]:
     preprocessing pass. The budget guards the object store against outputs piling up; here
     the driver takes every output as it arrives and at most one task per CPU is in flight.
     """
-    from ray.data._internal.execution import backpressure_policy as policies
-
+    policies = ray_private.backpressure_policies()
     key = policies.ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY
     before = context.get_config(key, policies.ENABLED_BACKPRESSURE_POLICIES)
     context.set_config(key, [p for p in before if p is not policies.ResourceBudgetBackpressurePolicy])
