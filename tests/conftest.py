@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]  # the repository root; test files import it from here
+SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY_SIZE = 32
 TINY_SPLITS = {"train": 96, "val": 32, "test": 32}
 

@@ -5,14 +5,12 @@ import shlex
 import socket
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.mlflow_server import free_port, mlflow_server
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def _validate(config: dict) -> dict:

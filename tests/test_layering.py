@@ -26,7 +26,8 @@ from typing import Iterator
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 PACKAGES = ("study", "training", "explain", "analysis", "orchestrator")
 MAY_IMPORT = {
     "study": set(),

@@ -21,8 +21,8 @@ from analysis import compute, figures, reliability, stats
 from analysis.inputs import StudyInputs
 from explain.similarity import MEASURES, similarity
 from study.store import StudyStore
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ["layer2", "layer3", "layer4"]  # layer4: the paper's layer (final_layer)
 RUNS = [("resnet18", 0), ("resnet18", 1), ("resnet34", 0)]
 

@@ -9,15 +9,12 @@ from analysis import equivalence
 from explain import cam
 from explain.randomization import Cascade, twin
 from explain.similarity import similarity
-from tests.conftest import make_tiny_cache
+from tests.conftest import ROOT, make_tiny_cache
 from training import registry
 from training.cache import load_split
 from study.config import load_config
 from training.loop import train_run
 
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # R package `equivalence`, tost() on the `clinic` data (as recorded in statsmodels' test_tost.py):
 # paired differences of var1 and var2 between the first and the last 15 subjects, eps = 0.6

@@ -10,11 +10,11 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 STUDY = ["--set", "models.names=[resnet18,resnet34]", "--set", "data.synthetic.n=60", "--set", "split.n_val=12",

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
+
 BUCKET = "camstudy-test"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

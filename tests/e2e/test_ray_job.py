@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
+
 RAY = str(Path(sys.executable).with_name("ray"))
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 SHRINK = ["--set", "models.names=[resnet18,resnet34,vit_small]", "--set", "data.synthetic.n=120",

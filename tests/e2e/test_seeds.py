@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from analysis.reliability import stability_table
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # the demo's data and recipes (its ResNets learn the lesions in 4 epochs), two of its models

@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.mlflow_server import free_port, mlflow_server
 from orchestrator import tracking
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 SHRINK = {"models.names": "[resnet18]", "data.synthetic.n": 60, "data.synthetic.size": 64, "split.n_val": 16,
           "split.n_test": 16, "preprocess.image_size": 32, "recipes.resnet.epochs": 2, "training.batch_size": 16,

@@ -9,14 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from explain.baselines import explain_baselines, image_only, location_prior
-from tests.conftest import make_tiny_cache
+from tests.conftest import ROOT, make_tiny_cache
 from tests.explain.test_metrics import naive_auprc, naive_row
 from study.config import load_config
 from study.store import StudyStore
-
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

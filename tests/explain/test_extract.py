@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,12 +12,11 @@ from explain.metrics import COLUMNS
 from study.config import load_config
 from study.store import StudyStore
 from study.runs import plan_runs
-from tests.conftest import TINY_SIZE, make_tiny_cache
+from tests.conftest import ROOT, TINY_SIZE, make_tiny_cache
 from tests.explain.test_metrics import naive_ehr, naive_row
 from training import registry
 from training.loop import train_run
 
-ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [0, 1]
 LAYERS = 4  # demo.yaml's cam.layers [final, stages, matched] for resnet18: layer1.-1 ... layer4.-1
 STEPS = 6  # its cascade: step 0 (as trained), the head, then layer4 ... layer1 (with the stem)

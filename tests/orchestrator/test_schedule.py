@@ -4,7 +4,6 @@ train stage's use of them, and bench/schedule.py's table."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,7 @@ from orchestrator.train_runs import Starts, record_gpu_memory, run_demands
 from study.runs import plan_runs
 from study.config import load_config
 from study.store import StudyStore
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def test_shares_are_memory_quarters_and_big_or_long_runs_get_whole_gpus():

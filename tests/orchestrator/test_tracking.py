@@ -17,8 +17,8 @@ from orchestrator.lock import StudyBusy, study_lock
 from study.config import load_config
 from study.store import StudyStore
 from study.records import changed_keys, record_reason, write_record
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 

@@ -11,15 +11,13 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from orchestrator import tracking
 from tests.mlflow_server import free_port
 from study.config import load_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def get(url: str) -> dict:

@@ -4,8 +4,6 @@ simulated demo stage on a fake clock, with the epoch costs measured on this 2-co
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from orchestrator.train_runs import StageProgress
@@ -13,8 +11,8 @@ from study.runs import plan_runs
 from study.config import load_config
 from study.store import StudyStore
 from training import registry
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 # ARCHITECTURE.md's fact sheet: training images/s on this machine (random init, 2 threads)
 IMAGES_PER_S = {"resnet18": 223, "resnet34": 115, "resnet50": 78, "resnet101": 46, "vit_small": 72, "vit_base": 18,
                 "vgg16": 11, "vgg19": 10, "vit_large": 5}

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,8 @@ from study.config import load_config
 from study.store import StudyStore
 from study.errors import CamstudyError, TrainingError
 from training.ray_data import TRACE_LOGGER
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 GB = 1e9
 # Peak resident memory (GB, ru_maxrss) of one process importing what a Train worker imports and
 # taking two optimizer steps on the CPU, measured on the 2-core machine (torch 2.14, 1 thread):

@@ -17,8 +17,7 @@ import ray.train
 from orchestrator import train_worker as tw
 from study.errors import TrainingError
 from study.store import StudyStore
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 class ListQueue:

@@ -1,20 +1,17 @@
 """`camstudy tune` (orchestrator/tune.py): two Ray Tune trials of one family on tiny data, the
 recipe file they write, and `--recipes` taking it."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import StudyTracker
 from orchestrator.tune import LR_RANGE, WEIGHT_DECAY_RANGE, tune_recipes
-from tests.conftest import make_tiny_cache
+from tests.conftest import ROOT, make_tiny_cache
 from study.config import load_config, recipe_overrides
 from study.store import StudyStore
 from study.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
 
 

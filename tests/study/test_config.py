@@ -6,8 +6,8 @@ import pytest
 
 from study.config import StudyConfig, dump_config, load_config, parse_override
 from study.errors import ConfigError
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 PAPER = ROOT / "configs" / "paper.yaml"
 

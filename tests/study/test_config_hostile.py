@@ -23,8 +23,8 @@ from orchestrator import cli
 from study.config import StudyConfig, load_config, parse_override
 from study.records import flatten
 from study.errors import ConfigError
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 

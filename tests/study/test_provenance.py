@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from study import provenance
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def test_machine_names_cores_architecture_system_and_python():

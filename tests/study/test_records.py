@@ -23,8 +23,8 @@ from study.runs import finished_run
 from study.store import StudyStore
 from study.errors import StoreError, TrainingError
 from tests.e2e.test_objectstore import BUCKET, s3  # noqa: F401 (the moto server fixture, reused)
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 INPUTS = {"cam": {"methods": ["gradcam"]}, "scoring_version": 3}
 
 

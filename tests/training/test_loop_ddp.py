@@ -22,12 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from study.config import ModelsConfig, PreprocessConfig, ResourcesConfig, StudyConfig, TrainingConfig
-from tests.conftest import TINY_SIZE, TINY_SPLITS
+from tests.conftest import ROOT, TINY_SIZE, TINY_SPLITS
 from training import loop, registry
 from study.errors import TrainingError
 from study.recipes import Recipe
 
-ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 RECIPE = Recipe("adam", 1e-3, 2)
 BATCH = 8

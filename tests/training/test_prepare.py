@@ -18,8 +18,9 @@ from training.prepare import MANIFEST_COLUMNS, prepare_data, process_batch, unio
 from training.row_mapper import map_rows
 from training.split import SPLITS, select_and_split
 from study.selection import plan_selection
+from tests.conftest import ROOT
 
-DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO = ROOT / "configs" / "demo.yaml"
 
 
 def _images(n_pos: int, n_neg: int) -> pd.DataFrame:
@@ -272,7 +273,7 @@ def test_a_corrupt_dicom_under_ray_data_is_one_line_and_its_trace_is_in_the_stud
     command = [sys.executable, "-m", "orchestrator", "prepare", str(DEMO)]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
-    done = subprocess.run(command, cwd=DEMO.parents[1], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert errors == [f"camstudy: error: {broken}: DICOM file has no pixel data (truncated, or not an image); "

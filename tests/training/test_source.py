@@ -14,8 +14,8 @@ from orchestrator import cli
 from training.source import check_data_source
 from study.config import load_config
 from study.errors import ConfigError
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 PAPER = ROOT / "configs" / "paper.yaml"
 

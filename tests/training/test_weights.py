@@ -12,8 +12,7 @@ import torch
 
 from training import registry
 from study.errors import ConfigError, WeightsError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def _backbone_equal(source: torch.nn.Module, loaded: torch.nn.Module, head: tuple[str, ...]) -> None:
