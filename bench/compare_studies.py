@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from study.store import StudyStore
+
 TIME_KEYS = ("finished", "created", "started", "time", "timestamp", "duration", "seconds", "built")
 MAP_KEYS = ("model", "seed", "image_id", "cam_method", "cam_layer", "variant", "sanity", "step")
 
@@ -120,20 +122,25 @@ def parquet_differences(before: Path, after: Path, rtol: float, skip_heatmaps: b
 
 def compared_files(before: Path) -> Iterator[tuple[str, str]]:
     """(kind, path relative to the study) of everything compared, found in the `before` study."""
-    for path in sorted((before / "analysis" / "tables").glob("*.csv")):
-        yield "csv", path.relative_to(before).as_posix()
-    yield "json", "analysis/statistics.json"
-    yield "parquet", "data/manifest.parquet"
-    for path in sorted(before.glob("train/*/predictions.parquet")):
-        yield "parquet", path.relative_to(before).as_posix()
-    for path in sorted(before.glob("train/*/test_metrics.json")):
-        yield "json", path.relative_to(before).as_posix()
-    for folder in ("cams", "sanity"):
-        for path in sorted((before / folder).glob("*/")):
+    store = StudyStore(before)
+
+    def relative(path: Path) -> str:
+        return path.relative_to(before).as_posix()
+
+    for path in sorted((store.analysis_dir / "tables").glob("*.csv")):
+        yield "csv", relative(path)
+    yield "json", relative(store.analysis_dir / "statistics.json")
+    yield "parquet", relative(store.manifest_path)
+    for path in sorted(store.train_root.glob(f"*/{StudyStore.PREDICTIONS}")):
+        yield "parquet", relative(path)
+    for path in sorted(store.train_root.glob(f"*/{StudyStore.TEST_METRICS}")):
+        yield "json", relative(path)
+    for folder in (store.cams_root, store.sanity_root):
+        for path in sorted(folder.glob("*/")):
             if any(path.glob("*.parquet")):
-                yield "parquet", path.relative_to(before).as_posix()
-    if (before / "baselines").is_dir():
-        yield "parquet", "baselines"
+                yield "parquet", relative(path)
+    if store.baselines_dir.is_dir():
+        yield "parquet", relative(store.baselines_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-heatmaps", action="store_true", help="leave the heatmap column out")
     args = parser.parse_args(argv)
     differences, compared = [], 0
-    extra = sorted(p.name for p in (args.after / "analysis" / "tables").glob("*.csv")
-                   if not (args.before / "analysis" / "tables" / p.name).exists())
+    tables_before, tables_after = (StudyStore(study).analysis_dir / "tables" for study in (args.before, args.after))
+    extra = sorted(p.name for p in tables_after.glob("*.csv") if not (tables_before / p.name).exists())
     if extra:
         differences.append(f"analysis/tables: only after: {', '.join(extra)}")
     for kind, relative in compared_files(args.before):

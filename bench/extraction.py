@@ -29,17 +29,17 @@ from study.store import StudyStore
 
 
 class _ScratchCams(StudyStore):
-    """The study's store, but CAM output goes to a scratch folder (the real one stays untouched)."""
+    """The study's store, but CAM output goes to a scratch study's folders (the real ones stay untouched)."""
 
     def __init__(self, root: Path, scratch: Path):
         super().__init__(root)
-        self.scratch = scratch
+        self.scratch = StudyStore(scratch)
 
     def cams_dir(self, model: str, seed: int) -> Path:
-        return self.scratch / f"{model}-seed{seed}"
+        return self.scratch.cams_dir(model, seed)
 
-    def sanity_dir(self, model: str, seed: int) -> Path:
-        return self.scratch / "sanity" / f"{model}-seed{seed}"
+    def sanity_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
+        return self.scratch.sanity_dir(model, seed, permuted)
 
 
 def plain_loop(config, store, plans) -> tuple[float, int]:

@@ -39,7 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STAGES = ("prepare", "explain", "analyze")
-STAGE_OUTPUTS = {"prepare": ("data", "source"), "explain": ("cams", "sanity", "baselines"), "analyze": ("analysis",)}
+
+
+def stage_outputs(store) -> dict[str, tuple[Path, ...]]:
+    """The folders each measured stage writes (a `study.store.StudyStore`'s)."""
+    return {"prepare": (store.data_dir, store.source_dir),
+            "explain": (store.cams_root, store.sanity_root, store.baselines_dir), "analyze": (store.analysis_dir,)}
 
 
 def vm_hwm_kib(pid: int, field: str = "VmHWM") -> int:
@@ -111,16 +116,15 @@ class PeakSampler:
         return self.driver_kib / 1024, self.driver_private_kib / 1024, sum(self.workers.values()) / 1024
 
 
-def folder_bytes(study: Path, names: tuple[str, ...]) -> int:
-    return sum(f.stat().st_size for name in names if (study / name).exists()
-               for f in (study / name).rglob("*") if f.is_file())
+def folder_bytes(folders: tuple[Path, ...]) -> int:
+    return sum(f.stat().st_size for folder in folders if folder.exists() for f in folder.rglob("*") if f.is_file())
 
 
-def stored_maps(study: Path) -> int:
+def stored_maps(store) -> int:
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(f).metadata.num_rows for name in ("cams", "sanity")
-               for f in (study / name).rglob("*.parquet"))
+    return sum(pq.ParquetFile(f).metadata.num_rows for folder in (store.cams_root, store.sanity_root)
+               for f in folder.rglob("*.parquet"))
 
 
 def overrides(storage: Path, positives: int, args) -> list[str]:
@@ -162,6 +166,9 @@ def exponent(small: tuple[float, float], large: tuple[float, float]) -> float:
 
 
 def measure(args) -> list[dict]:
+    from study.config import load_config, parse_override
+    from study.store import StudyStore
+
     rows = []
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -169,15 +176,15 @@ def measure(args) -> list[dict]:
         storage = work / f"p{positives}"
         sets = overrides(storage, positives, args)
         log = work / f"p{positives}.log"
-        study = storage / "demo"
-        print(f"[scale] {positives} positives per run: {study} (log {log})", flush=True)
+        store = StudyStore(load_config(args.config, dict(parse_override(text) for text in sets[1::2])).study_dir)
+        print(f"[scale] {positives} positives per run: {store.root} (log {log})", flush=True)
         measured = {}
         for stage in ("prepare", "train", "explain", "analyze"):
-            before = folder_bytes(study, STAGE_OUTPUTS.get(stage, ()))
+            before = folder_bytes(stage_outputs(store).get(stage, ()))
             seconds, driver, private, workers = run_stage(stage, args.config, sets, log)
-            written = folder_bytes(study, STAGE_OUTPUTS.get(stage, ())) - before
+            written = folder_bytes(stage_outputs(store).get(stage, ())) - before
             measured[stage] = (seconds, driver, private, workers, written)
-        maps = stored_maps(study)
+        maps = stored_maps(store)
         for stage in STAGES:
             seconds, driver, private, workers, written = measured[stage]
             rows.append({"positives": positives, "maps": maps, "stage": stage, "seconds": round(seconds, 2),

@@ -186,7 +186,7 @@ def _shown(file: Path) -> str:
     """A file as a reason line names it: relative to its study (the folder holding study.json),
     else in full."""
     for folder in list(file.parents)[:4]:
-        if (folder / "study.json").is_file():
+        if (folder / StudyStore.STUDY_FILE).is_file():
             return file.relative_to(folder).as_posix()
     return str(file)
 

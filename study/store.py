@@ -63,6 +63,8 @@ class StudyStore:
     """
 
     CHECKPOINT, MODEL, DONE = "checkpoint.pt", "model.pt", "done.json"
+    # the checkpoint of the selected epoch so far (a hard link to CHECKPOINT), and a glob of all of them
+    BEST_CHECKPOINT, BEST_CHECKPOINTS = "best-e{epoch:04d}.pt", "best-e*.pt"
     PREDICTIONS, TEST_METRICS = "predictions.parquet", "test_metrics.json"
     ATTEMPT = "attempt.json"  # the MLflow child of the attempt a checkpoint belongs to
     ERROR = "error.json"  # camstudy's own error in a run's worker, for the driver (not retried)
@@ -115,7 +117,8 @@ class StudyStore:
                 if Path(path).exists():
                     self.remote.upload(Path(path))
 
-    study_path = property(lambda self: self.root / "study.json")
+    STUDY_FILE = "study.json"  # the study's id: also what marks a folder as a study's
+    study_path = property(lambda self: self.root / self.STUDY_FILE)
     config_path = property(lambda self: self.root / "config.yaml")
     source_dir = property(lambda self: self.root / "source")
     data_dir = property(lambda self: self.root / "data")
@@ -132,14 +135,18 @@ class StudyStore:
     gpu_memory_path = property(lambda self: self.root / "gpu_memory.json")
     host_memory_path = property(lambda self: self.root / "host_memory.json")  # measured peak RAM, likewise
 
+    train_root = property(lambda self: self.root / "train")  # every run's folder (run_dir) is in here
+    cams_root = property(lambda self: self.root / "cams")  # every run's cams_dir is in here
+    sanity_root = property(lambda self: self.root / "sanity")  # every run's sanity_dir is in here
+
     def run_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
-        return self.root / "train" / run_key(model, seed, permuted)
+        return self.train_root / run_key(model, seed, permuted)
 
     def cams_dir(self, model: str, seed: int) -> Path:
-        return self.root / "cams" / run_key(model, seed)
+        return self.cams_root / run_key(model, seed)
 
     def sanity_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
-        return self.root / "sanity" / run_key(model, seed, permuted)
+        return self.sanity_root / run_key(model, seed, permuted)
 
     def maps_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         """Where a run's explain output is complete (its _done.json): cams/ for a trained run,

@@ -363,8 +363,8 @@ def _keep_best(run_dir: Path, state: RunState, recipe: Recipe, selection: str) -
             link_atomic(run_dir / CHECKPOINT, keep)
         else:
             keep = None  # no later epoch will replace that checkpoint
-    objectstore.remove(stale for stale in run_dir.glob("best-e*.pt") if stale != keep)  # earlier bests, crashed
-    # epochs, or no longer needed
+    # earlier bests, crashed epochs, or no longer needed
+    objectstore.remove(stale for stale in run_dir.glob(StudyStore.BEST_CHECKPOINTS) if stale != keep)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -450,7 +450,7 @@ def _start(spec: ModelSpec, recipe: Recipe, config: Any, run_dir: Path, seed: in
 
 
 def _best_path(run_dir: Path, epoch: int) -> Path:
-    return run_dir / f"best-e{epoch:04d}.pt"
+    return run_dir / StudyStore.BEST_CHECKPOINT.format(epoch=epoch)
 
 
 # --------------------------------------------------------------------------- the end of a run
@@ -479,7 +479,7 @@ def _finish(state: RunState, data: dict[str, Split], spec: ModelSpec, config: An
                FILES: vouched_files(run_dir / DONE, [run_dir / PREDICTIONS, run_dir / TEST_METRICS, run_dir / MODEL],
                                     own_folder=False)}
     write_text_atomic(run_dir / DONE, _dumps(summary))
-    objectstore.remove([run_dir / CHECKPOINT, *run_dir.glob("best-e*.pt")])
+    objectstore.remove([run_dir / CHECKPOINT, *run_dir.glob(StudyStore.BEST_CHECKPOINTS)])
     return summary
 
 
