@@ -51,14 +51,6 @@ class AnalysisOutputs:
 # ----------------------------------------------------------------------------- computing
 
 
-def alpha_of(config: Mapping[str, Any]) -> float:
-    return float((config.get("statistics") or {}).get("alpha", stats.ALPHA))
-
-
-def threshold_of(config: Mapping[str, Any]) -> float:
-    return float((config.get("training") or {}).get("threshold", 0.5))
-
-
 def _ordered(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """`model` as a categorical in plot order, so every analysis lists models the same way."""
     return frame.assign(model=pd.Categorical(frame["model"].astype(str), categories=order))
@@ -72,7 +64,7 @@ def build_outputs(inputs: StudyInputs, directory: Path) -> AnalysisOutputs:
     (`swept`). Degenerate map sets (`analysis.validity`, one per model, seed, method and layer)
     stay in the per-model tables with their reason and are left out of every comparison, chance
     level, sanity verdict and conclusion: `valid`."""
-    alpha, order = alpha_of(inputs.config), inputs.model_order
+    alpha, order = inputs.config.statistics.alpha, inputs.model_order
     method = tables.primary_method(inputs.cams)
     cams = _ordered(inputs.cams, order) if len(inputs.cams) else inputs.cams
     primary = tables.final_layer_rows(cams)
@@ -123,7 +115,8 @@ def _tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataFrame, v
     if "localisation" in result and "auprc" in trained:
         result["threshold_free"] = tables.with_flags(tables.threshold_free_table(trained, models, alpha), flags)
     predictions = _ordered(inputs.predictions, inputs.model_order)
-    result["classification_pairs"] = stats.classification_comparisons(predictions, threshold_of(inputs.config), alpha)
+    result["classification_pairs"] = stats.classification_comparisons(predictions, inputs.config.training.threshold,
+                                                                      alpha)
     return result
 
 
@@ -156,20 +149,19 @@ def _reliability_tables(inputs: StudyInputs, primary: pd.DataFrame, valid: pd.Da
     line, run-to-run stability, and per compared metric equivalence and power."""
     if valid.empty or method is None:
         return {}
-    config = inputs.config
-    settings, sanity = config.get("statistics") or {}, config.get("sanity") or {}
+    settings = inputs.config.statistics
     found: dict[str, pd.DataFrame] = {}
     cascade_rows = tables.copy_rows(primary[primary["cam_method"] == method], "cascade")
     if len(cascade_rows):
-        lines = reliability.pass_lines(inputs.root, valid, method, int(sanity.get("pass_line_pairs", 50)))
+        lines = reliability.pass_lines(inputs.store, valid, method, inputs.config.sanity.pass_line_pairs)
         flags = model_flags(tables.trained_rows(primary, method), method, outputs.excluded)
         found["cascade"] = reliability.cascade_table(cascade_rows, lines, dict(zip(flags["model"], flags["degenerate"])),
                                                      alpha)
         outputs.statistics["cascade"] = reliability.cascade_verdicts(found["cascade"]).to_dict(orient="records")
     if valid[["model", "seed"]].drop_duplicates().shape[0] >= 2:
-        found["stability"] = reliability.stability_table(inputs.root, valid, method, alpha)
+        found["stability"] = reliability.stability_table(inputs.store, valid, method, alpha)
         outputs.statistics["stability"] = reliability.stability_summary(found["stability"])
-    margin, power = float(settings.get("equivalence_margin", 0.02)), float(settings.get("power", 0.8))
+    margin, power = settings.equivalence_margin, settings.power
     for metric, comparison in outputs.statistics["comparisons"].items():
         found[f"{metric}_equivalence"] = equivalence.equivalence_table(valid.dropna(subset=[metric]), metric, comparison,
                                                                        margin, alpha, power)
@@ -231,9 +223,8 @@ def _scores(inputs: StudyInputs, swept: pd.DataFrame, alpha: float) -> pd.DataFr
     scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha, inputs.baselines)
     if swept.empty:
         return scores
-    settings = inputs.config.get("statistics") or {}
-    models_level = tables.model_scores(swept, alpha, int(settings.get("bootstrap_replicates", 1000)),
-                                       int(settings.get("bootstrap_seed", 0)))
+    settings = inputs.config.statistics
+    models_level = tables.model_scores(swept, alpha, settings.bootstrap_replicates, settings.bootstrap_seed)
     return pd.concat([scores, models_level], ignore_index=True).astype({"seed": "Int64"})
 
 
@@ -280,7 +271,8 @@ def _figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutput
     found["distributions"] = figures.distribution_figure(
         trained, inputs.models, dict(zip(paper_values.TABLE2["model"], paper_values.TABLE2["mean"])),
         folder / "diff_gradcam_distributions.png", degenerate=degenerate)
-    summary = tables.metric_summary(trained, inputs.models, {k: v for k, v in DEPTH_METRICS.items() if k in trained})
+    summary = tables.metric_summary(trained, inputs.models, {k: v for k, v in DEPTH_METRICS.items() if k in trained},
+                                    inputs.config.statistics.alpha)
     found["depth"] = figures.depth_figure(summary, [v for k, v in DEPTH_METRICS.items() if k in trained],
                                           folder / "metric_vs_depth.png", degenerate)
     if not outputs.tables["sanity"].empty:
@@ -316,13 +308,13 @@ def _beyond_figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: Analysi
 def _figure1(inputs: StudyInputs, trained: pd.DataFrame, path: Path, method: Optional[str],
              notes: list[str], degenerate: list[str]) -> Optional[Path]:
     image_ids = figures.figure1_images(trained)
-    backgrounds = read_backgrounds(inputs.root, image_ids)
+    backgrounds = read_backgrounds(inputs.store, image_ids)
     if not image_ids or len(backgrounds) < len(image_ids):
         notes.append("Figure 1 needs positive test images scored by every model and the preprocessing "
                      "cache data/cache/; " + ("the cache is absent." if image_ids else "no such image."))
         return None
     models = [m for m in inputs.model_order if m in set(trained["model"])]
-    heatmaps = {m: read_heatmaps(inputs.root, m, figures.first_seed(trained, m), image_ids, method) for m in models}
+    heatmaps = {m: read_heatmaps(inputs.store, m, figures.first_seed(trained, m), image_ids, method) for m in models}
     return figures.heatmap_grid(backgrounds, heatmaps, image_ids, models, path, degenerate)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, paper_values
-from analysis.compute import AnalysisOutputs, threshold_of
+from analysis.compute import AnalysisOutputs
 from analysis.inputs import StudyInputs
 from analysis.prose import interval, prose  # noqa: F401 (interval: also for report.py)
 
@@ -53,7 +53,7 @@ def _valid(table: pd.DataFrame) -> pd.DataFrame:
 
 def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     """Plain sentences generated from the results, each hedged by its statistics."""
-    found = [_classification_conclusion(outputs), _separation_sentence(outputs, threshold_of(inputs.config))]
+    found = [_classification_conclusion(outputs), _separation_sentence(outputs, inputs.config.training.threshold)]
     comparison = outputs.statistics["comparisons"].get("diff_gradcam")
     if comparison is not None:
         found += [_localisation_conclusion(comparison), _family_conclusion(comparison, inputs.models),
@@ -63,7 +63,7 @@ def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     if "sanity" in outputs.tables and not outputs.tables["sanity"].empty:
         found.append(_sanity_conclusion(outputs.tables["sanity"]))
     found += [_prior_conclusion(outputs), _layer_conclusion(outputs), _matched_conclusion(outputs),
-              _covariate_conclusion(outputs),
+              _covariate_conclusion(outputs, inputs.config.statistics.alpha),
               _cascade_conclusion(outputs), _stability_conclusion(outputs), _equivalence_conclusion(outputs)]
     if inputs.missing:
         found.append(f"{len(inputs.missing)} expected input(s) are missing (see the first section); "
@@ -224,7 +224,7 @@ def summary_items(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     """The report's first screen: what ran, which classifiers work, which map sets localise above
     chance, the sanity verdict, where the paper's claims hold or fail, what was left out."""
     items = [_what_ran(inputs, outputs), _classifiers_summary(outputs),
-             _separation_sentence(outputs, threshold_of(inputs.config)), _localisation_summary(outputs),
+             _separation_sentence(outputs, inputs.config.training.threshold), _localisation_summary(outputs),
              _sanity_summary(outputs), _cascade_conclusion(outputs), _stability_conclusion(outputs),
              _layer_conclusion(outputs), _paper_summary(outputs), excluded_sentence(outputs, where="below")]
     if inputs.missing or outputs.notes:
@@ -235,14 +235,13 @@ def summary_items(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
 
 def _what_ran(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     config, runs = inputs.config, inputs.runs
-    seeds = (config.get("training") or {}).get("seeds") or []
+    seeds = config.training.seeds
     scored = outputs.tables.get("table2")
     images = int(scored["n"].max()) if scored is not None and not scored.empty else 0
     method = outputs.statistics.get("cam_method") or "no CAM method"
     return (f"What ran: {len(inputs.model_order)} model(s) × {len(seeds)} seed(s), {int(runs['finished'].sum())} of "
             f"{len(runs)} runs finished; {method} heatmaps scored on up to {images} positive test images per run "
-            f"({(config.get('data') or {}).get('source', '?')} data, "
-            f"{(config.get('preprocess') or {}).get('image_size', '?')} px).")
+            f"({config.data.source} data, {config.preprocess.image_size} px).")
 
 
 def _classifiers_summary(outputs: AnalysisOutputs) -> str:
@@ -387,11 +386,11 @@ def _equivalence_conclusion(outputs: AnalysisOutputs) -> str:
             "'no significant difference' is not 'no difference'.")
 
 
-def _covariate_conclusion(outputs: AnalysisOutputs) -> str:
+def _covariate_conclusion(outputs: AnalysisOutputs, alpha: float) -> str:
     table = outputs.tables.get("covariates")
     if table is None or table.empty:
         return ""
-    significant = table[table["p"] < outputs.statistics.get("alpha", 0.05)]
+    significant = table[table["p"] < alpha]
     if significant.empty:
         return ("No lesion covariate (size, regions, elongation) or the predicted probability has a significant effect "
                 "in the mixed models of " + ", ".join(dict.fromkeys(table["metric"])) + ".")

@@ -19,8 +19,6 @@ import pandas as pd
 import statsmodels.formula.api as smf
 from scipy import stats as scipy_stats
 
-from analysis import stats
-
 TERMS = {"log10_mask_fraction": "log10 of the lesion's share of the image",
          "n_regions": "connected regions of the mask",
          "log_elongation": "log of the area-weighted major/minor axis ratio",
@@ -41,7 +39,7 @@ def design(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
     return frame.replace([np.inf, -np.inf], np.nan).dropna().reset_index(drop=True)
 
 
-def covariate_model(rows: pd.DataFrame, metric: str, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def covariate_model(rows: pd.DataFrame, metric: str, alpha: float) -> pd.DataFrame:
     """One row per covariate term (estimate, SE, Wald CI and p) of the mixed model on `metric`;
     empty when too few images or a covariate does not vary (the note says which)."""
     needed = {"mask_fraction", "n_regions", "elongation", "probability", metric}

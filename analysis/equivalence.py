@@ -52,7 +52,7 @@ def minimum_detectable_difference(differences: Sequence[float], alpha: float, po
 
 
 def equivalence_table(valid: pd.DataFrame, metric: str, comparison: dict[str, Any], margin: float,
-                      alpha: float = stats.ALPHA, power: float = 0.8) -> pd.DataFrame:
+                      alpha: float, power: float) -> pd.DataFrame:
     """Every pair of valid models on `metric`, paired over complete images (seed-averaged):
     whether the trusted analysis separates them, the TOST p at `margin` for those it does not,
     and the MDE for all."""
@@ -71,7 +71,7 @@ def equivalence_table(valid: pd.DataFrame, metric: str, comparison: dict[str, An
     return pd.DataFrame(rows, columns=EQUIVALENCE_COLUMNS)
 
 
-def hierarchical_bootstrap(groups: Sequence[np.ndarray], replicates: int, seed: int, alpha: float = stats.ALPHA,
+def hierarchical_bootstrap(groups: Sequence[np.ndarray], replicates: int, seed: int, alpha: float,
                            stream: str = "") -> tuple[float, float, float]:
     """(mean, lo, hi): the mean over every value of every group, and its percentile interval from
     `replicates` two-level resamples (groups with replacement, then each drawn group's values

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures, paper_values, tables
-from analysis.compute import AnalysisOutputs, alpha_of, threshold_of
+from analysis.compute import AnalysisOutputs
 from analysis.conclusions import conclusions_section, summary_items
 from analysis.inputs import StudyInputs
+from study.config import TuningRecord
 
 # ----------------------------------------------------------------------------- the HTML report
 
@@ -73,7 +74,7 @@ def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
                 _layers_section(outputs), _covariates_section(outputs), _reliability_section(outputs),
                 _statistics_section(outputs),
                 _figures_section(outputs), conclusions_section(inputs, outputs)]
-    title = f"camstudy report: {html.escape(str(inputs.config.get('study') or inputs.root.name))}"
+    title = f"camstudy report: {html.escape(inputs.config.study)}"
     body = "\n".join(s for s in sections if s)
     body = body.replace("<!--toc-->", _toc(body), 1)
     document = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -208,31 +209,30 @@ def _missing_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
 
 def _setup_section(inputs: StudyInputs) -> str:
     config = inputs.config
-    get = lambda section, key, default="—": (config.get(section) or {}).get(key, default)  # noqa: E731
-    rows = [("study", config.get("study", inputs.root.name)), ("data source", get("data", "source")),
-            ("models", ", ".join(inputs.model_order)), ("initialisation", get("models", "init")),
-            ("seeds", get("training", "seeds")), ("image size", get("preprocess", "image_size")),
-            ("recipes", "; ".join(f"{k}: {v.get('optimizer')} lr {v.get('lr')} × {v.get('epochs')} epochs"
-                                  for k, v in (config.get("recipes") or {}).items())),
-            ("recipe tuning", _tuning_text(config.get("tuning") or {})),
-            ("decision threshold", threshold_of(config)), ("CAM methods", get("cam", "methods")),
-            ("scored images", get("cam", "images")), ("alpha", alpha_of(config)),
+    rows = [("study", config.study), ("data source", config.data.source),
+            ("models", ", ".join(inputs.model_order)), ("initialisation", config.models.init),
+            ("seeds", list(config.training.seeds)), ("image size", config.preprocess.image_size),
+            ("recipes", "; ".join(f"{k}: {v.optimizer} lr {v.lr} × {v.epochs} epochs"
+                                  for k, v in config.recipes.items())),
+            ("recipe tuning", _tuning_text(config.tuning)),
+            ("decision threshold", config.training.threshold), ("CAM methods", list(config.cam.methods)),
+            ("scored images", config.cam.images), ("alpha", config.statistics.alpha),
             ("runs finished", f"{int(inputs.runs['finished'].sum())} of {len(inputs.runs)}")]
     table = pd.DataFrame(rows, columns=["setting", "value"]).astype(str)
-    full = html.escape(json.dumps(config, indent=1, default=str))
+    full = html.escape(json.dumps(config.to_dict(), indent=1, default=str))
     return (f"<h2 id='setup'>1. Setup</h2>{_table_html(table, 'Configuration summary')}"
             f"<details><summary>Full resolved configuration</summary><pre>{full}</pre></details>")
 
 
-def _tuning_text(tuning: dict) -> str:
+def _tuning_text(tuning: TuningRecord) -> str:
     """Whether the recipes were tuned, and how (the `tuning` record `camstudy tune` writes)."""
-    families = tuning.get("families") or {}
-    if not families:
+    if not tuning.families:
         return "none: the recipes are as configured (one fixed recipe per family, not tuned per architecture)"
-    outcomes = tuning.get("outcomes") or {}
-    tuned = "; ".join(f"{family} on {model} (best validation AUC {outcomes.get(family, {}).get('best_val_auc', float('nan')):.3f})"
-                      for family, model in families.items())
-    return f"{tuned}. {tuning.get('method', '')} Recipe file: {tuning.get('file', '?')}."
+    nan = float("nan")
+    tuned = "; ".join(f"{family} on {model} (best validation AUC "
+                      f"{tuning.outcomes[family].best_val_auc if family in tuning.outcomes else nan:.3f})"
+                      for family, model in tuning.families.items())
+    return f"{tuned}. {tuning.method} Recipe file: {tuning.file}."
 
 
 def _data_section(inputs: StudyInputs) -> str:

@@ -7,7 +7,8 @@
     data/                   manifest.parquet, report.json, cache/ (Figure 1 backgrounds)
 
 Plain pandas and pyarrow only: the analysis runs without torch, timm or Ray, and finds every
-file through the study contract (`study.store.StudyStore`). It reads the runs it is given
+file through the study contract: the command's `StudyStore` and typed `StudyConfig`, passed
+down, never rebuilt from a path or read as a plain dict. It reads the runs it is given
 (the runs the config names), never whatever else lies in the store. A run without done.json
 is unfinished or failed, one without a CAM completion record has no scored maps; what such a
 run left is ignored and listed in `missing`.
@@ -25,6 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from study import maps as map_columns
+from study.config import StudyConfig
 from study.models import FAMILY_ORDER, REGISTRY
 from study.store import StudyStore, run_key
 
@@ -55,18 +57,17 @@ def model_table(models: list[str], known: Optional[Mapping[str, tuple[str, int]]
     return frame.drop(columns=["_f", "_b"]).reset_index(drop=True)
 
 
-def known_from_config(config: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
+def known_from_config(config: StudyConfig) -> dict[str, tuple[str, int]]:
     """family/depth of the config's `models.extra` entries."""
-    extra = (config.get("models") or {}).get("extra") or {}
-    return {name: (spec["family"], int(spec["depth"])) for name, spec in extra.items()}
+    return {name: (spec.family, spec.depth) for name, spec in config.models.extra.items()}
 
 
 @dataclass
 class StudyInputs:
     """Everything the analysis reads, plus what it looked for and did not find."""
 
-    root: Path
-    config: dict[str, Any]
+    store: StudyStore
+    config: StudyConfig
     models: pd.DataFrame  # model, family, depth (plot order)
     runs: pd.DataFrame  # run_key, model, seed, permuted, finished, has_predictions, has_metrics, has_cams
     test_metrics: pd.DataFrame  # model, seed, accuracy(_lo/_hi), precision..., auc...
@@ -81,26 +82,30 @@ class StudyInputs:
     def model_order(self) -> list[str]:
         return self.models["model"].tolist()
 
+    @property
+    def root(self) -> Path:
+        """The study's folder (for a study in object storage, this node's mirror)."""
+        return self.store.root
 
-def load_study(study_dir: str | Path, config: Mapping[str, Any],
+
+def load_study(store: StudyStore, config: StudyConfig,
                known_models: Optional[Mapping[str, tuple[str, int]]] = None,
                runs: Optional[list[tuple]] = None) -> StudyInputs:
     """Read the finished runs among `runs` ((model, seed) or (model, seed, permuted); default:
     the config's models x seeds and label-permutation runs); list each expected piece that is
     absent. A label-permutation run contributes its maps (sanity/), never to Table 1."""
-    root, store = Path(study_dir), StudyStore(study_dir)
     missing: list[str] = []
     runs = _survey_runs(store, runs if runs is not None else _expected_runs(config))
     finished = runs[runs["finished"]]
     trained = finished[~finished["permuted"]]
     inputs = StudyInputs(
-        root=root, config=dict(config),
+        store=store, config=config,
         models=model_table(runs["model"].tolist(), {**known_from_config(config), **(known_models or {})}),
         runs=runs,
         test_metrics=_read_test_metrics(store, trained[trained["has_metrics"]]),
         predictions=_read_predictions(store, trained[trained["has_predictions"]]),
         cams=_read_all_cams(store, finished[finished["has_cams"]], missing),
-        baselines=_read_baselines(store, missing, expected=bool((config.get("baselines") or {}).get("enabled"))),
+        baselines=_read_baselines(store, missing, expected=config.baselines.enabled),
         manifest=_read_optional_parquet(store.manifest_path, missing),
         data_report=_read_optional_json(store.data_report_path, missing),
     )
@@ -108,12 +113,10 @@ def load_study(study_dir: str | Path, config: Mapping[str, Any],
     return inputs
 
 
-def _expected_runs(config: Mapping[str, Any]) -> list[tuple[str, int, bool]]:
-    names = (config.get("models") or {}).get("names") or []
-    seeds = (config.get("training") or {}).get("seeds") or []
-    sanity = config.get("sanity") or {}
-    permuted = [(m, int(sanity.get("permutation_seed", 0)), True) for m in names] if sanity.get("label_permutation") else []
-    return [(m, int(s), False) for m in names for s in seeds] + permuted
+def _expected_runs(config: StudyConfig) -> list[tuple[str, int, bool]]:
+    names, sanity = config.models.names, config.sanity
+    permuted = [(m, sanity.permutation_seed, True) for m in names] if sanity.label_permutation else []
+    return [(m, s, False) for m in names for s in config.training.seeds] + permuted
 
 
 def _survey_runs(store: StudyStore, expected: list[tuple]) -> pd.DataFrame:
@@ -226,7 +229,7 @@ def map_filter(method: str, layer: str = FINAL, image_ids: Optional[Iterable[str
     return chosen
 
 
-def iter_heatmaps(study_dir: str | Path, model: str, seed: int, method: str = PRIMARY_CAM_METHOD,
+def iter_heatmaps(store: StudyStore, model: str, seed: int, method: str = PRIMARY_CAM_METHOD,
                   layer: str = FINAL, image_ids: Optional[Iterable[str]] = None,
                   batch_rows: int = MAP_BATCH_ROWS, dtype=np.float32) -> Iterator[tuple[list[str], np.ndarray]]:
     """One run's trained maps (`map_filter`) as (image ids, maps (B, S, S) as `dtype`) batches of at
@@ -234,7 +237,7 @@ def iter_heatmaps(study_dir: str | Path, model: str, seed: int, method: str = PR
     whatever the run's size; each batch is a copy, keeping no Arrow buffer alive."""
     import pyarrow.dataset as pads
 
-    directory = StudyStore(study_dir).cams_dir(model, seed)
+    directory = store.cams_dir(model, seed)
     if not _has_parquet(directory):
         return
     dataset = pads.dataset(directory, format="parquet")
@@ -246,19 +249,19 @@ def iter_heatmaps(study_dir: str | Path, model: str, seed: int, method: str = PR
             yield batch.column("image_id").to_pylist(), maps
 
 
-def read_heatmaps(study_dir: str | Path, model: str, seed: int, image_ids: Iterable[str],
+def read_heatmaps(store: StudyStore, model: str, seed: int, image_ids: Iterable[str],
                   method: str = PRIMARY_CAM_METHOD, layer: str = FINAL) -> dict[str, np.ndarray]:
     """Trained-model heatmaps (float32 S×S) of `image_ids` for one run at `layer`; absent ids are
     left out. For a few images (figures, pass-line pairs): a whole run streams with `iter_heatmaps`."""
     found: dict[str, np.ndarray] = {}
-    for ids, maps in iter_heatmaps(study_dir, model, seed, method, layer, image_ids=list(image_ids)):
+    for ids, maps in iter_heatmaps(store, model, seed, method, layer, image_ids=list(image_ids)):
         found.update(zip(ids, maps))
     return found
 
 
-def read_backgrounds(study_dir: str | Path, image_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_backgrounds(store: StudyStore, image_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """image_id -> (z-scored image float32, mask uint8) from data/cache; {} without a cache."""
-    cache = StudyStore(study_dir).cache_dir
+    cache = store.cache_dir
     if not (cache / StudyStore.CACHE_INDEX).is_file():
         return {}
     index = pd.read_parquet(cache / StudyStore.CACHE_INDEX, columns=["row", "image_id"])

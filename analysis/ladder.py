@@ -64,7 +64,7 @@ def _rung(metric: str, rung: str, model: str, values: pd.Series, alpha: float, d
 
 
 def ladder_table(trained: pd.DataFrame, randomized: pd.DataFrame, baselines: pd.DataFrame, flags: dict[str, str],
-                 alpha: float = stats.ALPHA) -> pd.DataFrame:
+                 alpha: float) -> pd.DataFrame:
     """One row per (metric, rung, model): `trained` and `randomized` are the primary method's
     paper-layer rows (every model; `flags` names the degenerate ones), `baselines` the baselines/
     rows. Chance and oracle are taken over the images the baselines scored (all positive test
@@ -88,7 +88,7 @@ def ladder_table(trained: pd.DataFrame, randomized: pd.DataFrame, baselines: pd.
     return pd.DataFrame(rows, columns=LADDER_COLUMNS)
 
 
-def beats_prior(valid: pd.DataFrame, baselines: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def beats_prior(valid: pd.DataFrame, baselines: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Per valid model and ladder metric: CAM minus location prior, paired over the images both
     scored (mean difference, 95% t-interval, Wilcoxon signed-rank p, Holm across models)."""
     prior = baselines[baselines["model"] == "prior"] if len(baselines) else baselines

@@ -24,7 +24,7 @@ LAYER_COLUMNS = ["model", "family", "depth", "layer", "layer_depth", "map_size",
 
 
 def layer_sweep_table(trained: pd.DataFrame, models: pd.DataFrame, excluded: pd.DataFrame,
-                      alpha: float = stats.ALPHA) -> pd.DataFrame:
+                      alpha: float) -> pd.DataFrame:
     """One row per (model, layer) of the primary method's trained maps, shallow to deep: where the
     layer is, n images and each metric's mean with a 95% CI over images (seed-averaged), and the
     degenerate reason of that layer's map set (or empty)."""
@@ -68,7 +68,7 @@ def matched_table(sweep: pd.DataFrame) -> pd.DataFrame:
     return sweep[sweep["matched_layer"]].reset_index(drop=True) if len(sweep) else sweep
 
 
-def matched_statistics(trained: pd.DataFrame, excluded: pd.DataFrame, alpha: float = stats.ALPHA) -> dict[str, Any]:
+def matched_statistics(trained: pd.DataFrame, excluded: pd.DataFrame, alpha: float) -> dict[str, Any]:
     """At one map size: the paper's one-way ANOVA and Tukey over every model, and the full paired
     comparison (`stats.compare_models`) over the valid map sets, per metric."""
     rows = matched_rows(trained)
@@ -91,7 +91,7 @@ LAYER_VS_FINAL_COLUMNS = ["model", "layer", "final", "metric", "n", "difference"
                           "p_holm", "verdict"]
 
 
-def layer_vs_final_table(swept: pd.DataFrame, excluded: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def layer_vs_final_table(swept: pd.DataFrame, excluded: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Each valid non-final layer against its model's paper's layer, paired over images
     (seed-averaged per image): mean difference (layer − paper's layer) with its 95% CI, the
     Wilcoxon signed-rank p, Holm over every comparison of that metric, and the verdict

@@ -30,6 +30,7 @@ import pandas as pd
 from analysis import stats
 from analysis.inputs import iter_heatmaps, read_heatmaps
 from explain.similarity import MEASURES, Prepared, compare, similarity
+from study.store import StudyStore
 
 CASCADE_COLUMNS = ["model", "stages_randomized", "randomized_from", "measure", "n", "mean", "lo", "hi", "pass_line",
                    "passes", "degenerate"]
@@ -37,7 +38,7 @@ STABILITY_COLUMNS = ["model_a", "seed_a", "model_b", "seed_b", "kind", "measure"
 PAIR_SEED = 0  # the pass line's image pairs: the same for every model and every rerun
 
 
-def pass_lines(study_dir: str | Path, trained: pd.DataFrame, method: str, pairs: int) -> pd.DataFrame:
+def pass_lines(store: StudyStore, trained: pd.DataFrame, method: str, pairs: int) -> pd.DataFrame:
     """model -> mean similarity (per measure) of its trained maps of `pairs` random pairs of
     different images (its first seed; the images every model scored, so all use the same pairs).
     Only the maps of those images are read."""
@@ -50,7 +51,7 @@ def pass_lines(study_dir: str | Path, trained: pd.DataFrame, method: str, pairs:
     needed = sorted({common[i] for i in np.concatenate([first, second])})
     rows = []
     for model, part in trained.groupby("model", observed=True, sort=False):
-        maps = read_heatmaps(study_dir, str(model), int(part["seed"].min()), needed, method)
+        maps = read_heatmaps(store, str(model), int(part["seed"].min()), needed, method)
         a = np.stack([maps[common[i]] for i in first])
         b = np.stack([maps[common[j]] for j in second])
         found = similarity(a, b)
@@ -59,7 +60,7 @@ def pass_lines(study_dir: str | Path, trained: pd.DataFrame, method: str, pairs:
 
 
 def cascade_table(sanity: pd.DataFrame, lines: pd.DataFrame, flags: dict[str, str],
-                  alpha: float = stats.ALPHA) -> pd.DataFrame:
+                  alpha: float) -> pd.DataFrame:
     """One row per (model, cascade step, measure): mean and CI over images (seed-averaged), the
     pass line and whether the step is shown to lie below it."""
     rows = sanity[sanity["randomization"] == "cascade"] if "randomization" in sanity else sanity.iloc[0:0]
@@ -111,8 +112,8 @@ STABILITY_BUDGET_BYTES = 128 << 20
 PREPARED_BYTES_PER_PIXEL = 49  # 6 float64 arrays (map, local means, ranks) and a bool top set
 
 
-def stability_table(study_dir: str | Path, trained: pd.DataFrame, method: str,
-                    alpha: float = stats.ALPHA) -> pd.DataFrame:
+def stability_table(store: StudyStore, trained: pd.DataFrame, method: str,
+                    alpha: float) -> pd.DataFrame:
     """Every pair of runs (model, seed) of `trained` (the paper's layer, one method): the mean
     similarity of their maps of the same image, over the images both scored, with its CI.
 
@@ -129,9 +130,9 @@ def stability_table(study_dir: str | Path, trained: pd.DataFrame, method: str,
     position = {image: i for i, image in enumerate(images)}
     pairs = list(itertools.combinations(runs, 2))
     values: dict[tuple, list[dict[str, np.ndarray]]] = {pair: [] for pair in pairs}
-    with tempfile.TemporaryDirectory(prefix=".stability-", suffix=f".tmp-{os.getpid()}", dir=study_dir) as folder:
+    with tempfile.TemporaryDirectory(prefix=".stability-", suffix=f".tmp-{os.getpid()}", dir=store.root) as folder:
         model = trained["model"].astype(str)
-        spilled = {run: _RunMaps.spill(Path(folder), study_dir, run, position, method,
+        spilled = {run: _RunMaps.spill(Path(folder), store, run, position, method,
                                        set(trained.loc[(model == run[0]) & (trained["seed"] == run[1]), "image_id"]))
                    for run in runs}
         size = {maps.pixels for maps in spilled.values() if maps.pixels}
@@ -176,11 +177,11 @@ class _RunMaps:
         return int(np.prod(self.shape)) if self.shape else 0
 
     @classmethod
-    def spill(cls, folder: Path, study_dir, run: tuple[str, int], position: dict[str, int], method: str,
+    def spill(cls, folder: Path, store: StudyStore, run: tuple[str, int], position: dict[str, int], method: str,
               own: set[str]) -> "_RunMaps":
         path, scored, shape = folder / f"{run[0]}-{run[1]}.f16", np.zeros(len(position), bool), ()
         with open(path, "wb") as out:
-            for ids, maps in iter_heatmaps(study_dir, run[0], run[1], method, dtype=np.float16):
+            for ids, maps in iter_heatmaps(store, run[0], run[1], method, dtype=np.float16):
                 shape = maps.shape[1:]
                 for image, heat in zip(ids, maps):
                     if image in own:  # the images this run's rows say it scored

@@ -1,6 +1,6 @@
 """The analyze stage: tables, statistics, figures and one self-contained HTML report.
 
-    analyze(study_dir, config_dict, tracker=None) -> <study>/analysis/report.html
+    analyze(store, config, tracker=None) -> <study>/analysis/report.html
 
 writes `<study>/analysis/` atomically: tables/*.csv, statistics.json, figures/*.png and
 report.html (figures embedded as base64, no network, plain CSS). Missing or partial inputs
@@ -10,15 +10,12 @@ per-run summaries on the child runs.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, RunTag
 
 from analysis import tables
 from analysis.compute import AnalysisOutputs, build_outputs
@@ -26,25 +23,27 @@ from analysis.conclusions import interval, prose, summary_items
 from analysis.html import write_report
 from analysis.inputs import load_study
 from study.atomic import atomic_dir
+from study.config import StudyConfig
+from study.mlflow_log import log_metrics, set_tags
 from study.provenance import git_commit, machine
 from study.records import flatten
-from study.store import run_key
+from study.store import StudyStore, run_key
 
 
-def analyze(study_dir: str | Path, config: Mapping[str, Any], tracker: Any = None,
+def analyze(store: StudyStore, config: StudyConfig, tracker: Any = None,
             known_models: Optional[Mapping[str, tuple[str, int]]] = None,
             runs: Optional[list[tuple[str, int]]] = None) -> Path:
     """Analyse the study store and return the path of report.html.
 
-    config: the resolved config as a plain dict (`StudyConfig.to_dict()`). tracker: anything
+    store, config: the command's study store and its typed config. tracker: anything
     with `.client` (MlflowClient), `.parent_run()` and `.current_children()` (run key -> run id
     of each run's current attempt), and `.call(fn, *args)` (runs `fn` unless the server is
     unreachable), as orchestrator.tracking.StudyTracker has.
     known_models: model -> (family, depth) for models outside the built-in table.
     runs: the (model, seed) runs to analyse (default: the config's models x seeds).
     """
-    inputs = load_study(study_dir, config, known_models, runs)
-    final = inputs.root / "analysis"
+    inputs = load_study(store, config, known_models, runs)
+    final = store.analysis_dir
     with atomic_dir(final) as tmp:
         outputs = build_outputs(inputs, tmp)
         write_report(inputs, outputs)
@@ -83,7 +82,7 @@ def built_by(study: Any) -> str:
 
 
 def write_summary(path: Path, inputs: Any, outputs: AnalysisOutputs) -> None:
-    path.write_text(summary_markdown(inputs, outputs, built_by(inputs.config.get("study", inputs.root.name))))
+    path.write_text(summary_markdown(inputs, outputs, built_by(inputs.config.study)))
 
 
 NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
@@ -119,7 +118,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def parent_description(inputs: Any, outputs: AnalysisOutputs, overview: pd.DataFrame) -> str:
     """The parent run's description: the report's summary, then the runs table."""
-    threshold = (inputs.config.get("training") or {}).get("threshold", 0.5)
+    threshold = inputs.config.training.threshold
     return ("\n".join(f"- {item}" for item in summary_items(inputs, outputs))
             + f"\n\n**Runs** (accuracy, sensitivity and specificity at the threshold {threshold}; the full "
               f"report: `{outputs.report_path}`)\n\n" + markdown_table(overview.drop(columns=["model", "seed"])))
@@ -132,7 +131,7 @@ def child_description(params: Mapping[str, str], degenerate: str) -> str:
 
 
 def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, str], outputs: AnalysisOutputs,
-                  config: Optional[Mapping[str, Any]] = None, overview: Optional[pd.DataFrame] = None,
+                  config: Optional[StudyConfig] = None, overview: Optional[pd.DataFrame] = None,
                   description: Optional[str] = None) -> None:
     """Tables (`log_table`), figures, statistics.json, scores.parquet and report.html on the
     parent, with the study's settings as `camstudy.config.*` tags (tags, not params: a study's
@@ -149,17 +148,15 @@ def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, s
         client.log_artifact(parent_run_id, str(path), "analysis/figures")
     for path in (outputs.statistics_path, outputs.report_path, outputs.scores_path):
         client.log_artifact(parent_run_id, str(path), "analysis")
-    _log_metrics(client, parent_run_id, _headline_metrics(outputs.statistics))
+    log_metrics(client, parent_run_id, _headline_metrics(outputs.statistics))
     if config is not None:
-        settings = flatten(config)
-        client.log_batch(parent_run_id, tags=[RunTag(f"camstudy.config.{k}", str(v)[:5000])
-                                              for k, v in settings.items()])
+        set_tags(client, parent_run_id, {f"camstudy.config.{k}": v for k, v in flatten(config.to_dict()).items()})
     for row in outputs.run_summary.to_dict(orient="records"):
         if row["run_key"] in child_run_ids:
             child = child_run_ids[row["run_key"]]
-            _log_metrics(client, child, {f"cam/{k}": row[k] for k in tables.RUN_SUMMARY if k in row})
+            log_metrics(client, child, {f"cam/{k}": row[k] for k in tables.RUN_SUMMARY if k in row})
             # STUDY.md §8: a degenerate map set is flagged where a reader compares runs
-            _log_metrics(client, child, {"cam/degenerate": float(bool(row["degenerate"]))})
+            log_metrics(client, child, {"cam/degenerate": float(bool(row["degenerate"]))})
             client.set_tag(child, "camstudy.degenerate", row["degenerate"] or "false")
             client.set_tag(child, NOTE_TAG, child_description(client.get_run(child).data.params, row["degenerate"]))
 
@@ -190,13 +187,3 @@ def _headline_metrics(statistics: Mapping[str, Any]) -> dict[str, float]:
         found[f"stats/{metric}_significant_pairs"] = len(comparison["significant_pairs"])
     found["stats/excluded_map_sets"] = len(statistics.get("excluded", []))
     return found
-
-
-def _log_metrics(client: Any, run_id: str, metrics: Mapping[str, Any]) -> None:
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()
-             if isinstance(v, (int, float, np.number)) and math.isfinite(float(v))]
-    if batch:
-        client.log_batch(run_id, metrics=batch)
-
-

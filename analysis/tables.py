@@ -102,7 +102,7 @@ def table2(trained: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- EHR
 
 
-def ehr_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def ehr_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Both EHR variants per model: mean with 95% CI, chance, oracle, normalised (with CI), the
     ratio to chance, and the paper's EHR AUC (§4.3 text; paper_ehr_exact False = given roughly)."""
     rows = [_ehr_row(model, part, alpha) for model, part in trained.groupby("model", observed=True)]
@@ -131,7 +131,7 @@ def _ehr_row(model: str, part: pd.DataFrame, alpha: float) -> dict[str, Any]:
 
 
 def metric_summary(trained: pd.DataFrame, models: pd.DataFrame, metrics: dict[str, str],
-                   alpha: float = stats.ALPHA) -> pd.DataFrame:
+                   alpha: float) -> pd.DataFrame:
     """Per model: n images and, for each `metrics` entry (column -> name), the mean with a 95% CI
     over images (seed-averaged). Boolean columns (pointing_hit) become rates."""
     rows = []
@@ -145,7 +145,7 @@ def metric_summary(trained: pd.DataFrame, models: pd.DataFrame, metrics: dict[st
     return _by_model(models, rows)
 
 
-def localisation_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def localisation_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Energy inside the mask, pointing-game hit rate and Otsu IoU (mean, 95% CI over images),
     and the number of all-zero heatmaps."""
     table = metric_summary(trained, models, {"energy_in_mask": "energy_in_mask", "pointing_hit": "pointing_game",
@@ -159,7 +159,7 @@ def localisation_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float
 THRESHOLD_FREE = {"auprc": "auprc", "auroc_pixel": "auroc_pixel", "iou_tuned": "iou_tuned", "hit_tuned": "hit_tuned"}
 
 
-def threshold_free_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def threshold_free_table(trained: pd.DataFrame, models: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Pixel AUPRC (chance f) and pixel AUROC (chance 0.5), and IoU and hit at the threshold tuned
     on validation positives (mean, 95% CI over images), with the mean chance level of AUPRC and
     Arun et al. 2021's SIIM-ACR range beside them."""
@@ -204,7 +204,7 @@ SANITY_COPIES = {"full": "weights randomised", "labels": "trained on permuted la
 
 
 def sanity_table(cams: pd.DataFrame, method: Optional[str], models: pd.DataFrame,
-                 alpha: float = stats.ALPHA) -> pd.DataFrame:
+                 alpha: float) -> pd.DataFrame:
     """Trained vs each sanity copy that exists (Adebayo et al. 2018: the fully weight-randomised
     twin; the label-permutation run), per model and metric: means, difference, paired Wilcoxon p
     with Holm over models."""
@@ -255,7 +255,7 @@ SCORE_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_chance", "ehr_auc_norm", "e
                  "mask_fraction_scored", "iou_tuned", "hit_tuned", "tuned_threshold"]
 
 
-def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float = stats.ALPHA,
+def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float,
                  baselines: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """analysis/scores.parquet: one row per (model, seed, method, layer, set = trained | randomized |
     baseline, randomization, stages_randomized) with n, each metric's mean and 95% CI over images

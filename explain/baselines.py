@@ -10,7 +10,8 @@ Chance and the oracle (h = M) are analytic and need no map (`analysis.ladder`). 
 `baselines/part-00000.parquet` with the columns of `cams/` (`model` and `cam_method` name the
 baseline, `seed` is null), tuned on the validation positives like any map set
 (`baselines/_tuning.json`); `baselines/_done.json` is written last, with the inputs it was made
-from (`study.records.baselines_inputs`).
+from (`study.records.baselines_inputs`). Whether they are made again is the stage skeleton's
+decision (`study.records.run_stage`), as for every output.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from explain.rows import map_table
 from explain.sink import MapSink, ParquetSink
 from study import objectstore
 from study.atomic import atomic_dir
-from study.records import baselines_inputs, record_reason, write_record
+from study.records import Output, baselines_inputs, run_stage
 from study.store import StudyStore
 from training.cache import read_index
 
@@ -65,24 +66,19 @@ def _min_max(x: np.ndarray) -> np.ndarray:
     return ((x - low) / (high - low) if high > low else np.zeros_like(x)).astype(np.float32)
 
 
-def baselines_reason(config, store: StudyStore) -> Optional[str]:
-    return record_reason(store.baselines_dir / StudyStore.CAM_DONE, baselines_inputs(config))
-
-
 def explain_baselines(config, store: StudyStore, force: bool = False) -> Optional[Path]:
     """Score both baselines into baselines/ unless they are up to date (None when turned off)."""
     if not config.baselines.enabled:
         objectstore.remove([store.baselines_dir])  # no stale ladder beside new results
         return None
-    reason = "--force" if force else baselines_reason(config, store)
-    if reason is None:
-        print("[explain] baselines: up to date, skipped")
-        return store.baselines_dir
-    print(f"[explain] baselines: {reason}; scoring the location prior and the image-only map")
-    return _write(config, store)
+    # written into a temporary folder renamed into place: nothing stale to remove first
+    output = Output("baselines", store.baselines_dir / StudyStore.CAM_DONE, baselines_inputs(config))
+    run_stage("explain", [output], lambda todo: _write(config, store, output), force=force,
+              doing="scoring the location prior and the image-only map")
+    return store.baselines_dir
 
 
-def _write(config, store: StudyStore) -> Path:
+def _write(config, store: StudyStore, output: Output) -> Path:
     index = read_index(store.cache_dir)
     images = np.load(store.cache_dir / StudyStore.CACHE_IMAGES, mmap_mode="r")
     masks = np.load(store.cache_dir / StudyStore.CACHE_MASKS, mmap_mode="r")
@@ -103,8 +99,7 @@ def _write(config, store: StudyStore) -> Path:
                 maps.close()
             tuning.write_records(tmp / StudyStore.CAM_TUNING, records, config.metrics)
             train = int(((index["split"] == "train") & (index["label"] == 1)).sum())
-            write_record(tmp / StudyStore.CAM_DONE, baselines_inputs(config), rows=maps.rows,
-                         prior_from_train_positives=train)
+            output.done(at=tmp / StudyStore.CAM_DONE, rows=maps.rows, prior_from_train_positives=train)
     finally:
         sink.discard()
     print(f"[explain] baselines: {maps.rows} maps written -> {store.baselines_dir}"

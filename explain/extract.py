@@ -26,6 +26,10 @@ globs `cams/` gets the report's numbers (for the paper's layer: `final_layer`). 
 label-permutation run's maps (`randomization` "labels") go to `sanity/<run>-permuted/`.
 The validation positives are explained too, only to tune each map set's IoU threshold
 (`explain.tuning`); their rows are not stored, the threshold and their ids are (`_tuning.json`).
+
+Which runs are explained is the stage skeleton's decision (`study.records.run_stage`): one
+output per run, recorded in its folder's `_done.json` (`explain_inputs`), reused while that
+record matches and vouches for intact files.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from study.atomic import atomic_dir
 from study.errors import DataError
 from study.models import cam_layers, layer_roles
 from study.progress import duration_text
-from study.records import explain_inputs, record_reason, write_record
+from study.records import Output, explain_inputs, run_stage
 from study.store import StudyStore, run_key
 from training import registry
 from training.cache import read_index
@@ -98,7 +102,9 @@ class CamScorer:
 
         self.torch, self.config, self.runs = torch, config, runs
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.store = StudyStore(config.study_dir)  # in object storage: this node's mirror
+        # an actor may run on another node, whose store is its own: for a study in object
+        # storage, that node's mirror (the driver's store object would name the driver's folder)
+        self.store = StudyStore(config.study_dir)
         self.store.pull(Path(cache_dir))  # staged once per node
         self.images = np.load(Path(cache_dir) / StudyStore.CACHE_IMAGES, mmap_mode="r")
         self.masks = np.load(Path(cache_dir) / StudyStore.CACHE_MASKS, mmap_mode="r")
@@ -240,32 +246,37 @@ def expected_maps(spec, config, permuted: bool, rows: pd.DataFrame) -> int:
         spec, config, permuted, True)
 
 
-def extraction_reason(config, store, plan) -> str | None:
-    """None when the run's CAM output was made from the inputs the config asks for now, else why not."""
-    return record_reason(store.maps_dir(plan.spec.name, plan.seed, plan.permuted) / DONE,
-                         explain_inputs(config, plan.fingerprint))
+def run_folders(store, plan) -> tuple[Path, ...]:
+    """Every folder of a run's explain output: cams/ and sanity/ (a label-permutation run: its sanity/)."""
+    if plan.permuted:
+        return (store.sanity_dir(plan.spec.name, plan.seed, True),)
+    return store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
+
+
+def run_outputs(config, store, plans) -> list[Output]:
+    """One output per run: recorded in `_done.json` of its CAM folder (a temporary folder renamed
+    into place, so nothing is stale before it is made again); `--force` removes all its folders."""
+    return [Output(plan.key, run_folders(store, plan)[0] / DONE, explain_inputs(config, plan.fingerprint),
+                   whole=run_folders(store, plan), item=plan) for plan in plans]
 
 
 def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0,
-                 memory_per_actor: float = 0) -> None:
+                 memory_per_actor: float = 0, force: bool = False) -> None:
     """Score every plan's run into `cams/<model>-seed<k>/` in one Ray Data pipeline; runs whose
     output was made from the same inputs are skipped, the others (re)computed with the reason."""
-    todo = []
-    for plan in plans:
-        reason = extraction_reason(config, store, plan)
-        if reason is None:
-            print(f"[explain] {plan.key}: up to date, skipped")
-        else:
-            print(f"[explain] {plan.key}: {reason}; computing its heatmaps")
-            todo.append(plan)
-    if not todo:
-        return
-    work = {plan.key: run_work(config, store.cache_dir, plan) for plan in todo}
-    for plan in [plan for plan in todo if work[plan.key].empty]:  # e.g. no true positive to explain
-        print(f"[explain] {plan.key}: no image to explain ({config.cam.images}); nothing written")
-        _write_run(config, store, plan, None)
-        todo.remove(plan)
-        del work[plan.key]
+    run_stage("explain", run_outputs(config, store, plans), force=force, doing="computing its heatmaps",
+              build=lambda todo: _extract(config, store, todo, actors, gpus_per_actor, cpus_per_actor,
+                                          memory_per_actor))
+
+
+def _extract(config, store, todo: list[Output], actors: int, gpus_per_actor: float, cpus_per_actor: float,
+             memory_per_actor: float) -> None:
+    work = {output.name: run_work(config, store.cache_dir, output.item) for output in todo}
+    for output in [output for output in todo if work[output.name].empty]:  # e.g. no true positive to explain
+        print(f"[explain] {output.name}: no image to explain ({config.cam.images}); nothing written")
+        _write_run(config, store, output, None)
+        todo = [other for other in todo if other is not output]
+        del work[output.name]
     if not todo:
         return
     try:
@@ -277,12 +288,14 @@ def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_
         raise RuntimeError(f"[explain] incomplete CAM output for {sorted(unfinished)}; rerun `camstudy explain`")
 
 
-def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpus_per_actor: float,
-            cpus_per_actor: float, memory_per_actor: float = 0) -> dict[str, MapSink]:
+def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output], actors: int,
+            gpus_per_actor: float, cpus_per_actor: float, memory_per_actor: float = 0) -> dict[str, MapSink]:
     """Run the pipeline; each run's rows go to its `MapSink` as they arrive (its test rows spill to
     disk), and the run is written as soon as all its rows are in. Returns the runs left unfinished."""
     import ray.data
 
+    todo = [output.item for output in outputs]
+    output_of = {output.name: output for output in outputs}
     order = [plan.key for plan in registry.largest_first(todo)]
     plan_of = {plan.key: plan for plan in todo}
     rows = {key: block_rows(plan_of[key].spec, config, plan_of[key].permuted) for key in order}
@@ -319,7 +332,7 @@ def _stream(config, store, work: dict[str, pd.DataFrame], todo, actors: int, gpu
                     sinks[key].add(part.drop_columns([NODE]))
                     progress.add(len(part))
                     if sinks[key].complete:
-                        out = _write_run(config, store, plan_of[key], sinks.pop(key), sorted(nodes[key]))
+                        out = _write_run(config, store, output_of[key], sinks.pop(key), sorted(nodes[key]))
                         progress.say(f"[explain] {key}: {expected[key]} heatmaps made, the test images' written "
                                      f"-> {out}")
     finally:
@@ -386,17 +399,18 @@ def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
             for run in runs.to_pylist()]
 
 
-def _write_run(config, store, plan, sink: MapSink | None, nodes: list[str] | None = None) -> Path:
+def _write_run(config, store, output: Output, sink: MapSink | None, nodes: list[str] | None = None) -> Path:
     """cams/<run>/ (trained maps, _tuning.json, _done.json last) and sanity/<run>/ (the twin's and
     the cascade's maps); a label-permutation run's maps, tuning and record all go to
     sanity/<run>-permuted/. The rows stream from the sink's spill, a row group at a time."""
+    plan = output.item
     records = sink.finish() if sink is not None else []
     try:
         if plan.permuted:
             folder = store.sanity_dir(plan.spec.name, plan.seed, True)
             with atomic_dir(folder) as tmp:
                 rows = _write_scored(sink, lambda randomized: tmp)
-                _write_records(config, tmp, plan, records, rows=rows[True] + rows[False], nodes=nodes or [])
+                _write_records(config, tmp, output, records, rows=rows[True] + rows[False], nodes=nodes or [])
             return folder
         cams, sanity = store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
         with atomic_dir(cams) as cams_tmp:
@@ -404,7 +418,7 @@ def _write_run(config, store, plan, sink: MapSink | None, nodes: list[str] | Non
                 rows = _write_scored(sink, lambda randomized: sanity_tmp if randomized else cams_tmp)
             if not rows[True]:  # the sanity checks turned off: no stale maps beside the new ones
                 objectstore.remove([sanity])
-            _write_records(config, cams_tmp, plan, records, vouches_for=[sanity] if rows[True] else [],
+            _write_records(config, cams_tmp, output, records, vouches_for=[sanity] if rows[True] else [],
                            rows=rows[False], sanity_rows=rows[True], nodes=nodes or [])
         return cams
     finally:
@@ -443,8 +457,8 @@ def tuning_fallback(key: tuple) -> tuple:
     return method, layer, "none", 0
 
 
-def _write_records(config, folder: Path, plan, records: list[dict], vouches_for=(), **info) -> None:
+def _write_records(config, folder: Path, output: Output, records: list[dict], vouches_for=(), **info) -> None:
     """_tuning.json, then, last, _done.json with the inputs the maps were made from, vouching for
     the maps beside it and those in `vouches_for` (the run's sanity/ folder)."""
     tuning.write_records(folder / StudyStore.CAM_TUNING, records, config.metrics)
-    write_record(folder / DONE, explain_inputs(config, plan.fingerprint), vouches_for=vouches_for, **info)
+    output.done(at=folder / DONE, vouches_for=vouches_for, **info)

@@ -14,6 +14,15 @@ import sys
 from pathlib import Path
 
 from study.errors import CamstudyError
+from study.records import STAGE_NAMES
+
+STAGE_HELP = {  # each stage command's help, and its --force's
+    "prepare": ("build the manifest, split and preprocessing cache", "rebuild even when up to date"),
+    "train": ("train every model x seed with Ray Train (resumes unfinished runs)",
+              "retrain finished runs from scratch"),
+    "explain": ("Grad-CAM extraction and scoring with Ray Data into Parquet", "redo finished extractions"),
+    "analyze": ("tables, statistics, figures, MLflow and report.html", "redo the analysis even when up to date"),
+}
 
 
 class Terminated(KeyboardInterrupt):
@@ -81,20 +90,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="multiply lesion areas (1 = the real SIIM distribution)")
     synth.set_defaults(handler=_synth)
 
-    prepare = _stage(commands, "prepare", "build the manifest, split and preprocessing cache")
-    prepare.add_argument("--force", action="store_true", help="rebuild even when up to date")
-    prepare.set_defaults(handler=_prepare)
-    train = _stage(commands, "train", "train every model x seed with Ray Train (resumes unfinished runs)")
-    train.add_argument("--force", action="store_true", help="retrain finished runs from scratch")
-    train.set_defaults(handler=_train)
-    explain = _stage(commands, "explain", "Grad-CAM extraction and scoring with Ray Data into Parquet")
-    explain.add_argument("--force", action="store_true", help="redo finished extractions")
-    explain.set_defaults(handler=_explain)
-    analyze = _stage(commands, "analyze", "tables, statistics, figures, MLflow and report.html")
-    analyze.add_argument("--force", action="store_true", help="redo the analysis even when up to date")
-    analyze.set_defaults(handler=_analyze)
+    for name in STAGE_NAMES:
+        help_text, force_text = STAGE_HELP[name]
+        stage = _stage(commands, name, help_text)
+        stage.add_argument("--force", action="store_true", help=force_text)
+        stage.set_defaults(handler=_run_stage, stage=name)
     run = _stage(commands, "run", "the whole study: prepare -> train -> explain -> analyze")
-    run.add_argument("--force", choices=("prepare", "train", "explain", "analyze"),
+    run.add_argument("--force", choices=STAGE_NAMES,
                      help="redo this stage and every stage after it")
     run.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (overrides training.seeds)")
     run.set_defaults(handler=_run)
@@ -162,42 +164,20 @@ def _synth(args) -> int:
     return 0
 
 
-def _prepare(args) -> int:
-    config = _load(args, reads_data=True)
+READS_DATA = ("prepare", "train")  # the stage commands that read the images (data.root is checked first)
+
+
+def _run_stage(args) -> int:
+    """`camstudy prepare|train|explain|analyze`: that stage (`orchestrator.stages.STAGES`); train
+    first brings the prepared data up to date, as it reads it."""
+    config = _load(args, reads_data=args.stage in READS_DATA)
     from orchestrator.pipeline import open_study
-    from orchestrator.stages import prepare_stage
-
-    with open_study(config):
-        prepare_stage(config, force=args.force)
-    return 0
-
-
-def _train(args) -> int:
-    config = _load(args, reads_data=True)
-    from orchestrator.pipeline import open_study, run_train
-    from orchestrator.stages import prepare_stage
+    from orchestrator.stages import STAGES
 
     with open_study(config) as (store, tracker):
-        prepare_stage(config)
-        run_train(config, store, tracker, force=args.force)
-    return 0
-
-
-def _explain(args) -> int:
-    config = _load(args)
-    from orchestrator.pipeline import open_study, run_explain
-
-    with open_study(config) as (store, _):
-        run_explain(config, store, force=args.force)
-    return 0
-
-
-def _analyze(args) -> int:
-    config = _load(args)
-    from orchestrator.pipeline import open_study, run_analyze
-
-    with open_study(config) as (store, tracker):
-        run_analyze(config, store, tracker, force=args.force)
+        if args.stage == "train":
+            STAGES["prepare"](config, store, tracker)
+        STAGES[args.stage](config, store, tracker, force=args.force)
     return 0
 
 
@@ -214,11 +194,11 @@ def _tune(args) -> int:
     config = _load(args, reads_data=True)
     from orchestrator.pipeline import open_study
     from orchestrator.ray_setup import init_ray
-    from orchestrator.stages import prepare_stage
+    from orchestrator.stages import STAGES
     from orchestrator.tune import tune_recipes
 
     with open_study(config) as (store, tracker):
-        prepare_stage(config)
+        STAGES["prepare"](config, store, tracker)
         init_ray(config)
         tune_recipes(config, store, tracker, args.trials, args.out.resolve())
     return 0

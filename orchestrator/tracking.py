@@ -31,22 +31,21 @@ import functools
 import getpass
 import json
 import logging
-import math
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # MLflow's default: 7, with back-off
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402 (after the environment defaults)
+from mlflow.entities import Param  # noqa: E402 (after the environment defaults)
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from study.atomic import write_text_atomic
+from study.mlflow_log import set_tags
 from study.provenance import git_commit
 from study.records import read_record
 from study.store import StudyStore
@@ -63,11 +62,11 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 BOOKKEEPING = ("model", "seed", "best_epoch", "selection", "n", "n_positive", "threshold", "tp", "fp", "tn", "fn")
 
 
-def tracking_uri(config) -> str:
+def tracking_uri(config, store: StudyStore) -> str:
     """The configured URI, or an absolute SQLite file in the study store."""
     if config.tracking.uri:
         return config.tracking.uri
-    return f"sqlite:///{StudyStore(config.study_dir).mlflow_db}"
+    return f"sqlite:///{store.mlflow_db}"
 
 
 # MLflow announces creating and migrating its SQLite tables at INFO on every new study: nothing a
@@ -89,10 +88,9 @@ VIEW_COLUMNS = (["params.`model`", "params.`seed`", "params.`depth`", "params.`p
                 + ["tags.`camstudy.degenerate`"])
 
 
-def ui_command(config) -> str:
-    """A command that opens the study's runs as printed, in any shell: this environment's Python
-    by absolute path (a fresh shell has no virtual environment on its PATH)."""
-    uri = tracking_uri(config)
+def ui_command(uri: str) -> str:
+    """A command that opens the study's runs (tracking URI `uri`) as printed, in any shell: this
+    environment's Python by absolute path (a fresh shell has no virtual environment on its PATH)."""
     if uri.startswith("http"):
         return f"open {uri} (MLflow server)"
     # one worker: a UI for one reader starts in seconds (the default starts several)
@@ -100,19 +98,18 @@ def ui_command(config) -> str:
             "--workers 1")
 
 
-def ui_url(config, experiment_id: str) -> str:
+def ui_url(uri: str, experiment_id: str) -> str:
     """The study's experiment in MLflow's model-training view (not its GenAI default), on the runs
     table with the study's shared view (`VIEW_KEY`)."""
-    uri = tracking_uri(config)
     base = uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{UI_PORT}"
     return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
             f"&viewStateShareKey={VIEW_KEY}")
 
 
-def ui_lines(config, tracker: "StudyTracker") -> str:
+def ui_lines(tracker: "StudyTracker") -> str:
     """What a command prints at its end: the command, then the URL (when MLflow was reachable)."""
     experiment = tracker.call(lambda: tracker.experiment_id) if tracker.online else None
-    return ui_command(config) + (f"\n    then open {ui_url(config, experiment)}" if experiment else "")
+    return ui_command(tracker.uri) + (f"\n    then open {ui_url(tracker.uri, experiment)}" if experiment else "")
 
 
 def shared_view(parent_run_id: str) -> str:
@@ -125,9 +122,9 @@ def shared_view(parent_run_id: str) -> str:
 class StudyTracker:
     """The study's experiment, parent run and current child runs on one tracking URI."""
 
-    def __init__(self, config, store: Optional[StudyStore] = None):
-        self.store = store or StudyStore(config.study_dir)
-        self.uri = tracking_uri(config)
+    def __init__(self, config, store: StudyStore):
+        self.store = store
+        self.uri = tracking_uri(config, store)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.study, self.study_id = config.study, self.store.study_id()
         self.experiment_name = config.tracking.experiment
@@ -305,19 +302,6 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
-    """Log the finite numeric entries of `metrics` at `step` in one batch."""
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
-             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
-    if batch:
-        client.log_batch(run_id, metrics=batch)
-
-
-def set_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
-    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
 def end_run(client: MlflowClient, run_id: str, error: BaseException | str | None = None,

@@ -31,6 +31,7 @@ driver are back-filled from the run's done.json when the run is closed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -48,9 +49,10 @@ from orchestrator.train_worker import EpochReporter, train_worker
 from study import errors
 from study.atomic import write_text_atomic
 from study.errors import CamstudyError, TrainingError
+from study.mlflow_log import log_metrics, set_tags
 from study.progress import duration_text
 from study.records import read_record
-from study.runs import RunPlan, is_finished, plan_runs
+from study.runs import Placement, RunPlan
 from study.store import StudyStore
 from training import registry
 from training.ray_data import TRACE_LOGGER
@@ -84,18 +86,19 @@ class Outcome:
 
 
 @ray.remote(num_cpus=0)
-def _fit(config, plan: RunPlan, progress: Queue, placement: dict) -> Outcome:
-    """Run one Ray Train run to completion and say how it ended. Its workers find the study from
-    the config (a study in object storage: in their node's mirror, pulled as needed)."""
+def _fit(config, plan: RunPlan, progress: Queue, placement: Placement, ray_storage: str) -> Outcome:
+    """Run one Ray Train run to completion and say how it ended; `ray_storage`: the driver's
+    store's `ray_storage`. Its workers find the study from the config (a study in object storage:
+    in their node's mirror, pulled as needed)."""
     from ray.train import FailureConfig, RunConfig
 
-    trainer = _trainer_class(placement["workers"])(
+    trainer = _trainer_class(placement.workers)(
         train_worker,
         train_loop_config={"config": config, "model": plan.spec.name, "seed": plan.seed,
-                           "fingerprint": plan.fingerprint, "torch_threads": placement["torch_threads"],
+                           "fingerprint": plan.fingerprint, "torch_threads": placement.torch_threads,
                            "permuted": plan.permuted},
         scaling_config=scaling_config(config, plan, placement),
-        run_config=RunConfig(name=plan.key, storage_path=StudyStore(config.study_dir).ray_storage,
+        run_config=RunConfig(name=plan.key, storage_path=ray_storage,
                              failure_config=FailureConfig(max_failures=config.training.max_failures),
                              callbacks=[EpochReporter(plan.key, progress)]),
     )
@@ -109,13 +112,13 @@ def _fit(config, plan: RunPlan, progress: Queue, placement: dict) -> Outcome:
     return Outcome(own["message"], own=True, kind=own["kind"]) if own else Outcome()
 
 
-def scaling_config(config, plan: RunPlan, placement: dict):
-    """What each of the run's workers asks Ray for: the run's layout (CPUs, its GPU share, its host
-    `memory` in bytes: `Starts`) and the model's own extra resources (resources.model_resources)."""
+def scaling_config(config, plan: RunPlan, placement: Placement):
+    """What each of the run's workers asks Ray for: the run's placement (CPUs, its GPU share, its
+    host `memory` in bytes: `Starts`) and the model's own extra resources (resources.model_resources)."""
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=placement["workers"], use_gpu=placement["gpus"] > 0,
-                         resources_per_worker={**placement["resources"],
+    return ScalingConfig(num_workers=placement.workers, use_gpu=placement.gpus > 0,
+                         resources_per_worker={**placement.resources,
                                                **config.resources.model_resources.get(plan.spec.name, {})})
 
 
@@ -135,10 +138,8 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def placement(config) -> dict:
-    """How runs are placed on this cluster: the resources of one run, and either a number of runs
-    in flight (`concurrency`) or, with GPUs and `resources.gpus_per_run: auto`, GPU packing
-    (`packing`: each run asks for its own share, `orchestrator.schedule`)."""
+def placement(config) -> Placement:
+    """How runs are placed on this cluster, from what Ray reports now (`study.runs.Placement`)."""
     resources_cfg, cluster = config.resources, ray.cluster_resources()
     runs = len(registry.specs_for(config.models)) * (len(config.training.seeds) + config.sanity.label_permutation)
     gpus_here = cluster.get("GPU", 0)
@@ -156,12 +157,11 @@ def placement(config) -> dict:
         else:
             concurrency = int(cluster.get("CPU", 1) // (cpus * workers))
     threads = resources_cfg.torch_threads
-    return {"workers": workers, "gpus": gpus, "concurrency": max(1, concurrency), "packing": packing,
-            "cluster_gpus": int(gpus_here), "torch_threads": max(1, int(cpus)) if threads == "auto" else threads,
-            "resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}, "on_gpu": bool(gpus),
-            # each live node's Ray resources: `memory` is what Ray lets tasks reserve there (bytes;
-            # by default the memory free when the node started less the object store's 30%)
-            "nodes": [node["Resources"] for node in ray.nodes() if node.get("Alive")]}
+    return Placement(workers=workers, gpus=gpus, concurrency=max(1, concurrency), packing=packing,
+                     cluster_gpus=int(gpus_here), torch_threads=max(1, int(cpus)) if threads == "auto" else threads,
+                     resources={"CPU": cpus, **({"GPU": gpus} if gpus else {})}, on_gpu=bool(gpus),
+                     # `memory` of a node: by default the memory free when it started less the object store's 30%
+                     nodes=tuple(node["Resources"] for node in ray.nodes() if node.get("Alive")))
 
 
 REFERENCE_FLOPS_PER_S = 1e14  # only orders runs: any constant gives the same order
@@ -243,18 +243,19 @@ def explain_needs(config, store: StudyStore, plans: list[RunPlan], on_gpu: bool)
     return needs
 
 
-def explain_actors(config, store: StudyStore, plans: list[RunPlan], layout: dict, wanted: int) -> tuple[int, int]:
+def explain_actors(config, store: StudyStore, plans: list[RunPlan], placement: Placement,
+                   wanted: int) -> tuple[int, int]:
     """(actors, host memory per actor in bytes) for the explain stage. Any actor may be given any
     run, so each reserves what the neediest model takes; at most `wanted` actors and no more than
     the nodes' memory holds at once (an actor Ray cannot place would stall the pipeline); refused
     in one line when not even one fits on the largest node."""
-    needs = explain_needs(config, store, plans, layout.get("on_gpu", bool(layout["gpus"])))
+    needs = explain_needs(config, store, plans, placement.on_gpu)
     if not needs:
         return wanted, 0
     model = max(needs, key=needs.get)
     need = needs[model]
-    asks = {**layout["resources"], "CPU": 0 if layout["gpus"] else 1}  # as explain.extract asks per actor
-    nodes = [node for node in layout.get("nodes", []) if _offers(node, asks)]
+    asks = {**placement.resources, "CPU": 0 if placement.gpus else 1}  # as explain.extract asks per actor
+    nodes = [node for node in placement.nodes if _offers(node, asks)]
     if not nodes:  # no node to place on yet (an autoscaler adds them): Ray holds the actors until one joins
         return wanted, int(need * schedule.GB)
     memory = schedule.NodeMemory([node.get("memory", 0) / schedule.GB for node in nodes])
@@ -297,48 +298,40 @@ def _offers(node: dict, asks: dict) -> bool:
     return all(node.get(name, 0) >= amount for name, amount in asks.items() if amount and name != "memory")
 
 
-def train_stage(config, store: StudyStore, tracker: tracking.StudyTracker) -> list[RunPlan]:
-    """Train every (model, seed) not yet finished; return the plans. Raises if any run failed."""
-    plans = plan_runs(config, store)
-    todo = [plan for plan in plans if not is_finished(plan)]
-    for plan in plans:
-        if plan not in todo:
-            print(f"[train] {plan.key}: finished earlier, skipped")
-            _reconcile_child(config, store, tracker, plan)
-    if not todo:
-        return plans
-    layout = placement(config)
-    if layout["packing"]:
-        print(f"[train] {len(todo)} run(s) packed on {layout['cluster_gpus']} GPU(s), each asking for its own share "
+def train_plans(config, store: StudyStore, tracker: tracking.StudyTracker, todo: list[RunPlan],
+                placement: Placement) -> None:
+    """Train every run of `todo` (the train stage's unfinished runs: `orchestrator.stages`), placed
+    by `placement`. Raises if any run failed."""
+    if placement.packing:
+        print(f"[train] {len(todo)} run(s) packed on {placement.cluster_gpus} GPU(s), each asking for its own share "
               f"(resources.gpus_per_run: auto), longest first")
     else:
-        print(f"[train] {len(todo)} run(s), up to {layout['concurrency']} at once, "
-              f"{layout['workers']} worker(s) x {layout['resources']} each")
-    failures = _run_all(config, store, tracker, todo, layout)
+        print(f"[train] {len(todo)} run(s), up to {placement.concurrency} at once, "
+              f"{placement.workers} worker(s) x {placement.resources} each")
+    failures = _run_all(config, store, tracker, todo, placement)
     if failures:
         raise TrainingError("training failed for " + "; ".join(f"{k}: {e}" for k, e in failures.items())
                             + ". Fix the cause and rerun: finished runs are kept, unfinished ones resume.")
-    return plans
 
 
-def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[str, str]:
+def _run_all(config, store, tracker, todo: list[RunPlan], placement: Placement) -> dict[str, str]:
     """Every run of `todo`, at most `concurrency` at once. A crashed run (after its retries) is
     reported at the end; camstudy's own error in any run stops them all and is raised at once;
     an interrupt (Ctrl-C, SIGTERM from `ray job stop`) marks every run in flight KILLED."""
-    starts = Starts(config, store, todo, layout)
+    starts = Starts(config, store, todo, placement)
     print(f"[train] {starts.memory_line()}")
     # the progress queue's actor is restarted if Ray's memory monitor kills it (its newest-first
     # policy kills small helpers too): reports lost with it are back-filled from done.json
     progress = Queue(actor_options={"max_restarts": -1, "max_task_retries": -1})
     in_flight, failures, run_ids = {}, {}, {}
-    status = StageProgress(config, todo, layout.get("concurrency", 1))
+    status = StageProgress(config, todo, placement.concurrency)
     try:
         while starts.pending or in_flight:
-            for plan, plan_layout in starts.now(len(in_flight)):
+            for plan, run_placement in starts.now(len(in_flight)):
                 run_ids[plan.key] = _start_child(config, store, tracker, plan)
                 status.run_started(plan.key)
                 in_flight[_fit.options(name=ray_setup.RUN_TASK.format(plan.key)).remote(
-                    config, plan, progress, plan_layout)] = plan
+                    config, plan, progress, run_placement, store.ray_storage)] = plan
             finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
             _log_progress(progress, status, tracker, run_ids)  # before any finished run is closed
             status.heartbeat(len(in_flight))
@@ -352,7 +345,7 @@ def _run_all(config, store, tracker, todo: list[RunPlan], layout: dict) -> dict[
                     tracker.call(_close_child, tracker.client, run_ids[plan.key], plan, outcome.error)
                 if outcome.error is None:
                     record_gpu_memory(config, store, plan)
-                    record_host_memory(config, store, plan, layout["on_gpu"])
+                    record_host_memory(config, store, plan, placement.on_gpu)
                 print(f"[train] {plan.key}: {'FAILED: ' + outcome.error if outcome.error else 'done'}")
                 if outcome.own:
                     raise getattr(errors, outcome.kind, CamstudyError)(outcome.error)
@@ -397,32 +390,31 @@ class Starts:
     (`schedule.NodeMemory`; skipped while no such node is up: an autoscaler adds them), and a run
     that fits on no node even alone is refused before any run starts."""
 
-    def __init__(self, config, store: StudyStore, todo: list[RunPlan], layout: dict):
-        self.layout = layout
+    def __init__(self, config, store: StudyStore, todo: list[RunPlan], placement: Placement):
+        self.placement = placement
         self.pending = registry.largest_first(todo)
-        self.packer = schedule.Packer(layout["cluster_gpus"]) if layout["packing"] else None
-        self.demands = run_demands(config, store, todo) if layout["packing"] else {}
-        on_gpu = layout.get("on_gpu", bool(layout["gpus"]))
-        self.memory_gb = {plan.key: host_memory_gb(plan, config, store, on_gpu) for plan in todo}
-        nodes = layout.get("nodes", [])
+        self.packer = schedule.Packer(placement.cluster_gpus) if placement.packing else None
+        self.demands = run_demands(config, store, todo) if placement.packing else {}
+        self.memory_gb = {plan.key: host_memory_gb(plan, config, store, placement.on_gpu) for plan in todo}
+        nodes = placement.nodes
         self.memory = schedule.NodeMemory([node.get("memory", 0) / schedule.GB for node in nodes])
         self.nodes = {plan.key: [i for i, node in enumerate(nodes) if _offers(node, self._asks(config, plan))]
                       for plan in todo}
         self._refuse_what_fits_nowhere(config)
 
-    def now(self, in_flight: int) -> list[tuple[RunPlan, dict]]:
+    def now(self, in_flight: int) -> list[tuple[RunPlan, Placement]]:
         order = self.pending
         if self.packer is not None:
             by_key = {plan.key: plan for plan in self.pending}
             order = [by_key[d.key] for d in schedule.longest_first(self.demands[key] for key in by_key)]
         started = []
         for plan in order:
-            if self.packer is None and in_flight + len(started) >= self.layout["concurrency"]:
+            if self.packer is None and in_flight + len(started) >= self.placement.concurrency:
                 break
             if self._take(plan):
                 started.append(plan)
         self.pending = [plan for plan in self.pending if plan not in started]
-        return [(plan, self._layout(plan)) for plan in started]
+        return [(plan, self._placement(plan)) for plan in started]
 
     def finished(self, plan: RunPlan) -> None:
         self.memory.release(plan.key)
@@ -439,23 +431,23 @@ class Starts:
     def _take(self, plan: RunPlan) -> bool:
         """Reserve the run's host memory and, when packing, its GPU share: both or neither."""
         nodes = self.nodes[plan.key]
-        if nodes and not self.memory.place(plan.key, self.memory_gb[plan.key], self.layout["workers"], nodes):
+        if nodes and not self.memory.place(plan.key, self.memory_gb[plan.key], self.placement.workers, nodes):
             return False
         if self.packer is not None and self.packer.place(self.demands[plan.key]) is None:
             self.memory.release(plan.key)
             return False
         return True
 
-    def _layout(self, plan: RunPlan) -> dict:
+    def _placement(self, plan: RunPlan) -> Placement:
         """The run's own resources per worker: its host memory in bytes and, when packing, its GPU share."""
-        resources = {**self.layout["resources"], "memory": int(self.memory_gb[plan.key] * schedule.GB)}
+        resources = {**self.placement.resources, "memory": int(self.memory_gb[plan.key] * schedule.GB)}
         if self.packer is None:
-            return {**self.layout, "resources": resources}
-        share = self.demands[plan.key].gpus / self.layout["workers"]
-        return {**self.layout, "gpus": share, "resources": {**resources, "GPU": share}}
+            return dataclasses.replace(self.placement, resources=resources)
+        share = self.demands[plan.key].gpus / self.placement.workers
+        return dataclasses.replace(self.placement, gpus=share, resources={**resources, "GPU": share})
 
     def _asks(self, config, plan: RunPlan) -> dict:
-        return {**self.layout["resources"], **config.resources.model_resources.get(plan.spec.name, {})}
+        return {**self.placement.resources, **config.resources.model_resources.get(plan.spec.name, {})}
 
     def _refuse_what_fits_nowhere(self, config) -> None:
         """One line naming each model whose worker needs more host memory than the largest node it
@@ -466,7 +458,7 @@ class Starts:
             if largest is not None and self.memory_gb[plan.key] > largest:
                 too_big.setdefault(plan.spec.name, (self.memory_gb[plan.key], largest))
         if too_big:
-            where = "the GPU" if self.layout.get("on_gpu", bool(self.layout["gpus"])) else "the CPU"
+            where = "the GPU" if self.placement.on_gpu else "the CPU"
             raise TrainingError(
                 "; ".join(f"training {model} needs ~{need:.1f} GB of host memory per worker, more than the "
                           f"{largest:.1f} GB Ray can reserve on the largest node it can run on" for model, (need, largest)
@@ -621,7 +613,7 @@ def _log_progress(progress: Queue, status: StageProgress, tracker, run_ids: dict
               f"({status.line()})", flush=True)
 
 
-def _reconcile_child(config, store, tracker, plan: RunPlan) -> None:
+def reconcile_child(config, store, tracker, plan: RunPlan) -> None:
     """A run that finished while the driver died or MLflow was unreachable (done.json written,
     child never closed or never made) gets its child, final metrics and FINISHED status now; a
     closed child is left as it is."""
@@ -644,7 +636,7 @@ def _log_missing_epochs(client, run_id: str, plan: RunPlan) -> None:
 
 def _log_epoch(client, run_id: str, epoch: dict) -> None:
     """One epoch's metrics (a report, or a done.json history entry) as MLflow step `epoch`."""
-    tracking.log_metrics(client, run_id, {tracking.metric_name(k): v for k, v in epoch.items() if k != "epoch"},
+    log_metrics(client, run_id, {tracking.metric_name(k): v for k, v in epoch.items() if k != "epoch"},
                          step=int(epoch["epoch"]))
 
 
@@ -664,14 +656,14 @@ def _close_child(client, run_id: str, plan: RunPlan, error: str | None) -> None:
     if error is None:
         _log_missing_epochs(client, run_id, plan)
         metrics = json.loads((plan.run_dir / StudyStore.TEST_METRICS).read_text())
-        tracking.log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()
+        log_metrics(client, run_id, {f"test/{k}": v for k, v in metrics.items()
                                               if k not in tracking.BOOKKEEPING})
-        tracking.log_metrics(client, run_id, _best_epoch_metrics(plan))
-        tracking.set_tags(client, run_id, {f"camstudy.test.{k}": metrics[k] for k in tracking.BOOKKEEPING
+        log_metrics(client, run_id, _best_epoch_metrics(plan))
+        set_tags(client, run_id, {f"camstudy.test.{k}": metrics[k] for k in tracking.BOOKKEEPING
                                            if k in metrics})
         client.log_artifact(run_id, str(plan.run_dir / StudyStore.TEST_METRICS))
         client.log_artifact(run_id, str(plan.run_dir / StudyStore.PREDICTIONS))
         node = (read_record(plan.run_dir / StudyStore.DONE) or {}).get("node") or {}
-        tracking.set_tags(client, run_id, {NODE_TAG: node.get("ray_node_id") or node.get("host") or "unknown",
+        set_tags(client, run_id, {NODE_TAG: node.get("ray_node_id") or node.get("host") or "unknown",
                                            f"{NODE_TAG}_host": node.get("host") or "unknown"})
     tracking.end_run(client, run_id, error)

@@ -45,7 +45,9 @@ def train_worker(loop_config: dict) -> None:
 
     torch.set_num_threads(loop_config["torch_threads"])
     config = loop_config["config"]
-    store = StudyStore(config.study_dir)  # in object storage: this node's mirror, its uploads on
+    # a worker may run on another node, whose store is its own (for a study in object storage,
+    # that node's mirror, its uploads on): built here from the config, not sent from the driver
+    store = StudyStore(config.study_dir)
     run_dir = store.run_dir(loop_config["model"], loop_config["seed"], loop_config.get("permuted", False))
     store.pull(store.cache_dir, run_dir)  # the cache staged once per node; a checkpoint to resume from
     rank0 = ray.train.get_context().get_world_rank() == 0

@@ -33,6 +33,7 @@ from ray.tune import Callback
 from orchestrator import tracking
 from study.atomic import write_text_atomic
 from study.errors import ConfigError
+from study.mlflow_log import log_metrics
 from study.recipes import Recipe
 from study.store import StudyStore
 from training import registry
@@ -169,7 +170,7 @@ class MlflowTrials(Callback):
         if run:
             metrics = {tracking.metric_name(k): v for k, v in result.items()
                        if k in ("train_loss", "val_loss", "val_auc", "val_accuracy")}
-            self.tracker.call(tracking.log_metrics, self.tracker.client, run, metrics, step=int(result["epoch"]))
+            self.tracker.call(log_metrics, self.tracker.client, run, metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run = self.runs.get(trial.trial_id)

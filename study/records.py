@@ -18,6 +18,13 @@
 
 Execution settings (batch sizes of inference, worker counts, actor counts) are not inputs:
 they change how fast a result comes, not the result.
+
+**The stage skeleton** (`run_stage`): every stage (prepare, train, explain with its baselines and
+one output per run, analyze) is the same steps over its `Output`s: compute the inputs, ask the
+completion rule why each must be made (`record_reason`, or the stage's own rule: a changed
+training run is refused), print one line per output (`[explain] resnet18-seed0: up to date,
+skipped`, or `[explain] resnet18-seed0: cam.methods changed; computing its heatmaps`), remove
+what is stale, build what must be made, and write each record last with the inputs decided on.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
 from study import objectstore
 from study.atomic import write_text_atomic
@@ -123,6 +130,72 @@ def require_intact(path: Path, remedy: str) -> None:
     damage = damaged_file(path, record) if record is not None else None
     if damage is not None:
         raise StoreError(f"{damage}; {remedy}")
+
+
+# --------------------------------------------------------------------------- the stage skeleton
+
+
+STAGE_NAMES = ("prepare", "train", "explain", "analyze")  # the study's stages, in the order they run
+
+
+@dataclasses.dataclass
+class Output:
+    """One output of a stage and its completion record: what the stage skeleton decides on.
+
+    `inputs` are computed once: the decision is made on them and the record holds them
+    (`done`). `stale`: what goes before the output is made again (a record outside the output's
+    own folder, so it never vouches for files being rewritten); `whole`: what `--force` removes
+    as well (everything the output is, so nothing of it is reused). An output written into a
+    temporary folder that is renamed into place needs neither: the rename replaces it whole."""
+
+    name: str  # how its console lines name it: "" for a stage's one output, else a run key or "baselines"
+    record: Path
+    inputs: Mapping[str, Any]
+    stale: tuple[Path, ...] = ()
+    whole: tuple[Path, ...] = ()
+    item: Any = None  # what the build makes it from (a training run's RunPlan)
+    reason: Optional[str] = None  # why it is made (set by `run_stage`; None: reused)
+
+    def done(self, at: Optional[Path] = None, **info: Any) -> None:
+        """Write its record (`write_record`) with the inputs it was decided on, last, once the
+        output is in place; `at`: the record's place in a temporary folder renamed into place."""
+        write_record(self.record if at is None else at, self.inputs, **info)
+
+
+Said = Union[str, Callable[[Output], str]]  # a console line's text, or how to make it from the output
+
+
+def run_stage(stage: str, outputs: Iterable[Output], build: Callable[[list[Output]], Any], *,
+              doing: Said, reused: Said = "up to date, skipped", force: bool = False,
+              judge: Optional[Callable[[Output], Optional[str]]] = None,
+              on_reused: Optional[Callable[[Output], Any]] = None) -> list[Output]:
+    """The one skeleton of every stage. For each output, why it must be made: `--force`, else
+    `judge(output)` (default: the completion rule, `record_reason(output.record, output.inputs)`;
+    a judge may raise to refuse, e.g. a training run that finished with other settings). Every
+    reason is known before anything is printed or removed. Then one line per output, in order:
+    `[stage] name: reused` for one that is reused (then `on_reused(output)`), `[stage] name:
+    reason; doing` for one to be made; then the stale part of those is removed (with `--force`
+    their whole output), and `build(todo)` is called once with all of them (not at all when none
+    is), writing each one's record last (`Output.done`). Returns the outputs made."""
+    outputs = list(outputs)
+    judge = judge or (lambda output: record_reason(output.record, output.inputs))
+    for output in outputs:
+        output.reason = "--force" if force else judge(output)
+    todo = [output for output in outputs if output.reason is not None]
+    for output in outputs:
+        said = reused if output.reason is None else doing
+        text = said(output) if callable(said) else said
+        named = f"{output.name}: " if output.name else ""
+        print(f"[{stage}] {named}{text}" if output.reason is None else f"[{stage}] {named}{output.reason}; {text}",
+              flush=True)
+        if output.reason is None and on_reused is not None:
+            on_reused(output)
+    if not todo:
+        return []
+    objectstore.remove(dict.fromkeys(path for output in todo
+                                     for path in (*output.stale, *(output.whole if force else ()))))
+    build(todo)
+    return todo
 
 
 # --------------------------------------------------------------------------- what a record vouches for

@@ -1,5 +1,7 @@
 """The run plan: every (model, seed) training run a config asks for, in order, with what each
-computes from (its inputs and their fingerprint), and whether it has finished (torch-free).
+computes from (its inputs and their fingerprint), and whether it has finished; and the
+placement of runs on the cluster (torch-free and Ray-free: `orchestrator.train_runs.placement`
+asks Ray and answers a `Placement`).
 
 A finished run is never silently retrained nor silently reused with other settings: see
 `finished_run`."""
@@ -38,6 +40,26 @@ class RunPlan:
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.inputs)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How training runs and explain actors are placed on the cluster: the resources of one run's
+    workers, and either a number of runs in flight (`concurrency`) or, with GPUs and
+    `resources.gpus_per_run: auto`, GPU packing (`packing`: each run asks for its own share,
+    `orchestrator.schedule`). One run's own placement is this with its `resources` (its host
+    memory, its GPU share) and, when packing, its `gpus` filled in (`orchestrator.train_runs.Starts`)."""
+
+    workers: int  # Ray Train workers per run (resources.workers_per_run)
+    gpus: float  # GPUs per worker (0 on CPUs; a run's share when packing)
+    concurrency: int  # runs in flight at once (without packing)
+    packing: bool  # each run asks for its own GPU share, packed longest first
+    cluster_gpus: int  # GPUs the cluster has now
+    torch_threads: int  # torch threads per worker
+    resources: dict[str, float]  # what each worker asks Ray for (CPU, GPU, memory in bytes)
+    on_gpu: bool  # runs train on GPUs (what the host-memory estimates and measurements are keyed by)
+    # each live node's Ray resources: `memory` is what Ray lets tasks reserve there (bytes)
+    nodes: tuple[dict[str, float], ...] = ()
 
 
 def plan_runs(config, store: StudyStore) -> list[RunPlan]:

@@ -71,12 +71,13 @@ def mcnemar_exact(correct_a: Any, correct_b: Any) -> tuple[int, int, float]:
     return only_a, only_b, float(p)
 
 
-def classification_report(labels: Any, probabilities: Any, threshold: float = 0.5,
+def classification_report(labels: Any, probabilities: Any, threshold: float,
                           alpha: float = 0.05) -> dict[str, float | int]:
     """Counts, accuracy/precision/recall/specificity (Wilson) and AUC (DeLong), each with lo/hi.
 
-    A case is predicted positive when its probability is >= threshold. Undefined values
-    (e.g. precision with no predicted positives) are nan.
+    A case is predicted positive when its probability is >= threshold (the study's
+    `training.threshold`: the caller passes it). Undefined values (e.g. precision with no
+    predicted positives) are nan.
     """
     y = np.asarray(labels).astype(int)
     p = np.asarray(probabilities, dtype=np.float64)

@@ -114,9 +114,9 @@ def prepare_data(images: pd.DataFrame, split_cfg: SplitConfig, preprocess_cfg: P
     images = images[~images["image_id"].isin(duplicates["image_id"])]
     selection = plan_selection(*available(images), split_cfg)
     chosen = apply_selection(images, selection, split_cfg.seed)
-    print(f"prepare: selected {len(chosen)} of {len(images)} labelled images: {selection.rule}")
+    print(f"[prepare] selected {len(chosen)} of {len(images)} labelled images: {selection.rule}")
     for note in selection.notes:
-        print(f"prepare: note: {note}")
+        print(f"[prepare] note: {note}")
     columns = map_rows(chosen, process_batch, workers, "preprocess", cfg=preprocess_cfg)
     manifest = chosen.assign(**{key: columns[key] for key in MEASURED})
     manifest = manifest.assign(path=manifest["path"].astype(str))[MANIFEST_COLUMNS]

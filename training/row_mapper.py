@@ -42,7 +42,7 @@ def map_rows(rows: pd.DataFrame, fn: Callable[..., dict[str, np.ndarray]], worke
     take = position.loc[rows["image_id"].to_numpy()].to_numpy()  # Ray Data does not keep row order
     elapsed = time.perf_counter() - start
     how = "in-process loop" if workers == 0 else f"Ray Data ({workers} tasks)"
-    print(f"prepare: {label}: {len(rows)} images in {elapsed:.1f} s ({len(rows) / elapsed:.1f} img/s, {how})")
+    print(f"[prepare] {label}: {len(rows)} images in {elapsed:.1f} s ({len(rows) / elapsed:.1f} img/s, {how})")
     return {key: values[take] for key, values in columns.items()}
 
 
@@ -66,7 +66,7 @@ class _Progress:
     def advance(self, n: int) -> None:
         self.done += n
         if self.show and self.done - self.shown >= max(1, self.total // 10) and self.done < self.total:
-            print(f"prepare: {self.label}: {self.done}/{self.total}", file=sys.stderr)
+            print(f"[prepare] {self.label}: {self.done}/{self.total}", file=sys.stderr)
             self.shown = self.done
 
 

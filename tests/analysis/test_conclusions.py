@@ -16,6 +16,7 @@ from analysis.compute import AnalysisOutputs
 from analysis.layers import layer_vs_final_table
 from analysis.reliability import cascade_verdicts
 from analysis.validity import EXCLUDED_COLUMNS
+from study.config import StudyConfig
 
 
 def outputs(**tables) -> AnalysisOutputs:
@@ -92,7 +93,7 @@ def swept(shift: float, images: int = 30) -> pd.DataFrame:
 
 @pytest.mark.parametrize("shift, verdict", [(0.05, "better"), (-0.05, "worse"), (0.0, "no difference shown")])
 def test_per_layer_claims_follow_the_paired_test(shift, verdict):
-    table = layer_vs_final_table(swept(shift), pd.DataFrame(columns=EXCLUDED_COLUMNS))
+    table = layer_vs_final_table(swept(shift), pd.DataFrame(columns=EXCLUDED_COLUMNS), StudyConfig().statistics.alpha)
     assert table["verdict"].tolist() == [verdict]
     text = C._layer_conclusion(outputs(layer_vs_final=table))
     if verdict == "no difference shown":

@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from analysis import figures, report
 from analysis.html import COLLAPSE_ROWS, PAPER_ONLY
+from study.store import StudyStore
 from tests.analysis.test_report import SyntheticStudy, config_for
 from study.models import REGISTRY
 
@@ -110,7 +111,7 @@ def rendered(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(figures, "_save", keep)
-        path = report.analyze(root, config_for(MODELS, [0]))
+        path = report.analyze(StudyStore(root), config_for(MODELS, [0]))
     probe = path.with_name("probe.html")
     labels = json.dumps([figures.label(m) for m in DEGENERATE])
     probe.write_text(path.read_text().replace("</body>", PROBE % {"labels": labels} + "</body>"))

@@ -20,11 +20,13 @@ import pytest
 from analysis import compute, figures, reliability, stats
 from analysis.inputs import StudyInputs
 from explain.similarity import MEASURES, similarity
+from study.config import StudyConfig
 from study.store import StudyStore
 from tests.conftest import ROOT
 
 LAYERS = ["layer2", "layer3", "layer4"]  # layer4: the paper's layer (final_layer)
 RUNS = [("resnet18", 0), ("resnet18", 1), ("resnet34", 0)]
+ALPHA = StudyConfig().statistics.alpha
 
 
 def smooth_maps(rng, n: int, size: int) -> np.ndarray:
@@ -65,19 +67,21 @@ def test_final_layer_rows_first_give_the_same_stability_and_figure1(tmp_path, mo
     natural, first = tmp_path / "natural", tmp_path / "first"
     trained = write_store(natural, 12, 24)
     write_store(first, 12, 24, final_first=True)
-    a = reliability.stability_table(natural, trained, "gradcam")
-    b = reliability.stability_table(first, trained, "gradcam")
+    a = reliability.stability_table(StudyStore(natural), trained, "gradcam", ALPHA)
+    b = reliability.stability_table(StudyStore(first), trained, "gradcam", ALPHA)
     pd.testing.assert_frame_equal(a, b)
     assert len(a) == 3 * len(MEASURES) and set(a["kind"]) == {"repeatability", "reproducibility"}
 
     drawn = {}
     monkeypatch.setattr(compute, "read_backgrounds",
-                        lambda root, ids: {i: (np.zeros((24, 24), np.float32), np.zeros((24, 24), np.uint8)) for i in ids})
+                        lambda store, ids: {i: (np.zeros((24, 24), np.float32), np.zeros((24, 24), np.uint8))
+                                            for i in ids})
     monkeypatch.setattr(figures, "heatmap_grid", lambda backgrounds, heatmaps, ids, models, path, *rest, **options:
                         drawn.setdefault(Path(path).parent.parent.name, heatmaps))
     for study in (natural, first):
         (study / "out").mkdir()
-        inputs = StudyInputs(root=study, config={}, models=pd.DataFrame({"model": ["resnet18", "resnet34"]}),
+        inputs = StudyInputs(store=StudyStore(study), config=StudyConfig(),
+                             models=pd.DataFrame({"model": ["resnet18", "resnet34"]}),
                              runs=pd.DataFrame(), test_metrics=pd.DataFrame(), predictions=pd.DataFrame(),
                              cams=pd.DataFrame())
         compute._figure1(inputs, trained, study / "out" / "figure1.png", "gradcam", [], degenerate=[])
@@ -96,8 +100,8 @@ def test_stability_equals_a_naive_all_in_memory_comparison(tmp_path, monkeypatch
     trained = write_store(tmp_path, 30, 20)
     trained = trained[~((trained["model"] == "resnet34") & (trained["image_id"] < "img00005"))]  # partial overlap
     monkeypatch.setattr(reliability, "STABILITY_BUDGET_BYTES", 3 * 20 * 20 * 49 * 7)  # 7 images per chunk
-    found = reliability.stability_table(tmp_path, trained, "gradcam").set_index(["model_a", "seed_a", "model_b",
-                                                                                 "seed_b", "measure"])
+    found = reliability.stability_table(StudyStore(tmp_path), trained, "gradcam", ALPHA).set_index(
+        ["model_a", "seed_a", "model_b", "seed_b", "measure"])
     table = pq.read_table(tmp_path / "cams", filters=[("final_layer", "=", True)]).to_pandas()
     for (ma, sa), (mb, sb) in itertools.combinations(RUNS, 2):
         ids_a = set(trained.loc[(trained["model"] == ma) & (trained["seed"] == sa), "image_id"])
@@ -109,7 +113,7 @@ def test_stability_equals_a_naive_all_in_memory_comparison(tmp_path, monkeypatch
         naive = similarity(pick(ma, sa), pick(mb, sb))
         for measure, column in MEASURES.items():
             row = found.loc[(ma, sa, mb, sb, measure)]
-            mean, lo, hi = stats.mean_ci(naive[column])
+            mean, lo, hi = stats.mean_ci(naive[column], ALPHA)
             assert row["n"] == len(common) and row["mean"] == pytest.approx(mean, rel=1e-12)
             assert (row["lo"], row["hi"]) == pytest.approx((lo, hi), rel=1e-12)
 
@@ -120,11 +124,13 @@ import json, sys
 import pandas as pd
 from analysis import reliability
 from analysis.inputs import read_cams
+from study.config import StudyConfig
+from study.store import StudyStore
 study, trained = sys.argv[1], pd.read_parquet(sys.argv[2])
 peak = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 before = peak()
-table = reliability.stability_table(study, trained, "gradcam")
-lines = reliability.pass_lines(study, trained, "gradcam", 50)
+table = reliability.stability_table(StudyStore(study), trained, "gradcam", StudyConfig().statistics.alpha)
+lines = reliability.pass_lines(StudyStore(study), trained, "gradcam", 50)
 scores = [read_cams(folder, []) for folder in sorted((__import__("pathlib").Path(study) / "cams").iterdir())]
 print(json.dumps({"imports_kib": before, "peak_kib": peak(),
                   "pairs": int(len(table) / 3)}))

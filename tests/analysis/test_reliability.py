@@ -12,9 +12,11 @@ from explain.similarity import similarity
 from tests.conftest import ROOT, make_tiny_cache
 from training import registry
 from training.cache import load_split
-from study.config import load_config
+from study.config import StudyConfig, load_config
 from training.loop import train_run
 
+
+ALPHA = StudyConfig().statistics.alpha
 
 # R package `equivalence`, tost() on the `clinic` data (as recorded in statsmodels' test_tost.py):
 # paired differences of var1 and var2 between the first and the last 15 subjects, eps = 0.6
@@ -52,12 +54,12 @@ def test_minimum_detectable_difference_matches_the_published_sample_size():
 def test_the_hierarchical_bootstrap_is_seeded_and_resamples_seeds_too():
     rng = np.random.default_rng(1)
     groups = [rng.normal(shift, 1, 200) for shift in (0.0, 0.5, 1.0)]  # three seeds that disagree
-    first = equivalence.hierarchical_bootstrap(groups, 2000, seed=7, stream="m")
-    assert first == equivalence.hierarchical_bootstrap(groups, 2000, seed=7, stream="m")  # reproducible
-    assert first != equivalence.hierarchical_bootstrap(groups, 2000, seed=8, stream="m")
+    first = equivalence.hierarchical_bootstrap(groups, 2000, seed=7, alpha=ALPHA, stream="m")
+    assert first == equivalence.hierarchical_bootstrap(groups, 2000, seed=7, alpha=ALPHA, stream="m")  # reproducible
+    assert first != equivalence.hierarchical_bootstrap(groups, 2000, seed=8, alpha=ALPHA, stream="m")
     mean, lo, hi = first
     assert mean == pytest.approx(np.concatenate(groups).mean()) and lo < mean < hi
-    images_only = equivalence.hierarchical_bootstrap([np.concatenate(groups)], 2000, seed=7)
+    images_only = equivalence.hierarchical_bootstrap([np.concatenate(groups)], 2000, seed=7, alpha=ALPHA)
     assert hi - lo > 2 * (images_only[2] - images_only[1])  # seed-to-seed spread widens the interval
 
 

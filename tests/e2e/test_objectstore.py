@@ -113,7 +113,7 @@ def test_a_killed_study_resumes_from_the_bucket_alone_and_every_output_lands_the
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     out = third.stdout
     assert "file(s) pulled into the local mirror" in out
-    assert "prepare: up to date" in out and "resnet18-seed0: finished earlier, skipped" in out
+    assert "[prepare] up to date" in out and "resnet18-seed0: finished earlier, skipped" in out
     assert "[explain] resnet18-seed0: up to date, skipped" in out and "[analyze] up to date" in out
 
 
@@ -158,7 +158,7 @@ def test_an_emptied_bucket_is_the_authority_over_a_warm_mirror(s3):
     out = again.stdout
     assert "mirror file(s) not in the bucket, dropped from the mirror" in out and "will be redone" in out
     assert "up to date" not in out and "finished earlier, skipped" not in out, out[-3000:]
-    assert "prepare: not done yet" in out and "[analyze] not done yet; analysing" in out
+    assert "[prepare] not done yet" in out and "[analyze] not done yet; analysing" in out
     assert "[explain] resnet18-seed0: not done yet; computing its heatmaps" in out
     assert f"[run] report: s3://{BUCKET}/emptied/demo/analysis/report.html (local copy: " in out
     stored = keys("emptied/demo/")

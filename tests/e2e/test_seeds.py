@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 
 from analysis.reliability import stability_table
+from study.config import StudyConfig
+from study.store import StudyStore
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -83,7 +85,7 @@ def test_a_run_compared_with_itself_is_perfectly_stable(three_seeds, tmp_path):
     rows = pd.concat([pd.read_parquet(copy / "cams" / key, columns=["image_id", "final_layer"]).assign(
         model="resnet18", seed=seed) for key, seed in (("resnet18-seed0", 0), ("resnet18-seed7", 7))])
     rows = rows[rows["final_layer"]]
-    same = stability_table(copy, rows, "gradcam").set_index("measure")
+    same = stability_table(StudyStore(copy), rows, "gradcam", StudyConfig().statistics.alpha).set_index("measure")
     assert same.loc["ssim", "mean"] == 1.0 and same.loc["top10_iou", "mean"] == 1.0
     assert same.loc["spearman", "mean"] == pytest.approx(1.0) or np.isnan(same.loc["spearman", "mean"])
 

@@ -115,9 +115,9 @@ def test_the_ladder_ranks_oracle_above_a_good_map_above_the_prior_above_chance(s
     model = map_table(test, lesion, sees, config.metrics, model="good", seed=0, method="gradcam", layer="x",
                       depth=1.0, map_size=lesion.shape[-1], final_layer=True, matched_layer=False)
     trained = model.drop(["heatmap", "iou_curve", "split"]).to_pandas()
-    ladder = ladder_table(trained, trained.iloc[0:0], baselines, {})
+    ladder = ladder_table(trained, trained.iloc[0:0], baselines, {}, config.statistics.alpha)
     for metric in ("auprc", "auroc_pixel", "energy_in_mask"):
         level = ladder[ladder["metric"] == metric].set_index("rung")["mean"]
         assert level["oracle"] > level["gradcam"] > level["prior"] > level["chance"], metric
-    verdict = beats_prior(trained, baselines).set_index("metric").loc["auprc", "verdict"]
+    verdict = beats_prior(trained, baselines, config.statistics.alpha).set_index("metric").loc["auprc", "verdict"]
     assert verdict == "beats the prior"

@@ -10,7 +10,7 @@ import pytest
 from orchestrator import schedule
 from orchestrator.schedule import Demand, Packer
 from orchestrator.train_runs import Starts, record_gpu_memory, run_demands
-from study.runs import plan_runs
+from study.runs import Placement, plan_runs
 from study.config import load_config
 from study.store import StudyStore
 from tests.conftest import ROOT
@@ -59,11 +59,11 @@ def test_the_train_stage_asks_for_shares_and_starts_longest_first(tmp_path):
     demands = run_demands(config, store, plans)
     assert demands["vit_large-seed0"].gpus == 1.0  # the longest run: a whole GPU
     assert demands["resnet18-seed0"].gpus == 0.25
-    starts = Starts(config, store, plans, {"packing": True, "cluster_gpus": 2, "workers": 1, "concurrency": 0,
-                                            "gpus": 1, "resources": {"CPU": 1.0, "GPU": 1}})
+    starts = Starts(config, store, plans, Placement(packing=True, cluster_gpus=2, workers=1, concurrency=0, gpus=1,
+                                                    torch_threads=1, resources={"CPU": 1.0, "GPU": 1}, on_gpu=True))
     first = starts.now(0)
-    assert first[0][0].key == "vit_large-seed0" and first[0][1]["resources"]["GPU"] == 1.0
-    assert sum(layout["resources"]["GPU"] for _, layout in first) <= 2.0
+    assert first[0][0].key == "vit_large-seed0" and first[0][1].resources["GPU"] == 1.0
+    assert sum(placement.resources["GPU"] for _, placement in first) <= 2.0
     assert len(first) == 5  # ViT-L whole, four quarter-GPU runs on the other GPU
     waiting = {plan.key for plan in starts.pending}
     starts.finished(first[1][0])

@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator import tracking
 from orchestrator.lock import StudyBusy, study_lock
 from study.config import load_config
+from study.mlflow_log import log_metrics
+from study.runs import plan_runs
 from study.store import StudyStore
 from study.records import changed_keys, record_reason, write_record
 from tests.conftest import ROOT
@@ -26,9 +28,14 @@ def _config(storage: Path, uri: str):
     return load_config(DEMO, {"storage": str(storage), "tracking.uri": uri})
 
 
+def _tracker(storage: Path, uri: str) -> tracking.StudyTracker:
+    config = _config(storage, uri)
+    return tracking.StudyTracker(config, StudyStore(config.study_dir))
+
+
 def test_two_stores_with_one_study_name_on_one_tracking_uri_stay_apart(tmp_path):
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
-    one, two = (tracking.StudyTracker(_config(tmp_path / name, uri)) for name in ("a", "b"))
+    one, two = (_tracker(tmp_path / name, uri) for name in ("a", "b"))
     assert one.study == two.study == "demo" and one.study_id != two.study_id
     assert one.parent_run() != two.parent_run()
     child_one = one.attempt_child("resnet18-seed0", tmp_path / "a" / "demo" / "train" / "resnet18-seed0",
@@ -38,11 +45,11 @@ def test_two_stores_with_one_study_name_on_one_tracking_uri_stay_apart(tmp_path)
     assert one.current_children() == {"resnet18-seed0": child_one}
     assert two.current_children() == {"resnet18-seed0": child_two}
     # a second tracker on the same store finds the same parent (the id is in the store)
-    assert tracking.StudyTracker(_config(tmp_path / "a", uri)).parent_run() == one.parent_run()
+    assert _tracker(tmp_path / "a", uri).parent_run() == one.parent_run()
 
 
 def test_a_fresh_attempt_gets_a_new_child_and_supersedes_the_old_one(tmp_path):
-    tracker = tracking.StudyTracker(_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_dir = tmp_path / "demo" / "train" / "resnet18-seed0"
     first = tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e6}, "bad", fresh=True)
     tracking.end_run(tracker.client, first, "TrainingError: non-finite loss")
@@ -58,7 +65,7 @@ def test_a_fresh_attempt_gets_a_new_child_and_supersedes_the_old_one(tmp_path):
 
 
 def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_history_does_not(tmp_path):
-    tracker = tracking.StudyTracker(_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_dir = tmp_path / "demo" / "train" / "resnet18-seed0"
     first = tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True)
     tracking.end_run(tracker.client, first, "interrupted", status="KILLED")
@@ -66,7 +73,7 @@ def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_histor
     assert tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True) == first
     assert tracker.client.get_run(first).info.status == "RUNNING"
     assert "camstudy.error" not in tracker.client.get_run(first).data.tags  # the kill reason went with it
-    tracking.log_metrics(tracker.client, first, {"val/auc": 0.6}, step=1)
+    log_metrics(tracker.client, first, {"val/auc": 0.6}, step=1)
     # from epoch 0 again after an epoch was logged (checkpoint lost): epochs 1,1 would mix, so a new child
     second = tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True)
     assert second != first and tracker.current_children() == {"resnet18-seed0": second}
@@ -74,7 +81,7 @@ def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_histor
 
 
 def test_mlflow_layout_classic_view_prefixed_metrics_and_source_tags(tmp_path):
-    tracker = tracking.StudyTracker(_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     child = tracker.attempt_child("resnet18-seed0", tmp_path / "demo" / "train" / "resnet18-seed0", {"lr": 1}, "fp",
                                   fresh=True)
     experiment = tracker.client.get_experiment(tracker.experiment_id)
@@ -89,7 +96,7 @@ def test_mlflow_layout_classic_view_prefixed_metrics_and_source_tags(tmp_path):
 
 
 def test_the_parent_ends_with_the_command(tmp_path):
-    tracker = tracking.StudyTracker(_config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker.start("camstudy run configs/demo.yaml")
     client = MlflowClient(tracking_uri=tracker.uri)
     assert client.get_run(tracker.parent_run()).info.status == "RUNNING"
@@ -159,7 +166,7 @@ def test_training_progress_says_runs_done_and_time_left_from_the_start(tmp_path,
 
     config = load_config(DEMO, {"storage": str(tmp_path), "models.names": ["resnet18"], "training.seeds": [0, 1],
                                 "recipes.resnet.epochs": 4})
-    plans = train_runs.plan_runs(config, StudyStore(config.study_dir))
+    plans = plan_runs(config, StudyStore(config.study_dir))
     clock = [1000.0]
     status = train_runs.StageProgress(config, plans, slots=1, clock=lambda: clock[0])
     assert status.line() == "0/2 runs done, time left: estimating (no epoch finished yet)"

@@ -17,6 +17,7 @@ import pytest
 from orchestrator import tracking
 from tests.mlflow_server import free_port
 from study.config import load_config
+from study.store import StudyStore
 from tests.conftest import ROOT
 
 
@@ -29,10 +30,10 @@ def get(url: str) -> dict:
 def test_the_printed_ui_command_works_in_a_fresh_shell_and_opens_the_study(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "UI_PORT", free_port())  # the printed command names the port it uses
     config = load_config(ROOT / "configs" / "demo.yaml", {"storage": str(tmp_path / "store")})
-    tracker = tracking.StudyTracker(config)
+    tracker = tracking.StudyTracker(config, StudyStore(config.study_dir))
     tracker.start("camstudy analyze configs/demo.yaml")
     tracker.client.set_tag(tracker.parent_run(), "mlflow.note.content", "the study's summary")
-    printed = tracking.ui_lines(config, tracker)
+    printed = tracking.ui_lines(tracker)
     command, url_line = printed.splitlines()
     url = url_line.split("then open ", 1)[1]
     assert url.startswith(f"http://127.0.0.1:{tracking.UI_PORT}/#/experiments/{tracker.experiment_id}/runs?")

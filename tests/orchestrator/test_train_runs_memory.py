@@ -3,6 +3,7 @@ needs (orchestrator/schedule.py's estimate or a measured peak), the driver never
 cannot fit together, a run too big for every node is refused in one line, and Ray's
 memory-monitor kills are retried a bounded number of times and reported in one line."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -11,9 +12,9 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from orchestrator import pipeline, ray_setup, schedule, train_runs
+from orchestrator import ray_setup, schedule, stages, train_runs
 from orchestrator.train_runs import Outcome, Starts, host_memory_gb, record_host_memory
-from study.runs import plan_runs
+from study.runs import Placement, plan_runs
 from training import registry
 from study.config import load_config
 from study.store import StudyStore
@@ -58,11 +59,10 @@ def study(tmp_path, name="demo", cache_bytes=0, **overrides):
     return config, store, plan_runs(config, store)
 
 
-def cpu_layout(node_gb: float, concurrency: int = 2, nodes: int = 1) -> dict:
+def cpu_placement(node_gb: float, concurrency: int = 2, nodes: int = 1) -> Placement:
     """placement()'s answer on CPU-only nodes of `node_gb` GB of Ray memory each."""
-    return {"workers": 1, "gpus": 0, "concurrency": concurrency, "packing": False, "cluster_gpus": 0,
-            "torch_threads": 1, "resources": {"CPU": 1.0}, "on_gpu": False,
-            "nodes": [{"CPU": 2.0, "memory": node_gb * GB}] * nodes}
+    return Placement(workers=1, gpus=0, concurrency=concurrency, packing=False, cluster_gpus=0, torch_threads=1,
+                     resources={"CPU": 1.0}, on_gpu=False, nodes=({"CPU": 2.0, "memory": node_gb * GB},) * nodes)
 
 
 def estimate(model: str, image_size: int, batch: int, optimizer: str, on_gpu: bool = False, cache_gb: float = 0.0):
@@ -86,11 +86,11 @@ def test_the_host_estimate_covers_the_measured_peaks_and_grows_with_image_size_a
 
 def test_runs_that_cannot_fit_together_are_not_started_together(tmp_path):
     config, store, plans = study(tmp_path)
-    starts = Starts(config, store, plans, cpu_layout(node_gb=10.0))
+    starts = Starts(config, store, plans, cpu_placement(node_gb=10.0))
     need = {plan.key: host_memory_gb(plan, config, store, on_gpu=False) for plan in plans}
     in_flight, seen_together = [], set()
     while starts.pending or in_flight:
-        in_flight += [plan.key for plan, layout in starts.now(len(in_flight))]
+        in_flight += [plan.key for plan, _ in starts.now(len(in_flight))]
         assert in_flight, "nothing could start although nothing runs"
         assert sum(need[key] for key in in_flight) <= 10.0 and len(in_flight) <= 2
         seen_together.add(frozenset(in_flight))
@@ -106,21 +106,21 @@ def test_the_demo_keeps_two_runs_at_a_time_on_this_machine(tmp_path):
     """Ray's `memory` on a 24 GB machine is what was free at start less the object store's 30%
     (~17.5 GB idle): every pair of demo runs fits, so reserving memory serialises nothing."""
     config, store, plans = study(tmp_path, cache_bytes=200 * 96 * 96 * 2)
-    starts = Starts(config, store, plans, cpu_layout(node_gb=17.5))
+    starts = Starts(config, store, plans, cpu_placement(node_gb=17.5))
     first = starts.now(0)
     assert [plan.key for plan, _ in first] == ["vit_large-seed0", "vgg19-seed0"]  # the two largest
-    assert all(layout["resources"]["memory"] < 10 * GB for _, layout in first)
+    assert all(placement.resources["memory"] < 10 * GB for _, placement in first)
 
 
 def test_a_run_larger_than_the_largest_node_is_refused_in_one_line(tmp_path):
     config, store, plans = study(tmp_path, "paper", cache_bytes=5338 * 224 * 224 * 2, **{"training.seeds": [0]})
     with pytest.raises(TrainingError) as refused:
-        Starts(config, store, plans, cpu_layout(node_gb=17.5, nodes=2))
+        Starts(config, store, plans, cpu_placement(node_gb=17.5, nodes=2))
     message = str(refused.value)
     assert "\n" not in message and message.startswith("training vit_large needs ~26.")
     assert "17.5 GB" in message and "training.batch_size" in message and "vgg" not in message
     # GPU nodes not up yet (an autoscaler adds them): nothing to check against, Ray waits for them
-    Starts(config, store, plans, {**cpu_layout(node_gb=17.5), "gpus": 1, "on_gpu": True, "concurrency": 27})
+    Starts(config, store, plans, dataclasses.replace(cpu_placement(node_gb=17.5), gpus=1, on_gpu=True, concurrency=27))
 
 
 def test_a_measured_host_peak_replaces_the_estimate(tmp_path):
@@ -141,32 +141,32 @@ def test_a_measured_host_peak_replaces_the_estimate(tmp_path):
 
 def test_the_ray_options_of_a_run_and_of_the_explain_actors_carry_memory(tmp_path, monkeypatch):
     config, store, plans = study(tmp_path)
-    layout = cpu_layout(node_gb=17.5)
-    starts = Starts(config, store, plans, layout)
-    for plan, run_layout in starts.now(0):
-        asked = train_runs.scaling_config(config, plan, run_layout).resources_per_worker
+    placement = cpu_placement(node_gb=17.5)
+    starts = Starts(config, store, plans, placement)
+    for plan, run_placement in starts.now(0):
+        asked = train_runs.scaling_config(config, plan, run_placement).resources_per_worker
         assert asked["memory"] == int(host_memory_gb(plan, config, store, False) * GB) and asked["CPU"] == 1.0
 
-    # run_explain hands explain.extract the per-actor memory (bytes) it passes to map_batches as memory=
+    # the explain stage hands explain.extract the per-actor memory (bytes) it passes to map_batches as memory=
     import explain.baselines
     import explain.extract
 
     called = {}
-    monkeypatch.setattr(pipeline, "init_ray", lambda config: None)
-    monkeypatch.setattr(pipeline, "placement", lambda config: layout)
-    monkeypatch.setattr(pipeline, "is_finished", lambda plan: True)
-    monkeypatch.setattr(pipeline.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(stages, "init_ray", lambda config: None)
+    monkeypatch.setattr(train_runs, "placement", lambda config: placement)
+    monkeypatch.setattr(stages, "is_finished", lambda plan: True)
+    monkeypatch.setattr(stages.ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr(explain.baselines, "explain_baselines", lambda *args, **kwargs: None)
     monkeypatch.setattr(explain.extract, "extract_runs", lambda *args, **kwargs: called.update(kwargs))
-    pipeline.run_explain(config, store)
+    stages.stage_explain(config, store)
     largest = train_runs.explain_needs(config, store, plans, on_gpu=False)["vit_large"]
     assert called["memory_per_actor"] == int(largest * GB) and called["actors"] == 2
-    monkeypatch.setattr(pipeline, "placement", lambda config: cpu_layout(node_gb=8.0))
-    pipeline.run_explain(config, store)
+    monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=8.0))
+    stages.stage_explain(config, store)
     assert called["actors"] == 1  # two ViT-L actors do not fit in 8 GB: one
-    monkeypatch.setattr(pipeline, "placement", lambda config: cpu_layout(node_gb=4.0))
+    monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=4.0))
     with pytest.raises(CamstudyError, match=r"^explain: an actor for vit_large needs ~5\.\d GB .* 4\.0 GB"):
-        pipeline.run_explain(config, store)
+        stages.stage_explain(config, store)
 
 
 def test_a_memory_monitor_kill_is_one_console_line_naming_the_run(monkeypatch):
@@ -226,6 +226,6 @@ def test_ray_is_started_with_bounded_retries_of_memory_kills(monkeypatch):
 
 def test_placement_reads_each_node_s_ray_memory(tmp_path, ray_session):
     config, store, plans = study(tmp_path)
-    layout = train_runs.placement(config)
-    assert layout["on_gpu"] is False and len(layout["nodes"]) == 1
-    assert layout["nodes"][0]["memory"] == pytest.approx(ray_session.cluster_resources()["memory"])
+    placement = train_runs.placement(config)
+    assert placement.on_gpu is False and len(placement.nodes) == 1
+    assert placement.nodes[0]["memory"] == pytest.approx(ray_session.cluster_resources()["memory"])

@@ -52,8 +52,8 @@ def test_the_recipe_file_feeds_a_run_and_records_how_it_was_chosen(tuned):
     assert loaded.tuning.families == {"resnet": "resnet18"} and "ASHA" in loaded.tuning.method
     from analysis.html import _tuning_text
 
-    assert "resnet on resnet18" in _tuning_text(loaded.to_dict()["tuning"])
-    assert "not tuned" in _tuning_text(config.to_dict()["tuning"])
+    assert "resnet on resnet18" in _tuning_text(loaded.tuning)
+    assert "not tuned" in _tuning_text(config.tuning)
 
 
 def test_trials_are_mlflow_children_of_the_tune_parent(tuned):

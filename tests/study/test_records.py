@@ -138,7 +138,7 @@ def test_a_damaged_training_output_is_refused_in_one_line_naming_the_file_and_th
 def test_the_analysis_refuses_a_damaged_input_rather_than_reading_half_a_dataset(tmp_path):
     from types import SimpleNamespace
 
-    from orchestrator.pipeline import _require_intact_inputs
+    from orchestrator.stages import _require_intact_inputs
 
     root = _study(tmp_path)
     record = _explain_output(root)
@@ -153,6 +153,102 @@ def test_the_analysis_refuses_a_damaged_input_rather_than_reading_half_a_dataset
                                   "changed); run `camstudy explain` (or `camstudy run`) with the same config to "
                                   "recompute it")
     assert record.is_file()
+
+
+# --------------------------------------------------------------------------- the stage skeleton
+
+
+def _output(root: Path, name: str = "resnet18-seed0", inputs=INPUTS, **fields) -> records.Output:
+    """An output whose folder holds one file and whose record sits beside it."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "maps.bin").write_bytes(b"maps")
+    return records.Output(name, folder / "_done.json", inputs, **fields)
+
+
+def _stage(outputs, force: bool = False, **options):
+    """run_stage with a build that records what it was given and what existed when it started."""
+    built = []
+
+    def build(todo):
+        built.append([(o.name, o.reason, [p.exists() for p in (*o.stale, *o.whole)]) for o in todo])
+        for output in todo:
+            output.done(rows=1)
+
+    made = records.run_stage("explain", outputs, build, force=force, doing="computing its heatmaps", **options)
+    return made, built
+
+
+def test_the_skeleton_skips_an_output_whose_record_matches(tmp_path, capsys):
+    output = _output(tmp_path)
+    output.done()  # made from these inputs, its folder intact
+    made, built = _stage([output])
+    assert made == [] and built == [] and output.reason is None
+    assert capsys.readouterr().out == "[explain] resnet18-seed0: up to date, skipped\n"
+
+
+def test_the_skeleton_redoes_an_output_whose_input_changed_and_says_which(tmp_path, capsys):
+    old = _output(tmp_path)
+    old.done()
+    changed = _output(tmp_path, inputs={**INPUTS, "cam": {"methods": ["gradcam", "gradcam++"]}})
+    made, built = _stage([changed])
+    assert made == [changed] and built == [[("resnet18-seed0", "cam.methods changed", [])]]
+    assert capsys.readouterr().out == "[explain] resnet18-seed0: cam.methods changed; computing its heatmaps\n"
+    assert read_record(changed.record)["inputs"] == changed.inputs and read_record(changed.record)["rows"] == 1
+    assert record_reason(changed.record, changed.inputs) is None  # the record holds the inputs decided on
+
+
+def test_the_skeleton_removes_the_stale_part_before_the_build_and_the_whole_output_with_force(tmp_path, capsys):
+    stale, whole = tmp_path / "stages" / "old-record.json", tmp_path / "resnet18-seed0"
+    stale.parent.mkdir()
+    stale.write_text("{}")
+    output = _output(tmp_path, stale=(stale,), whole=(whole,))
+    made, built = _stage([output])  # not done yet: the stale record goes, the output's folder stays
+    assert built == [[("resnet18-seed0", "not done yet", [False, True])]] and not stale.exists()
+    made, built = _stage([output])
+    assert built == []  # now up to date
+    (whole / "maps.bin").write_bytes(b"maps")
+    made, built = _stage([output], force=True)  # --force: the whole output goes before the build
+    assert built == [[("resnet18-seed0", "--force", [False, False])]] and made == [output]
+    assert capsys.readouterr().out.splitlines()[-1] == "[explain] resnet18-seed0: --force; computing its heatmaps"
+
+
+def test_the_skeleton_builds_once_with_every_output_to_make_and_prints_one_line_each_in_order(tmp_path, capsys):
+    done, fresh, changed = (_output(tmp_path, name) for name in ("a-seed0", "b-seed0", "c-seed0"))
+    done.done()
+    records.write_record(changed.record, {"cam": {"methods": ["hirescam"]}, "scoring_version": 3})
+    reused = []
+    made, built = _stage([done, fresh, changed], on_reused=reused.append)
+    assert [output.name for output in made] == ["b-seed0", "c-seed0"] and len(built) == 1
+    assert reused == [done]
+    assert capsys.readouterr().out.splitlines() == [
+        "[explain] a-seed0: up to date, skipped", "[explain] b-seed0: not done yet; computing its heatmaps",
+        "[explain] c-seed0: cam.methods changed; computing its heatmaps"]
+
+
+def test_a_stage_of_one_output_names_none_and_its_lines_can_say_more(tmp_path, capsys):
+    output = _output(tmp_path, name="")
+    records.run_stage("prepare", [output], lambda todo: output.done(), doing="preparing the data")
+    records.run_stage("prepare", [output], lambda todo: None, doing="preparing the data",
+                      reused=lambda o: f"up to date (inputs {records.fingerprint(o.inputs)}); nothing to do")
+    assert capsys.readouterr().out.splitlines() == [
+        "[prepare] not done yet; preparing the data",
+        f"[prepare] up to date (inputs {records.fingerprint(INPUTS)}); nothing to do"]
+
+
+def test_a_judge_that_refuses_stops_the_stage_before_any_line_or_removal(tmp_path, capsys):
+    stale = tmp_path / "stale.json"
+    stale.write_text("{}")
+    first, second = _output(tmp_path, "a-seed0", stale=(stale,)), _output(tmp_path, "b-seed0")
+
+    def judge(output):
+        if output is second:
+            raise TrainingError("b-seed0 finished with other settings")
+        return "not done yet"
+
+    with pytest.raises(TrainingError, match="other settings"):
+        _stage([first, second], judge=judge)
+    assert capsys.readouterr().out == "" and stale.exists()
 
 
 # --------------------------------------------------------------------------- a full disk
@@ -311,7 +407,7 @@ def test_a_truncated_cams_file_is_recomputed_with_one_line_and_a_damaged_trainin
     line = (f"[explain] resnet18-seed0: cams/resnet18-seed0/part-00000.parquet is {size // 2:,} bytes, "
             f"recorded {size:,} (truncated or changed); computing its heatmaps")
     assert line in again.stdout.splitlines(), again.stdout[-3000:]
-    assert "prepare: up to date" in again.stdout and "resnet18-seed0: finished earlier, skipped" in again.stdout
+    assert "[prepare] up to date" in again.stdout and "resnet18-seed0: finished earlier, skipped" in again.stdout
     after = pd.read_parquet(part).drop(columns=["heatmap"])
     keys = ["image_id", "cam_method", "cam_layer"]  # one map per image, method and layer
     pd.testing.assert_frame_equal(after.sort_values(keys).reset_index(drop=True),

@@ -180,8 +180,8 @@ def test_two_ray_train_workers_train_one_run_and_log_every_epoch(ray_session, tm
     from mlflow.tracking import MlflowClient
 
     from study.config import load_config
-    from orchestrator.pipeline import open_study, run_train
-    from orchestrator.stages import prepare_stage
+    from orchestrator.pipeline import open_study
+    from orchestrator.stages import stage_prepare, stage_train
 
     config = load_config(ROOT / "configs" / "demo.yaml", {
         "storage": str(tmp_path / "store"), "models.names": ["resnet18"], "data.synthetic.n": 60,
@@ -189,8 +189,8 @@ def test_two_ray_train_workers_train_one_run_and_log_every_epoch(ray_session, tm
         "recipes.resnet.epochs": 2, "training.batch_size": BATCH, "resources.workers_per_run": 2,
         "resources.cpus_per_worker": 1, "resources.prepare_actors": 0})
     with open_study(config, command="test") as (store, tracker):
-        prepare_stage(config)
-        run_train(config, store, tracker)
+        stage_prepare(config, store, tracker)
+        stage_train(config, store, tracker)
     assert "1 run(s), up to 1 at once, 2 worker(s)" in capsys.readouterr().out
     run_dir = Path(config.study_dir) / "train" / "resnet18-seed0"
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(FINAL_FILES + ["attempt.json"])

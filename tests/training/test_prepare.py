@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from study.config import PreprocessConfig, SplitConfig, load_config
-from orchestrator.stages import prepare_stage
+from orchestrator.stages import stage_prepare
 from training import rle
 from training.cache import load_split, read_index
 from study.errors import ConfigError, DataError
@@ -18,6 +18,7 @@ from training.prepare import MANIFEST_COLUMNS, prepare_data, process_batch, unio
 from training.row_mapper import map_rows
 from training.split import SPLITS, select_and_split
 from study.selection import plan_selection
+from study.store import StudyStore
 from tests.conftest import ROOT
 
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -196,6 +197,13 @@ def _tiny(storage: Path, **more) -> dict:
     """configs/demo.yaml shrunk: 24 synthetic 64-px DICOMs, 32-px network input."""
     return {"storage": str(storage), "data.synthetic.n": 24, "data.synthetic.size": 64,
             "split.n_val": 4, "split.n_test": 4, "preprocess.image_size": 32, **more}
+
+
+def prepare_stage(config, force: bool = False) -> StudyStore:
+    """The prepare stage on the config's study store, which it returns."""
+    store = StudyStore(config.study_dir)
+    stage_prepare(config, store, force=force)
+    return store
 
 
 def _outputs(store) -> dict[Path, int]:
