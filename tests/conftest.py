@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root; test files im
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY_SIZE = 32
 TINY_SPLITS = {"train": 96, "val": 32, "test": 32}
+BIG_MODELS = ("resnet101", "vit_base", "vgg16", "vgg19", "vit_large")  # 45-303 M parameters: 3-30 s a test here
+
+
+def by_size(names) -> list:
+    """Model names as test parameters, the big models marked slow (`make test-fast` leaves them out)."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in BIG_MODELS else name for name in names]
 
 
 def make_tiny_cache(path, seed: int = 0, size: int = TINY_SIZE) -> None:

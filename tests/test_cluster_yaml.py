@@ -116,6 +116,7 @@ def _allowed_hosts() -> str:
     return words[words.index("--allowed-hosts") + 1]
 
 
+@pytest.mark.slow  # starts real MLflow servers
 def test_mlflow_started_as_cluster_yaml_starts_it_accepts_the_head_name_and_nothing_else(tmp_path, monkeypatch):
     """MLflow 3 answers 403 'Invalid Host header' to names it was not told about; the study logs to
     http://ray-head:5000. Here `ray-head` resolves to 127.0.0.1 (in this process) and the server gets

@@ -25,7 +25,8 @@ from tests.analysis.test_report import SyntheticStudy, config_for
 from study.models import REGISTRY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium; .ci/run does)")
+pytestmark = [pytest.mark.slow,  # a real browser on the analysis of nine models
+              pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium; .ci/run does)")]
 
 MODELS = list(REGISTRY)  # every model, as the demo runs them
 # all-zero map sets; ResNet-101's at its second layer too, so the summary points to the table listing them

@@ -81,6 +81,7 @@ def trained_tiny(tmp_path_factory):
     return spec, config, model, images
 
 
+@pytest.mark.slow  # trains a resnet18 for 3 epochs at 64 px
 def test_the_cascade_falls_from_the_trained_map_to_the_pass_line(trained_tiny):
     """Step 0 is the trained map (similarity 1); re-initialising from the head down takes the maps
     away from it, and with every unit re-initialised they are no more like the trained maps than

@@ -183,6 +183,7 @@ def statistics(root: Path) -> dict:
     return json.loads((root / "analysis" / "statistics.json").read_text())
 
 
+@pytest.mark.slow  # the whole analysis of a four-model study (module fixture)
 def test_single_seed_detects_exactly_the_shifted_model(single_seed):
     comparison = statistics(single_seed.root)["comparisons"]["diff_gradcam"]
     assert set(comparison["significant_pairs"]) == shifted_pairs(MODELS)
@@ -194,6 +195,7 @@ def test_single_seed_detects_exactly_the_shifted_model(single_seed):
     assert estimates["model"].tolist() == ["vgg16", "resnet18", "resnet50", "vit_small"]  # family, then depth
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_and_holds_every_table(single_seed):
     text = single_seed.report.read_text()
     assert single_seed.report == single_seed.root / "analysis" / "report.html"
@@ -208,6 +210,7 @@ def test_report_is_self_contained_and_holds_every_table(single_seed):
     assert "Missing or incomplete inputs" not in text
 
 
+@pytest.mark.slow
 def test_tables_sit_beside_the_paper_values(single_seed):
     tables = single_seed.root / "analysis" / "tables"
     table1 = pd.read_csv(tables / "table1.csv").set_index("model")
@@ -223,6 +226,7 @@ def test_tables_sit_beside_the_paper_values(single_seed):
     assert set(sanity["model"]) == set(MODELS) and sanity["reject"].all()
 
 
+@pytest.mark.slow
 def test_mlflow_logging_on_parent_and_children(single_seed):
     client, parent = single_seed.tracker.client, single_seed.tracker.parent_run()
     logged = {a.path for a in client.list_artifacts(parent, "analysis")}
@@ -238,6 +242,7 @@ def test_mlflow_logging_on_parent_and_children(single_seed):
     assert shifted - other == pytest.approx(SHIFT, abs=0.05)
 
 
+@pytest.mark.slow
 def test_the_parent_and_children_describe_the_study_in_mlflow(single_seed):
     """The parent's description is the report's summary and a table of the runs (also logged as a
     table); each child's names its model, seed, recipe and map-set status."""
@@ -253,6 +258,7 @@ def test_the_parent_and_children_describe_the_study_in_mlflow(single_seed):
         assert text.endswith("map set at the paper's layer: valid"), text
 
 
+@pytest.mark.slow
 def test_the_summary_is_written_as_markdown_under_its_build_and_machine(single_seed):
     """analysis/summary.md, which the README quotes: the report's summary sentences, generated, under
     the commit and machine that produced them."""
@@ -269,6 +275,7 @@ def test_the_summary_is_written_as_markdown_under_its_build_and_machine(single_s
     assert body.splitlines() == [f"- {item}" for item in summary_items(inputs, outputs)]
 
 
+@pytest.mark.slow
 def test_a_rerun_replaces_the_logged_tables(single_seed, tmp_path):
     client, parent = single_seed.tracker.client, single_seed.tracker.parent_run()
     table1 = pd.read_csv(single_seed.root / "analysis" / "tables" / "table1.csv")
@@ -278,6 +285,7 @@ def test_a_rerun_replaces_the_logged_tables(single_seed, tmp_path):
     assert len(json.loads(logged.read_text())["data"]) == len(MODELS)
 
 
+@pytest.mark.slow  # the whole analysis of nine runs
 def test_three_seeds_make_the_run_the_unit(tmp_path):
     models = MODELS[1:]  # three models keep this test short
     study = SyntheticStudy(tmp_path / "study", rng_seed=1, run_sd=0.01)
@@ -296,6 +304,7 @@ def test_three_seeds_make_the_run_the_unit(tmp_path):
     assert table1["seeds"].eq(3).all() and table1["accuracy_sd"].notna().all()
 
 
+@pytest.mark.slow  # the whole analysis of four runs
 def test_missing_inputs_give_a_report_section_not_a_crash(tmp_path):
     models = MODELS + ["vit_base"]
     study = SyntheticStudy(tmp_path / "study", rng_seed=2)
@@ -353,6 +362,7 @@ def degenerate(tmp_path_factory):
                            tracker=tracker, children=children)
 
 
+@pytest.mark.slow  # the whole analysis of a four-model study (module fixture)
 def test_mlflow_children_carry_the_degenerate_flag(degenerate):
     client = degenerate.tracker.client
     note = client.get_run(degenerate.children[f"{ALL_ZERO}-seed0"]).data.tags["mlflow.note.content"]
@@ -366,6 +376,7 @@ def test_mlflow_children_carry_the_degenerate_flag(degenerate):
     assert "analysis/scores.parquet" in logged
 
 
+@pytest.mark.slow
 def test_degenerate_sets_are_listed_with_their_reasons(degenerate):
     excluded = {row["model"]: row for row in statistics(degenerate.root)["excluded"]}
     assert set(excluded) == {ALL_ZERO, NO_CLASSIFIER}
@@ -378,6 +389,7 @@ def test_degenerate_sets_are_listed_with_their_reasons(degenerate):
     assert flags[ALL_ZERO] and flags[NO_CLASSIFIER] and not flags["resnet18"] and not flags[SHIFTED]
 
 
+@pytest.mark.slow
 def test_degenerate_sets_appear_in_no_comparison_or_conclusion(degenerate):
     from analysis.compute import build_outputs
     from analysis.conclusions import conclusions
@@ -400,6 +412,7 @@ def test_degenerate_sets_appear_in_no_comparison_or_conclusion(degenerate):
         assert label(model) not in sentences
 
 
+@pytest.mark.slow
 def test_the_quoted_chance_level_is_the_mean_over_valid_sets(degenerate):
     """Recomputed from the Parquet by hand: per valid model, the mean chance over its images."""
     cams = pd.concat([pd.read_parquet(p) for p in (degenerate.root / "cams").glob("*/*.parquet")])
@@ -411,6 +424,7 @@ def test_the_quoted_chance_level_is_the_mean_over_valid_sets(degenerate):
     assert abs(cams["ehr_auc_chance"].groupby(cams["model"]).mean().mean() - expected) > 1e-4  # it matters here
 
 
+@pytest.mark.slow
 def test_a_naive_read_of_cams_and_scores_parquet_give_table2(degenerate):
     naive = pd.concat([pd.read_parquet(p) for p in (degenerate.root / "cams").glob("*/*.parquet")])
     assert not naive["randomized"].any()  # cams/ holds trained maps only
@@ -427,6 +441,7 @@ def test_a_naive_read_of_cams_and_scores_parquet_give_table2(degenerate):
     pd.testing.assert_series_equal(model_level["diff_gradcam"].sort_index(), table2.sort_index(), check_names=False)
 
 
+@pytest.mark.slow
 def test_the_report_opens_with_the_summary_and_a_table_of_contents(degenerate):
     text = degenerate.report.read_text()
     # the summary (and the list of excluded sets it holds) comes before the contents and every result table
@@ -445,6 +460,7 @@ def analysis_table(root, name):
     return pd.read_csv(root / "analysis" / "tables" / f"{name}.csv", keep_default_na=False)
 
 
+@pytest.mark.slow
 def test_only_the_shifted_model_beats_the_location_prior(single_seed):
     """The prior's Diff_GradCAM follows the images as the models' does: only the model shifted
     by +0.2 beats it, paired over images; the others are not distinguishable from it."""
@@ -458,6 +474,7 @@ def test_only_the_shifted_model_beats_the_location_prior(single_seed):
     assert "Against the location prior" in text and "by Diff_GradCAM, 1 of 4 beat it" in text
 
 
+@pytest.mark.slow
 def test_the_ladder_runs_from_chance_to_the_oracle(single_seed):
     ladder = analysis_table(single_seed.root, "ladder")
     diff = ladder[ladder["metric"] == "diff_gradcam"]
@@ -468,6 +485,7 @@ def test_the_ladder_runs_from_chance_to_the_oracle(single_seed):
     assert (diff[diff["rung"] == "gradcam"]["n"] == N_POSITIVE).all()
 
 
+@pytest.mark.slow
 def test_the_shift_that_lives_in_the_7x7_layer_vanishes_at_one_map_size(single_seed):
     """The shifted ResNet-50 differs from every model at the paper's layers (7x7 against 14x14),
     but not when every model is read at 14x14: the paper's comparison confounds depth with
@@ -485,6 +503,7 @@ def test_the_shift_that_lives_in_the_7x7_layer_vanishes_at_one_map_size(single_s
     assert "At one map size (14×14" in single_seed.report.read_text()
 
 
+@pytest.mark.slow
 def test_lesion_covariates_are_estimated_beside_the_models(single_seed):
     table = analysis_table(single_seed.root, "covariates")
     assert set(table["metric"]) == {"diff_gradcam", "auprc"}
@@ -493,6 +512,7 @@ def test_lesion_covariates_are_estimated_beside_the_models(single_seed):
     assert (single_seed.root / "analysis" / "figures" / "lesion_size.png").is_file()
 
 
+@pytest.mark.slow
 def test_the_readme_read_of_cams_gives_table2_only_with_the_paper_layer_filter(single_seed):
     """cams/ holds every swept layer: the README's pandas line filters `final_layer` and gets
     Table 2; without the filter the ResNets' 14x14 rows would be averaged in."""

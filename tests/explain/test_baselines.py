@@ -94,6 +94,7 @@ def test_the_prior_beats_chance_where_lesions_sit_in_one_place(store):
     assert naive_auprc(np.ones((2, 2)), np.eye(2, dtype=bool)) == 0.5
 
 
+@pytest.mark.slow  # scores every baseline and four map sets over the test images
 def test_the_ladder_ranks_oracle_above_a_good_map_above_the_prior_above_chance(store):
     """Real baselines of the tiny cache and a map that sees the lesion (the mask, blurred) scored
     by the real row builder: the ladder must put them in this order on every threshold-free metric."""

@@ -16,7 +16,10 @@ from explain import cam
 from study import models
 from training import registry
 from study.errors import ConfigError
+from tests.conftest import by_size
 
+# ScoreCAM runs one forward per activation channel (hundreds): slow on a CPU
+ALL_METHODS = [pytest.param(m, marks=pytest.mark.slow) if m == "scorecam" else m for m in cam.METHODS]
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
 
@@ -77,7 +80,7 @@ def library_cam(cls, model, spec, x, targets):
 
 # ---------------------------------------------------------------- parity
 
-@pytest.mark.parametrize("name", registry.names())
+@pytest.mark.parametrize("name", by_size(registry.names()))
 def test_gradcam_matches_pytorch_grad_cam(name):
     spec, model = build(name)
     x = images(spec)
@@ -99,6 +102,7 @@ def test_other_gradient_methods_match_pytorch_grad_cam(method, cls, model_name, 
                                library_cam(cls, model, spec, x, [1, 1]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # builds VGG-16 (134 M parameters)
 def test_inplace_relu_aliases_the_librarys_activation_on_cpu():
     spec, model = build("vgg16")
     layer = registry.resolve_layer(model, spec.target_layer)  # features.28, then ReLU(inplace)
@@ -119,7 +123,7 @@ def test_inplace_relu_aliases_the_librarys_activation_on_cpu():
 
 # ---------------------------------------------------------------- layer sweep (STUDY.md §9)
 
-@pytest.mark.parametrize("name", registry.names())
+@pytest.mark.parametrize("name", by_size(registry.names()))
 def test_one_sweep_equals_separate_single_layer_calls(name, monkeypatch):
     """Every stage layer and method from one forward and one autograd.grad call, equal to one
     call per layer to 1e-6; the model comes back unchanged."""
@@ -186,6 +190,7 @@ def _graph_tensors():
                    and not isinstance(o, torch.nn.Parameter) and (o.requires_grad or o.grad_fn is not None))
 
 
+@pytest.mark.slow  # 100 calls, and a scan of every live object after them
 def test_no_hook_graph_or_grad_survives_100_calls():
     spec, model = build("resnet18", size=32)
     model.train()
@@ -243,7 +248,7 @@ def test_the_engine_implements_exactly_the_configs_methods():
     assert sorted(CAM_METHODS) == sorted([*cam.GRADIENT_METHODS, *cam.LIBRARY_METHODS, "rollout"])
 
 
-@pytest.mark.parametrize("method", cam.METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_releases_hooks_and_restores_state(method, resnet18, vit_small):
     spec, model = model_for(method, resnet18, vit_small)
     model.train()
@@ -350,7 +355,7 @@ def test_all_zero_cam_stays_all_zero():
     assert torch.count_nonzero(cam.normalise(torch.full((2, 3, 3), 0.7), (8, 8))) == 0  # constant
 
 
-@pytest.mark.parametrize("method", cam.METHODS)
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_every_method_gives_b_h_w_in_unit_range(method, resnet18, vit_small):
     spec, model = model_for(method, resnet18, vit_small)
     x = images(spec, batch=2)

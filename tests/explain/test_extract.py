@@ -27,6 +27,10 @@ CAM_COLUMNS = ["image_id", "model", "seed", "label", "probability", "correct", "
                "iou_tuned", "hit_tuned", "heatmap"]
 
 
+# every test trains tiny runs and runs the explain stage's Ray Data pipeline on them
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, ray_session):
     """Two finished resnet18 runs (seeds 0 and 1, one epoch) on the tiny cache, on the session's Ray."""

@@ -84,6 +84,7 @@ def test_a_measured_peak_replaces_the_estimate(tmp_path):
     assert run_demands(overridden, store, plans)["resnet18-seed0"].gpus == 2.0
 
 
+@pytest.mark.slow  # bench/schedule.py over the paper's runs
 def test_the_simulator_prints_its_table_ending_with_the_ratio():
     done = subprocess.run([sys.executable, "bench/schedule.py", "--config", "configs/paper.yaml", "--gpus", "8",
                            "--seeds", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)

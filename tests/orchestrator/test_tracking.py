@@ -33,6 +33,7 @@ def _tracker(storage: Path, uri: str) -> tracking.StudyTracker:
     return tracking.StudyTracker(config, StudyStore(config.study_dir))
 
 
+@pytest.mark.slow  # MLflow SQLite stores (their schema migrations take seconds)
 def test_two_stores_with_one_study_name_on_one_tracking_uri_stay_apart(tmp_path):
     uri = f"sqlite:///{tmp_path / 'shared.db'}"
     one, two = (_tracker(tmp_path / name, uri) for name in ("a", "b"))
@@ -48,6 +49,7 @@ def test_two_stores_with_one_study_name_on_one_tracking_uri_stay_apart(tmp_path)
     assert _tracker(tmp_path / "a", uri).parent_run() == one.parent_run()
 
 
+@pytest.mark.slow  # MLflow SQLite stores (their schema migrations take seconds)
 def test_a_fresh_attempt_gets_a_new_child_and_supersedes_the_old_one(tmp_path):
     tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_dir = tmp_path / "demo" / "train" / "resnet18-seed0"
@@ -64,6 +66,7 @@ def test_a_fresh_attempt_gets_a_new_child_and_supersedes_the_old_one(tmp_path):
     assert json.loads((run_dir / StudyStore.ATTEMPT).read_text()) == {"run_id": second, "fingerprint": "good"}
 
 
+@pytest.mark.slow  # MLflow SQLite stores (their schema migrations take seconds)
 def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_history_does_not(tmp_path):
     tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_dir = tmp_path / "demo" / "train" / "resnet18-seed0"
@@ -80,6 +83,7 @@ def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_histor
     assert tracker.client.get_run(first).data.tags[tracking.SUPERSEDED_TAG] == "true"
 
 
+@pytest.mark.slow  # MLflow SQLite stores (their schema migrations take seconds)
 def test_mlflow_layout_classic_view_prefixed_metrics_and_source_tags(tmp_path):
     tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     child = tracker.attempt_child("resnet18-seed0", tmp_path / "demo" / "train" / "resnet18-seed0", {"lr": 1}, "fp",
@@ -95,6 +99,7 @@ def test_mlflow_layout_classic_view_prefixed_metrics_and_source_tags(tmp_path):
         "train/loss", "val/auc", "train/lr", "val/best_epoch", "train/epoch_seconds"]
 
 
+@pytest.mark.slow  # MLflow SQLite stores (their schema migrations take seconds)
 def test_the_parent_ends_with_the_command(tmp_path):
     tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker.start("camstudy run configs/demo.yaml")

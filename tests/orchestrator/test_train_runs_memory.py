@@ -224,6 +224,7 @@ def test_ray_is_started_with_bounded_retries_of_memory_kills(monkeypatch):
     assert started == ["1", "3"]
 
 
+@pytest.mark.slow  # starts the session's local Ray
 def test_placement_reads_each_node_s_ray_memory(tmp_path, ray_session):
     config, store, plans = study(tmp_path)
     placement = train_runs.placement(config)

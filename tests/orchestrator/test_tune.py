@@ -29,6 +29,7 @@ def tuned(tmp_path_factory, ray_session):
     return config, store, tracker, out, fragment
 
 
+@pytest.mark.slow  # two Ray Tune trials, each a Ray Train run
 def test_two_trials_choose_a_recipe_from_the_search_space(tuned):
     config, store, _, out, fragment = tuned
     assert set(fragment["recipes"]) == {"resnet"}
@@ -44,6 +45,7 @@ def test_two_trials_choose_a_recipe_from_the_search_space(tuned):
     assert yaml.safe_load(out.read_text()) == fragment
 
 
+@pytest.mark.slow
 def test_the_recipe_file_feeds_a_run_and_records_how_it_was_chosen(tuned):
     config, _, _, out, fragment = tuned
     loaded = load_config(ROOT / "configs" / "demo.yaml", {**recipe_overrides(out), "storage": config.storage})
@@ -56,6 +58,7 @@ def test_the_recipe_file_feeds_a_run_and_records_how_it_was_chosen(tuned):
     assert "not tuned" in _tuning_text(config.tuning)
 
 
+@pytest.mark.slow
 def test_trials_are_mlflow_children_of_the_tune_parent(tuned):
     config, _, tracker, _, _ = tuned
     client = MlflowClient(tracking_uri=tracker.uri)

@@ -50,6 +50,7 @@ def test_padded_dilated_or_grouped_convolutions_are_left_alone(kwargs):
     assert use_full_kernel_convs(conv) == 0 and type(conv) is nn.Conv2d
 
 
+@pytest.mark.slow  # builds VGG-16 (134 M parameters)
 def test_vgg_classifier_is_swapped_and_keeps_its_state_dict():
     spec = registry.get("vgg16")
     torch.manual_seed(0)

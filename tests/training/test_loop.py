@@ -125,6 +125,7 @@ def test_a_run_killed_after_its_last_checkpoint_only_tests_on_resume(finished, c
     assert sorted(p.name for p in run_dir.iterdir()) == ["done.json", "model.pt", "predictions.parquet",
                                                          "test_metrics.json"]
 
+@pytest.mark.slow  # trains until the loss is nan
 def test_a_diverging_run_names_model_seed_and_epoch(cache, config, tmp_path):
     with pytest.raises(TrainingError, match=r"resnet18 seed 3: the (training|validation) loss is nan in epoch 1"):
         loop.train_run(registry.get("resnet18"), Recipe("sgd", 1e30, 2), config, cache, tmp_path / "run", seed=3)

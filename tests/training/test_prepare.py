@@ -172,6 +172,7 @@ def test_pixel_duplicates_are_dropped_and_reported(png_rows, tmp_path):
     assert "zz-copy-of-img03" not in set(prepared.manifest["image_id"])
 
 
+@pytest.mark.slow  # on the session's local Ray (Ray Data)
 def test_ray_data_path_equals_the_serial_path(png_rows, ray_session):
     cfg = PreprocessConfig(image_size=16)
     serial = map_rows(png_rows, process_batch, 0, "serial", cfg=cfg)
@@ -180,6 +181,7 @@ def test_ray_data_path_equals_the_serial_path(png_rows, ray_session):
         np.testing.assert_array_equal(values, parallel[key], err_msg=key)
 
 
+@pytest.mark.slow  # on the session's local Ray (Ray Data)
 @pytest.mark.parametrize("workers", [0, 2], ids=["serial", "ray"])
 def test_an_unreadable_image_is_a_data_error_naming_the_file(png_rows, tmp_path, workers, ray_session):
     broken = tmp_path / "broken.png"
@@ -211,6 +213,7 @@ def _outputs(store) -> dict[Path, int]:
     return {path: path.stat().st_mtime_ns for path in paths}
 
 
+@pytest.mark.slow  # on the session's local Ray (Ray Data)
 def test_prepare_stage_end_to_end_and_rerun_is_a_no_op(tmp_path, ray_session, capsys):
     config = load_config(DEMO, _tiny(tmp_path))
     store = prepare_stage(config)

@@ -9,10 +9,10 @@ from study.config import ExtraModel, ModelsConfig, StudyConfig
 from training import registry
 from study.errors import ConfigError
 from study.recipes import PAPER_RECIPES
+from tests.conftest import by_size
 
 SIZE = 32  # smallest input every model accepts: 1x1 ResNet map, 2x2 VGG map, 2x2 ViT grid
-BIG = {"vgg16", "vgg19", "vit_large"}  # 134-303 M parameters: 5-30 s each on 2 cores
-ALL_MODELS = [pytest.param(name, marks=pytest.mark.slow) if name in BIG else name for name in registry.names()]
+ALL_MODELS = by_size(registry.names())
 
 
 def _target_output(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:

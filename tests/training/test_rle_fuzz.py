@@ -71,6 +71,7 @@ def check_row(text: str) -> None:
     np.testing.assert_array_equal(rle.decode(rle.encode(mask), HEIGHT, WIDTH), mask)
 
 
+@pytest.mark.slow  # 10,000 random rows
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(rows, min_size=ROWS_PER_EXAMPLE, max_size=ROWS_PER_EXAMPLE))
 def test_any_row_decodes_to_the_naive_mask_or_raises_value_error(batch):
