@@ -31,7 +31,7 @@ def forced_stages(force: str | None) -> tuple[str, ...]:
 @contextlib.contextmanager
 def open_study(config, command: str | None = None) -> Iterator[tuple[StudyStore, tracking.StudyTracker]]:
     """The study store, locked for this command, and its tracker with the parent run RUNNING."""
-    store = StudyStore(config.study_dir)
+    store = StudyStore(config.study_dir)  # the command's one store: every stage is handed this object
     store.root.mkdir(parents=True, exist_ok=True)
     command = command or command_line()
     with study_lock(store.lock_path, command), _object_store_lock(store, command):
