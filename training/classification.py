@@ -1,8 +1,9 @@
 """Classification metrics with confidence intervals (STUDY.md §6).
 
-Proportions (accuracy, precision, recall, specificity) get Wilson score intervals; the AUC gets
-DeLong's variance, computed with the fast midrank algorithm of Sun & Xu (IEEE SPL 2014), which is
-what R's pROC uses. Checked against pROC on its own `aSAH` data (tests/training/test_classification.py).
+Proportions (accuracy, precision, recall, specificity) get Wilson score intervals and paired
+accuracies the exact McNemar test, both from statsmodels; the AUC gets DeLong's variance, computed
+with the fast midrank algorithm of Sun & Xu (IEEE SPL 2014), which is what R's pROC uses. Checked
+against pROC on its own `aSAH` data (tests/training/test_classification.py).
 Labels are 0/1 with 1 = positive (pneumothorax); scores are larger for "more positive".
 """
 
@@ -13,18 +14,17 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.proportion import proportion_confint
 
 
 def wilson_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials; (nan, nan) when n == 0."""
+    """Wilson score interval for k successes in n trials (statsmodels `proportion_confint`),
+    clipped to [0, 1]; (nan, nan) when n == 0."""
     if n == 0:
         return math.nan, math.nan
-    z = stats.norm.ppf(1 - alpha / 2)
-    p = k / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
+    return max(0.0, float(lo)), min(1.0, float(hi))
 
 
 def auc(labels: Any, scores: Any) -> float:
@@ -48,7 +48,10 @@ def delong_ci(labels: Any, scores: Any, alpha: float = 0.05) -> tuple[float, flo
 
 
 def delong_paired(labels: Any, scores_a: Any, scores_b: Any) -> tuple[float, float]:
-    """DeLong's test for two correlated AUCs on the same cases: (z, two-sided p); z > 0 when a > b."""
+    """DeLong's test for two correlated AUCs on the same cases: (z, two-sided p); z > 0 when a > b.
+
+    Written out here because no maintained Python library holds DeLong's test (checked against pROC).
+    """
     pos_a, neg_a = _split(labels, scores_a)
     pos_b, neg_b = _split(labels, scores_b)
     values, v10, v01 = _delong_components(np.stack([pos_a, pos_b]), np.stack([neg_a, neg_b]))
@@ -61,14 +64,15 @@ def delong_paired(labels: Any, scores_a: Any, scores_b: Any) -> tuple[float, flo
 
 
 def mcnemar_exact(correct_a: Any, correct_b: Any) -> tuple[int, int, float]:
-    """Exact McNemar test for paired accuracies: (b, c, two-sided p), b = a right & b wrong."""
+    """Exact McNemar test for paired accuracies (statsmodels `mcnemar(exact=True)`): (b, c,
+    two-sided p), b = a right & b wrong; p = 1 when no pair is discordant."""
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     if only_a + only_b == 0:
         return only_a, only_b, 1.0
-    p = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
-    return only_a, only_b, float(p)
+    table = [[int(np.sum(a & b)), only_a], [only_b, int(np.sum(~a & ~b))]]
+    return only_a, only_b, float(mcnemar(table, exact=True).pvalue)
 
 
 def classification_report(labels: Any, probabilities: Any, threshold: float,
