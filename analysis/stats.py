@@ -29,9 +29,10 @@ from scipy import stats
 from statsmodels.stats.multicomp import pairwise_tukeyhsd
 from statsmodels.stats.multitest import multipletests
 
+from study.config import StatisticsConfig
 from training.classification import auc, delong_paired, mcnemar_exact
 
-ALPHA = 0.05
+ALPHA = StatisticsConfig.alpha  # the default of a direct call; the study passes config.statistics.alpha
 SHAPIRO_MAX_N = 5000  # scipy's Shapiro-Wilk p is only approximate above n = 5000: subsample
 PAIR_COLUMNS = ["group1", "group2", "meandiff", "p_adj", "lower", "upper", "reject"]
 
@@ -340,7 +341,7 @@ def crossed_mixed_model(df: pd.DataFrame, value: str = "diff_gradcam", group: st
     tests/analysis/test_stats.py checks that both agree.
     """
     data = _tidy(df, value, group, subject, run)
-    data["r"] = data["g"].astype(str) + "-seed" + data["r"].astype(str)
+    data["r"] = data["g"].astype(str) + "-seed" + data["r"].astype(str)  # a label per (model, run), not a store path
     table = data.pivot_table(index="s", columns="r", values="y", aggfunc="mean").dropna()
     run_model = data.drop_duplicates("r").set_index("r")["g"].reindex(table.columns)
     result = _balanced_crossed(table, run_model, levels(data["g"]), alpha)
@@ -500,7 +501,7 @@ def sanity_comparisons(df: pd.DataFrame, value: str = "diff_gradcam", group: str
 # ----------------------------------------------------------------------------- classification
 
 
-def classification_comparisons(predictions: pd.DataFrame, threshold: float = 0.5,
+def classification_comparisons(predictions: pd.DataFrame, threshold: float,
                                alpha: float = ALPHA) -> pd.DataFrame:
     """Every pair of models of the same seed on their common test images: paired DeLong (AUC)
     and exact McNemar (accuracy), each Holm-corrected over the pairs of that seed."""

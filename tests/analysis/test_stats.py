@@ -8,6 +8,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 
 from analysis import stats
+from study.config import StudyConfig
 from tests.conftest import SHARED_DATA
 
 PLANT_GROWTH = {
@@ -161,7 +162,7 @@ def test_mcnemar_exact_hand_case_through_classification_comparisons():
     predictions = pd.DataFrame({"seed": 0, "image_id": np.tile(np.arange(30), 2), "label": np.tile(label, 2),
                                 "model": np.repeat(["a", "b"], 30),
                                 "probability": np.where(np.r_[right_a, right_b] == 1, 0.9, 0.1)})
-    row = stats.classification_comparisons(predictions).iloc[0]
+    row = stats.classification_comparisons(predictions, StudyConfig().training.threshold).iloc[0]
     assert (row.mcnemar_b, row.mcnemar_c) == (10, 2)
     assert row.mcnemar_p == pytest.approx(158 / 4096)
     assert row.mcnemar_p == pytest.approx(mcnemar([[10, 10], [2, 8]], exact=True).pvalue)
@@ -177,7 +178,7 @@ def test_delong_pairs_match_proc_on_asah():
     predictions = pd.concat([pd.DataFrame({"seed": 0, "image_id": data.index, "label": label, "model": m,
                                            "probability": data[m]}) for m in ("wfns", "s100b")])
     predictions["model"] = pd.Categorical(predictions["model"], categories=["wfns", "s100b"])
-    row = stats.classification_comparisons(predictions).iloc[0]
+    row = stats.classification_comparisons(predictions, StudyConfig().training.threshold).iloc[0]
     assert row.delong_z == pytest.approx(2.20898359144091, rel=1e-6)
     assert row.delong_p == pytest.approx(0.0271757822291882, rel=1e-6)
 
