@@ -89,7 +89,7 @@ def build_outputs(inputs: StudyInputs, directory: Path) -> AnalysisOutputs:
 
 
 def model_flags(trained: pd.DataFrame, method: Optional[str], excluded: pd.DataFrame) -> pd.DataFrame:
-    """model -> the degenerate reason of its paper-layer map set(s) (STUDY.md §8), for per-model tables."""
+    """model -> the degenerate reason of its paper-layer map set(s) (docs/STUDY.md §8), for per-model tables."""
     seeds = trained.groupby("model", observed=True)["seed"].nunique().to_dict() if len(trained) else {}
     return validity.flags_by_model(validity.among(excluded, trained), method, {str(m): n for m, n in seeds.items()})
 
@@ -123,7 +123,7 @@ def _tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataFrame, v
 def _beyond_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataFrame, swept: pd.DataFrame,
                    valid: pd.DataFrame, method: Optional[str], alpha: float,
                    excluded: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """STUDY.md §9: the baseline ladder and the prior test, the layer sweep and the
+    """docs/STUDY.md §9: the baseline ladder and the prior test, the layer sweep and the
     resolution-matched arm, the lesion covariates."""
     if trained.empty:
         return {}
@@ -145,7 +145,7 @@ def _beyond_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataF
 
 def _reliability_tables(inputs: StudyInputs, primary: pd.DataFrame, valid: pd.DataFrame, method: Optional[str],
                         alpha: float, outputs: AnalysisOutputs) -> dict[str, pd.DataFrame]:
-    """STUDY.md §10 over the valid map sets of the paper's layer: the cascade against its pass
+    """docs/STUDY.md §10 over the valid map sets of the paper's layer: the cascade against its pass
     line, run-to-run stability, and per compared metric equivalence and power."""
     if valid.empty or method is None:
         return {}
@@ -288,7 +288,7 @@ def _figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutput
 
 def _beyond_figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutputs,
                     folder: Path, degenerate: list[str]) -> dict[str, Path]:
-    """The ladder, the layer sweep and metric against lesion size (STUDY.md §9)."""
+    """The ladder, the layer sweep and metric against lesion size (docs/STUDY.md §9)."""
     found: dict[str, Path] = {}
     if len(outputs.tables.get("ladder", ())):
         found["ladder"] = figures.ladder_figure(outputs.tables["ladder"], inputs.models, folder / "ladder.png")

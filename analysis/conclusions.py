@@ -1,6 +1,6 @@
 """The report's conclusions: plain sentences derived from the computed tables and statistics.
 
-Every sentence is about the valid map sets only (STUDY.md §8): a degenerate set is named once, in
+Every sentence is about the valid map sets only (docs/STUDY.md §8): a degenerate set is named once, in
 the note before the list, and in no conclusion. No sentence ranks models whose CIs overlap.
 Each sentence that states a result is one function of the tables (tests/analysis/test_conclusions.py flips
 each one by flipping its data), and every number in a sentence is written by `prose`, one
@@ -42,7 +42,7 @@ def excluded_sentence(outputs: AnalysisOutputs, where: str = "below") -> str:
     tail = (f" {others} further degenerate map set(s) at other layers are listed in the table {where} and in "
             "statistics.json." if others else "")
     head = ("Left out of every comparison, chance level, sanity verdict and conclusion as degenerate map sets "
-            "(STUDY.md §8): " + "; ".join(sets) + "." if sets else "")
+            "(docs/STUDY.md §8): " + "; ".join(sets) + "." if sets else "")
     return (head + tail).strip()
 
 

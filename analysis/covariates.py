@@ -1,4 +1,4 @@
-"""Lesion covariates (STUDY.md §9): does localisation depend on the lesion more than on the model?
+"""Lesion covariates (docs/STUDY.md §9): does localisation depend on the lesion more than on the model?
 
 `covariate_model` fits `score ~ C(model) + log10(f) + n_regions + log(elongation) + probability
 + (1 | image)` (statsmodels MixedLM, REML, images as groups) on the valid map sets of the paper's

@@ -1,4 +1,4 @@
-"""Equivalence, power and model-level bootstrap CIs (STUDY.md §10).
+"""Equivalence, power and model-level bootstrap CIs (docs/STUDY.md §10).
 
 "No significant difference" is not "the same". For every pair of models that the trusted
 paired analysis does not separate, `equivalence_table` runs the paired two one-sided tests

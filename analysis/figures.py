@@ -2,7 +2,7 @@
 
 Each function takes ready-made tables or arrays and an output path, writes one PNG and returns
 its path; none reads the study store. Every figure fits the report's column at 1:1 (no text
-below MIN_TEXT_PT) and draws degenerate map sets (STUDY.md §8) hollow, grey and named so.
+below MIN_TEXT_PT) and draws degenerate map sets (docs/STUDY.md §8) hollow, grey and named so.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ STYLE = {"font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "xtick.labels
          "figure.titlesize": 10, "figure.labelsize": 9}
 FAMILY_COLOURS = {"vgg": "tab:blue", "resnet": "tab:green", "vit": "tab:orange"}
 PAPER_STYLE = {"color": "tab:red", "marker": "x", "linestyle": "none", "markersize": 8}
-# STUDY.md §8: a degenerate map set is drawn hollow and grey and named so in every figure, so
+# docs/STUDY.md §8: a degenerate map set is drawn hollow and grey and named so in every figure, so
 # that an all-zero set never reads as a valid one
 DEGENERATE_COLOUR = "grey"
 DEGENERATE = "degenerate"
@@ -286,7 +286,7 @@ def sanity_figure(sanity: pd.DataFrame, path: Path, degenerate: Collection[str] 
     return _save(figure, path)
 
 
-# ----------------------------------------------------------------------------- STUDY.md §9
+# ----------------------------------------------------------------------------- docs/STUDY.md §9
 
 
 RUNG_STYLE = {"chance": ("lightgrey", "s"), "image_only": ("tab:purple", "D"), "prior": ("tab:red", "D"),

@@ -90,7 +90,7 @@ def summary_section(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     """One screen first: what ran, which classifiers work, which map sets localise, the sanity
     verdict, the paper's claims; then the table of contents."""
     excluded = ("" if outputs.excluded.empty else _table_html(
-        outputs.excluded, "Degenerate map sets (STUDY.md §8): kept in the per-model tables with this reason, left "
+        outputs.excluded, "Degenerate map sets (docs/STUDY.md §8): kept in the per-model tables with this reason, left "
                           "out of every comparison, chance level, sanity verdict and conclusion", "excluded",
         degenerate=set(outputs.excluded["model"])))
     items = "".join(f"<li>{_linked(html.escape(item), 'table below', 'table-excluded' if excluded else None)}</li>"

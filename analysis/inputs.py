@@ -1,4 +1,4 @@
-"""Reading the study store for the analyze stage (ARCHITECTURE.md, "Stages and the study store").
+"""Reading the study store for the analyze stage (docs/ARCHITECTURE.md, "Stages and the study store").
 
     train/<model>-seed<k>/  done.json (finished), predictions.parquet, test_metrics.json
     cams/<model>-seed<k>/   Parquet parts, one row per scored image × method (trained model)

@@ -1,4 +1,4 @@
-"""The baseline ladder (STUDY.md §9): every metric from chance to the oracle on one axis.
+"""The baseline ladder (docs/STUDY.md §9): every metric from chance to the oracle on one axis.
 
     chance -> image-only -> location prior -> each model's weight-randomised map -> each model's
     Grad-CAM -> oracle (h = M)

@@ -1,4 +1,4 @@
-"""The layer sweep and the resolution-matched arm (STUDY.md §9): depth without the confound of
+"""The layer sweep and the resolution-matched arm (docs/STUDY.md §9): depth without the confound of
 map resolution.
 
 The paper compares ResNet maps of 7x7 with VGG and ViT maps of 14x14 at 224 px, so "deeper is

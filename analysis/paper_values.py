@@ -107,7 +107,7 @@ def ehr_table() -> pd.DataFrame:
                           "paper_ehr_source": v.source} for model, v in EHR_AUC.items()])
 
 
-# The external anchor for pixel AUPRC (STUDY.md §9): Arun et al. 2021, "Assessing the
+# The external anchor for pixel AUPRC (docs/STUDY.md §9): Arun et al. 2021, "Assessing the
 # trustworthiness of saliency maps for localizing abnormalities in medical imaging" (Radiology:
 # Artificial Intelligence), on SIIM-ACR pneumothorax: eight saliency methods 0.024-0.224, a
 # U-Net trained on the masks 0.404.

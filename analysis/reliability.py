@@ -1,4 +1,4 @@
-"""Are the maps themselves reliable? (STUDY.md §10): the cascade, its pass line, and stability.
+"""Are the maps themselves reliable? (docs/STUDY.md §10): the cascade, its pass line, and stability.
 
 - **Cascade** (`cascade_table`): the similarity (Spearman, SSIM, top-10% IoU; `explain.similarity`)
   of each cascade step's map to the trained map of the same image, mean and 95% CI over images

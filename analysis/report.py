@@ -155,7 +155,7 @@ def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, s
         if row["run_key"] in child_run_ids:
             child = child_run_ids[row["run_key"]]
             log_metrics(client, child, {f"cam/{k}": row[k] for k in tables.RUN_SUMMARY if k in row})
-            # STUDY.md §8: a degenerate map set is flagged where a reader compares runs
+            # docs/STUDY.md §8: a degenerate map set is flagged where a reader compares runs
             log_metrics(client, child, {"cam/degenerate": float(bool(row["degenerate"]))})
             client.set_tag(child, "camstudy.degenerate", row["degenerate"] or "false")
             client.set_tag(child, NOTE_TAG, child_description(client.get_run(child).data.params, row["degenerate"]))

@@ -1,4 +1,4 @@
-"""Statistics of the study (STUDY.md §6). Plain pandas in, plain dicts and DataFrames out.
+"""Statistics of the study (docs/STUDY.md §6). Plain pandas in, plain dicts and DataFrames out.
 
 - The paper's analysis, labelled as such: one-way ANOVA + Tukey HSD (`paper_anova_tukey`). It
   treats the scores of different models on the same image as independent samples.

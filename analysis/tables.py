@@ -1,4 +1,4 @@
-"""The study's tables (STUDY.md §7), each beside the paper's published value where there is one.
+"""The study's tables (docs/STUDY.md §7), each beside the paper's published value where there is one.
 
 Tables are numeric DataFrames (written as CSV); `merge_intervals` turns `x`, `x_lo`, `x_hi`,
 `x_sd` columns into one readable column for the HTML report. Localisation tables use trained
@@ -39,7 +39,7 @@ def trained_rows(cams: pd.DataFrame, method: Optional[str]) -> pd.DataFrame:
 
 
 def final_layer_rows(cams: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the paper's target layer (STUDY.md §3); a store scored before the layer sweep
+    """The rows of the paper's target layer (docs/STUDY.md §3); a store scored before the layer sweep
     has only that layer."""
     return cams[cams["final_layer"].astype(bool)] if "final_layer" in cams else cams
 
@@ -240,7 +240,7 @@ def run_summary(trained: pd.DataFrame, excluded: Optional[pd.DataFrame] = None) 
 
 def with_flags(table: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
     """`table` with a `degenerate` column after `model`: why the model's map set is left out of
-    comparisons (STUDY.md §8), or empty."""
+    comparisons (docs/STUDY.md §8), or empty."""
     if table.empty:
         return table.assign(degenerate=pd.Series(dtype=str))
     merged = table.merge(flags, on="model", how="left")

@@ -1,4 +1,4 @@
-"""Degenerate map sets (STUDY.md §8): named, flagged and left out of every comparison.
+"""Degenerate map sets (docs/STUDY.md §8): named, flagged and left out of every comparison.
 
 A map set is one (model, seed, method, layer) of trained-model heatmaps. It is degenerate when
 more than half of its maps are all-zero or constant (nothing to localise with), or when its

@@ -10,7 +10,7 @@ backpropagates through the whole network into every weight). The three run inter
 call each per round, and the median per call is kept, so load from other processes hits all
 three alike. Targets: ours / forward >= 0.85, ours / pytorch-grad-cam >= 2.5.
 
-Layer sweep (STUDY.md §9): the seconds of one `explain.cam.sweep` over every stage layer (one
+Layer sweep (docs/STUDY.md §9): the seconds of one `explain.cam.sweep` over every stage layer (one
 forward, one autograd call) against one call at the paper's layer, and against one call per
 layer. Target for ResNet-50 (4 stages): sweep / one layer <= 1.3.
 

@@ -1,4 +1,4 @@
-"""ROAD (STUDY.md §11): explain/faithfulness.py against pytorch-grad-cam's own ROAD loop.
+"""ROAD (docs/STUDY.md §11): explain/faithfulness.py against pytorch-grad-cam's own ROAD loop.
 
     python bench/faithfulness.py [--model resnet18] [--size 64] [--maps 16] [--rounds 1]
                                  [--threads 2] [--paper-size 224] [--paper-maps 130000]
@@ -24,7 +24,7 @@ machine the CPU time is what another process's load does not move.
 
 At the paper's size (224 px) the imputation alone, ours against NoisyLinearImputer called as
 RemoveMostRelevantFirst/LeastRelevantFirst call it, on `--paper-measured` maps, and a projection
-for `--paper-maps` maps (STUDY.md §11: model maps and the controls): the CPU imputation in
+for `--paper-maps` maps (docs/STUDY.md §11: model maps and the controls): the CPU imputation in
 core-hours (measured here), and the GPU forward time at an ASSUMED forward rate: the harmonic
 mean of bench/throughput.csv's H100 training rates times bench/paper_size.py's
 FORWARD_PER_TRAIN_STEP (a no-grad forward against a training step). That rate is not measured:

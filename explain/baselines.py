@@ -1,4 +1,4 @@
-"""The baseline ladder's model-free maps (STUDY.md §9), scored on the same images as every CAM.
+"""The baseline ladder's model-free maps (docs/STUDY.md §9), scored on the same images as every CAM.
 
 - `prior`: the location prior, the mean of the training split's positive masks at the scored
   size (training split only: no validation or test mask enters it), min-max normalised. It is

@@ -1,4 +1,4 @@
-"""The CAM engine: heatmaps (B, H, W) in [0, 1] for a batch of images (STUDY.md §4).
+"""The CAM engine: heatmaps (B, H, W) in [0, 1] for a batch of images (docs/STUDY.md §4).
 
 Gradient methods are a template: the engine captures the target layer's activation A and the
 class score's gradient G = dScore/dA, a method is only its weights function w(A, G), and the map
@@ -256,7 +256,7 @@ def _refuse_dead_token_layer(model: nn.Module, spec: ModelSpec, layer: nn.Module
             f"target layer {path!r} of {spec.name}: the model classifies from the CLS "
             f"token, and patch tokens after the last block's attention (its norm2, mlp, output, the "
             f"final norm) never reach it, so dScore/dA is exactly zero on every patch and every "
-            f"Grad-CAM map would be all-zero; use 'blocks.-1.norm1' (STUDY.md §3)")
+            f"Grad-CAM map would be all-zero; use 'blocks.-1.norm1' (docs/STUDY.md §3)")
 
 
 def _submodule(module: nn.Module, dotted: str) -> nn.Module:

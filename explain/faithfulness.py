@@ -1,4 +1,4 @@
-"""Faithfulness (ROAD, deletion/insertion) and robustness (max-sensitivity) of maps: STUDY.md §11.
+"""Faithfulness (ROAD, deletion/insertion) and robustness (max-sensitivity) of maps: docs/STUDY.md §11.
 
 The computational core only: plain NumPy/SciPy/PyTorch, no Ray, no store. Maps are taken as
 stored (§4: min-max normalised, at the preprocessed image size, float16), images in the
@@ -7,7 +7,7 @@ the model's channels by `prepare` (`training.loop.prepare_input`), so an imputat
 perturbation is a grey one, as the model always sees.
 
 ROAD (Rong et al., ICML 2022) in two parts, so that a pipeline can run the part that needs no
-model as a CPU stage beside the GPU model actors (ARCHITECTURE.md, performance principles):
+model as a CPU stage beside the GPU model actors (docs/ARCHITECTURE.md, performance principles):
 
 - `impute(images, maps, steps, mode, seed)` -> perturbed images (B, S, 2, C, H, W) float32:
   for each step k (percent of the pixels removed) and each order (0 = MoRF, the k% most relevant

@@ -1,4 +1,4 @@
-"""Localisation metrics: heatmaps h (B, H, W) in [0, 1] against masks M (B, H, W) (STUDY.md §5).
+"""Localisation metrics: heatmaps h (B, H, W) in [0, 1] against masks M (B, H, W) (docs/STUDY.md §5).
 
 Every function takes numpy arrays or torch tensors and returns one float64 per image.
 
@@ -42,7 +42,7 @@ import numpy as np
 
 from study import maps
 
-# MetricsConfig field names (study/config.py) and their defaults (STUDY.md §5, §9).
+# MetricsConfig field names (study/config.py) and their defaults (docs/STUDY.md §5, §9).
 _DEFAULTS = {"ehr_thresholds": 100, "inputiba_min_heat": 0.1, "inputiba_quantiles": 10,
              "inputiba_cap": 0.99, "tuning_steps": 20}
 _OTSU_BINS = 256  # skimage.filters.threshold_otsu's default
@@ -534,7 +534,7 @@ def score_batch(h: Any, m: Any, cfg: Any = None) -> dict[str, np.ndarray]:
     IOU_CURVE, the (B, K) IoU at the tuning thresholds that `explain.tuning` picks one of.
 
     cfg: a MetricsConfig (ehr_thresholds, inputiba_min_heat, inputiba_quantiles, inputiba_cap,
-    tuning_steps) or None for the STUDY.md defaults. f = |M| / |image| (the EHR chance level's scale) is the
+    tuning_steps) or None for the docs/STUDY.md defaults. f = |M| / |image| (the EHR chance level's scale) is the
     caller's `mask_fraction` column; at the scoring resolution it is `mask_fraction(m)`.
     """
     c, r = _config(cfg), _sorted(h, m)

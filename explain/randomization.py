@@ -1,4 +1,4 @@
-"""The model copies of the sanity checks (STUDY.md §10, Adebayo et al. 2018).
+"""The model copies of the sanity checks (docs/STUDY.md §10, Adebayo et al. 2018).
 
 - The **twin**: the same architecture with fresh random weights (model-parameter randomisation),
   seeded per run so a rerun makes the same twin.

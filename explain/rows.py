@@ -22,7 +22,7 @@ from study import maps
 
 
 class Copy(NamedTuple):
-    """Which copy of a model made a map (STUDY.md §10)."""
+    """Which copy of a model made a map (docs/STUDY.md §10)."""
 
     randomization: str = "none"  # "none" (trained), "full", "cascade" or "labels"
     stages_randomized: int = 0  # cascade units re-initialised (full: all of them)

@@ -1,4 +1,4 @@
-"""How alike two heatmaps are (STUDY.md §10): the measures of the randomisation and stability tests.
+"""How alike two heatmaps are (docs/STUDY.md §10): the measures of the randomisation and stability tests.
 
 Each function takes two stacks of maps (B, H, W), compares map i of one with map i of the other,
 and returns one float64 per pair:

@@ -1,4 +1,4 @@
-"""IoU and hit at a threshold tuned on validation positives (STUDY.md §9, CheXlocalize's protocol).
+"""IoU and hit at a threshold tuned on validation positives (docs/STUDY.md §9, CheXlocalize's protocol).
 
 For each map set (a run's method × layer × trained/randomised copy, or one baseline), the maps of
 the validation positives choose the threshold t of the grid k/steps (k = 1..steps-1) that

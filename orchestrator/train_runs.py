@@ -175,7 +175,7 @@ def expected_seconds(plan: RunPlan, config) -> float:
 
 
 # A training step's cost on a CPU, fitted to the throughput measured on a 2-core machine (nine
-# models, 64 px, batch 16; ARCHITECTURE.md's fact sheet): seconds ≈ FLOP_S x 3 x forward FLOPs x
+# models, 64 px, batch 16; docs/ARCHITECTURE.md's fact sheet): seconds ≈ FLOP_S x 3 x forward FLOPs x
 # batch + PARAMETER_S x parameters (the optimizer step and weight traffic: what makes VGG and
 # ViT-L slower than their FLOPs say). Within 30% for each model; only the ratio matters here.
 FLOP_S, PARAMETER_S = 2.79e-12, 4.71e-9
@@ -528,7 +528,7 @@ class StageProgress:
     `clock` is injectable for tests."""
 
     HEARTBEAT_S = 60.0
-    START_UP_S = 12.0  # a TorchTrainer.fit() before its first epoch, 9-15 s measured (ARCHITECTURE.md)
+    START_UP_S = 12.0  # a TorchTrainer.fit() before its first epoch, 9-15 s measured (docs/ARCHITECTURE.md)
 
     def __init__(self, config, plans: list[RunPlan], slots: int = 1, clock: Callable[[], float] = time.time):
         self.clock, self.slots = clock, max(1, int(slots))

@@ -106,7 +106,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Decode -> CLAHE -> resize -> per-image z-score (STUDY.md §2)."""
+    """Decode -> CLAHE -> resize -> per-image z-score (docs/STUDY.md §2)."""
 
     clahe: bool = True
     clahe_clip_limit: float = 2.0
@@ -207,10 +207,10 @@ CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam", "scorecam", "eige
 
 @dataclass(frozen=True)
 class CamConfig:
-    """Which heatmaps are computed and on which images (STUDY.md §4)."""
+    """Which heatmaps are computed and on which images (docs/STUDY.md §4)."""
 
     methods: tuple[Literal[CAM_METHODS], ...] = ("gradcam",)  # type: ignore[valid-type]
-    # where maps are read (STUDY.md §9): final = the paper's target layer (always computed);
+    # where maps are read (docs/STUDY.md §9): final = the paper's target layer (always computed);
     # stages = every stage's output; matched = the layer with a map 1/16 of the input (14x14 at 224 px)
     layers: tuple[Literal[LAYER_ARMS], ...] = ("final",)  # type: ignore[valid-type]
     images: Literal["positives", "true-positives"] = "positives"
@@ -227,13 +227,13 @@ class CamConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Localisation-metric parameters (STUDY.md §5)."""
+    """Localisation-metric parameters (docs/STUDY.md §5)."""
 
     ehr_thresholds: int = 100  # n: thresholds k/n, k = 0..n
     inputiba_min_heat: float = 0.1
     inputiba_quantiles: int = 10  # q = 0, 1/10, ..., 1
     inputiba_cap: float = 0.99  # thresholds capped at cap * max(h)
-    # iou_tuned / hit_tuned (STUDY.md §9): the threshold t in {k/tuning_steps, k = 1..tuning_steps-1}
+    # iou_tuned / hit_tuned (docs/STUDY.md §9): the threshold t in {k/tuning_steps, k = 1..tuning_steps-1}
     # maximising mean IoU of {h >= t} on the validation positives; a hit is IoU >= hit_iou there
     tuning_steps: int = 20
     hit_iou: float = 0.1
@@ -251,7 +251,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class BaselinesConfig:
-    """The baseline ladder's maps that ignore the model (STUDY.md §9), scored on the same images."""
+    """The baseline ladder's maps that ignore the model (docs/STUDY.md §9), scored on the same images."""
 
     enabled: bool = True
     # image-only map: Sobel gradient magnitude of the preprocessed image, Gaussian-smoothed with
@@ -265,7 +265,7 @@ class BaselinesConfig:
 
 @dataclass(frozen=True)
 class SanityConfig:
-    """Are the maps themselves reliable? (STUDY.md §10; the full weight randomisation is
+    """Are the maps themselves reliable? (docs/STUDY.md §10; the full weight randomisation is
     `cam.sanity_randomized`.)"""
 
     # cascading model randomisation (Adebayo et al. 2018): re-initialise the trained network
@@ -318,7 +318,7 @@ class TuningRecord:
 @dataclass(frozen=True)
 class StatisticsConfig:
     alpha: float = 0.05
-    # TOST equivalence margin for pairs that do not differ, in each metric's own units (STUDY.md §10)
+    # TOST equivalence margin for pairs that do not differ, in each metric's own units (docs/STUDY.md §10)
     equivalence_margin: float = 0.02
     power: float = 0.8  # the power at which the minimum detectable difference is stated
     bootstrap_replicates: int = 1000  # hierarchical bootstrap of model-level CIs (seeds, then images)
@@ -330,7 +330,7 @@ class StatisticsConfig:
                "a positive margin in the metric's units, at most 10")
         _check(0 < self.power < 1, "statistics.power", self.power, "a value in (0, 1)")
         _check(1000 <= self.bootstrap_replicates <= 1_000_000, "statistics.bootstrap_replicates",
-               self.bootstrap_replicates, "an integer in [1000, 1000000] (STUDY.md §10: at least 1,000)")
+               self.bootstrap_replicates, "an integer in [1000, 1000000] (docs/STUDY.md §10: at least 1,000)")
         _check(0 <= self.bootstrap_seed <= MAX_SEED, "statistics.bootstrap_seed", self.bootstrap_seed,
                f"an integer in [0, {MAX_SEED}]")
 

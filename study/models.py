@@ -1,9 +1,9 @@
-"""The models of the study and their recipes: facts only, no torch (STUDY.md §3).
+"""The models of the study and their recipes: facts only, no torch (docs/STUDY.md §3).
 
 A spec names the timm architecture, the pretrained tag its ImageNet weights come from, its
 recipe family, its depth and its Grad-CAM layers as dotted paths into the timm model (negative
 integers index sequences from the end): the paper's target layer (`target_layer`, the "final"
-arm of `cam.layers`), the output of every stage (`stage_layers`, STUDY.md §9) and the layer whose
+arm of `cam.layers`), the output of every stage (`stage_layers`, docs/STUDY.md §9) and the layer whose
 map is 1/16 of the input like VGG's and ViT's (`matched_layer`, the resolution-matched arm).
 A tenth model is one config entry (`models.extra`), not a code change. `training.registry` builds the timm models from these
 specs (and says why each target layer and tag was chosen); the analysis reads family and depth
@@ -46,7 +46,7 @@ class ModelSpec:
 TRAINING_FIELDS = ("name", "timm_name", "pretrained_tag", "family", "depth", "target_layer", "token_reshape")
 
 _VIT_TAG = "augreg_in21k_ft_in1k"
-# Stage layers (STUDY.md §9): VGG the last conv of each of its 5 blocks (before each max-pool);
+# Stage layers (docs/STUDY.md §9): VGG the last conv of each of its 5 blocks (before each max-pool);
 # ResNet the last block of layer1..layer4; ViT norm1 of the blocks at depth 1/4, 1/2, 3/4 and the last.
 _VGG16_STAGES = ("features.2", "features.7", "features.14", "features.21", "features.28")
 _VGG19_STAGES = ("features.2", "features.7", "features.16", "features.25", "features.34")

@@ -10,7 +10,7 @@ from study.errors import require
 
 @dataclass(frozen=True)
 class Recipe:
-    """Optimiser and schedule for one model family (STUDY.md §3)."""
+    """Optimiser and schedule for one model family (docs/STUDY.md §3)."""
 
     optimizer: Literal["adam", "adamw", "sgd"]
     lr: float
@@ -26,7 +26,7 @@ class Recipe:
         require(0 <= self.weight_decay < 1, "recipes.*.weight_decay", self.weight_decay, "a value in [0, 1)")
 
 
-# STUDY.md §3 / the paper, §3.3: VGG and ResNet Adam 1e-4 for 50 epochs; ViT SGD 1e-4 for 300.
+# docs/STUDY.md §3 / the paper, §3.3: VGG and ResNet Adam 1e-4 for 50 epochs; ViT SGD 1e-4 for 300.
 PAPER_RECIPES: dict[str, Recipe] = {
     "vgg": Recipe("adam", 1e-4, 50),
     "resnet": Recipe("adam", 1e-4, 50),

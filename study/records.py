@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 # Bump when the prepared data gains or changes a column: the prepare stage is redone (its inputs
 # include this), the training runs are not (theirs name the config sections, not this).
 PREPARE_VERSION = 2  # 2: rle_rows and the lesion covariates in the manifest and the cache index
-# Bump when a metric definition or the CAM post-processing changes (STUDY.md §4-5): every
+# Bump when a metric definition or the CAM post-processing changes (docs/STUDY.md §4-5, §9, §10): every
 # run's CAM output is then recomputed, and the analysis after it.
 SCORING_VERSION = 3  # 3: layer sweep, auprc/auroc_pixel, tuned thresholds, lesion covariates
 # Bump when a table, statistic or the report changes: the analysis is redone.

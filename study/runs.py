@@ -31,7 +31,7 @@ class RunPlan:
     seed: int
     run_dir: Path
     inputs: dict = field(compare=False, repr=False)  # what the run computes from (study contract)
-    permuted: bool = False  # trained on permuted labels (sanity.label_permutation, STUDY.md §10)
+    permuted: bool = False  # trained on permuted labels (sanity.label_permutation, docs/STUDY.md §10)
 
     @property
     def key(self) -> str:

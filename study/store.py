@@ -20,7 +20,7 @@ from study.atomic import write_text_atomic
 
 # --------------------------------------------------------------------------- run keys
 
-PERMUTED = "-permuted"  # the run key's suffix of a run trained on permuted labels (STUDY.md §10)
+PERMUTED = "-permuted"  # the run key's suffix of a run trained on permuted labels (docs/STUDY.md §10)
 _RUN_KEY = re.compile(r"^(?P<model>[A-Za-z0-9_.]+)-seed(?P<seed>\d+)(?P<permuted>-permuted)?$")
 
 
@@ -39,7 +39,7 @@ def parse_run_key(name: str) -> Optional[tuple[str, int, bool]]:
 
 
 class StudyStore:
-    """One folder per study (ARCHITECTURE.md, "the study store"). Nothing is written in place:
+    """One folder per study (docs/ARCHITECTURE.md, "Stages and the study store"). Nothing is written in place:
     files go to a temporary sibling `.<name>.tmp-<pid>` and are renamed. With object storage
     the folder is a node-local mirror whose writes are uploaded as they complete.
 

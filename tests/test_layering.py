@@ -1,4 +1,4 @@
-"""The layers of the code base (ARCHITECTURE.md, "Layout"), checked on every import statement at
+"""The layers of the code base (docs/ARCHITECTURE.md, "Layout"), checked on every import statement at
 every level: module level, inside functions and methods, inside classes, under `if`/`try`.
 
 - Direction: orchestrator -> analysis, explain, training -> study; explain -> training;

@@ -1,4 +1,4 @@
-"""Training augmentation (STUDY.md §2) as batched tensor ops on (B, C, H, W) float images.
+"""Training augmentation (docs/STUDY.md §2) as batched tensor ops on (B, C, H, W) float images.
 
 Runs wherever the batch is (the GPU during training) with one `torch.Generator` for all draws,
 so a seed reproduces an epoch exactly. Per image: horizontal flip with probability p, rotation

@@ -1,4 +1,4 @@
-"""Classification metrics with confidence intervals (STUDY.md §6).
+"""Classification metrics with confidence intervals (docs/STUDY.md §6).
 
 Proportions (accuracy, precision, recall, specificity) get Wilson score intervals and paired
 accuracies the exact McNemar test, both from statsmodels; the AUC gets DeLong's variance, computed

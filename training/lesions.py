@@ -1,4 +1,4 @@
-"""Lesion covariates of a mask (STUDY.md §9): how many regions, how elongated.
+"""Lesion covariates of a mask (docs/STUDY.md §9): how many regions, how elongated.
 
 Measured on the union mask at native resolution in the prepare stage (a thin crescent that
 nearest-neighbour resizing breaks apart would otherwise count as several regions), stored in the

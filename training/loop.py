@@ -149,7 +149,7 @@ def train_run(spec: ModelSpec, recipe: Recipe, config: Any, cache_dir: str | Pat
 
     `fingerprint` identifies the settings (default: `run_fingerprint`); a checkpoint or done.json
     with another fingerprint is refused, never silently reused. `permuted_labels`: the data
-    randomisation test (STUDY.md §10): the training split's labels are permuted with `seed`
+    randomisation test (docs/STUDY.md §10): the training split's labels are permuted with `seed`
     (validation and test keep theirs, so model selection and the test metrics stay honest).
     """
     run_dir = Path(run_dir)

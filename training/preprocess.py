@@ -1,4 +1,4 @@
-"""Image and mask preprocessing (STUDY.md §2): decode -> CLAHE -> resize -> per-image z-score.
+"""Image and mask preprocessing (docs/STUDY.md §2): decode -> CLAHE -> resize -> per-image z-score.
 
 Pure NumPy/OpenCV functions; no Ray. The caller decides OpenCV's thread count (`cv2.setNumThreads`
 is process-global), so a serial loop and a pool of single-threaded workers are compared fairly.

@@ -1,4 +1,4 @@
-"""Building the study's models with timm from their specs (`study.models`, STUDY.md §3).
+"""Building the study's models with timm from their specs (`study.models`, docs/STUDY.md §3).
 
 The specs (timm name, pretrained tag, family, depth, target layer) live in `study.models`,
 torch-free, and are re-exported here; every test about "all models" loops over `names()`.
@@ -176,7 +176,7 @@ def _side(model: nn.Module, spec: ModelSpec, output: torch.Tensor) -> int:
 
 @functools.lru_cache(maxsize=None)  # asked once per run by the explain stage
 def cascade_units(spec: ModelSpec, image_size: int, in_chans: int = 3) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """The units of the cascading randomisation (STUDY.md §10), head first: ("head", the modules
+    """The units of the cascading randomisation (docs/STUDY.md §10), head first: ("head", the modules
     that run after the last stage layer), then one unit per stage layer, deepest first (the
     modules that run after the previous stage layer's output, up to and including this one's),
     the shallowest unit holding the stem too. Each unit lists the names of the modules that own

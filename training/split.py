@@ -1,4 +1,4 @@
-"""Selection and split (STUDY.md §1): by image, stratified by label, seeded.
+"""Selection and split (docs/STUDY.md §1): by image, stratified by label, seeded.
 
 Each random draw has its own stream (`default_rng([seed, stream])`), so for one seed the positives drawn do
 not depend on the negative count, and the test set is taken before validation, so changing

@@ -1,4 +1,4 @@
-"""Degenerate map sets (STUDY.md §8) in the figures: drawn hollow and grey and named "degenerate",
+"""Degenerate map sets (docs/STUDY.md §8) in the figures: drawn hollow and grey and named "degenerate",
 so that an all-zero set never reads as the best model. No browser, no study: small tables."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Map reliability (STUDY.md §10): the cascade on a tiny trained model, stability, the pass line,
+"""Map reliability (docs/STUDY.md §10): the cascade on a tiny trained model, stability, the pass line,
 equivalence and power against published values, the hierarchical bootstrap."""
 
 import numpy as np

@@ -344,7 +344,7 @@ def test_load_study_ignores_unfinished_runs(tmp_path):
     assert stats.levels(inputs.cams["model"]) == ["resnet18"]
 
 
-# --- STUDY.md §8: degenerate map sets are named and left out ------------------------------------
+# --- docs/STUDY.md §8: degenerate map sets are named and left out ------------------------------------
 
 ALL_ZERO, NO_CLASSIFIER = "vgg16", "vit_small"
 
@@ -453,7 +453,7 @@ def test_the_report_opens_with_the_summary_and_a_table_of_contents(degenerate):
     assert "<a href='#table2'>" in text and "<a href='#conclusions'>" in text
 
 
-# ---------------------------------------------------------------- beyond the paper (STUDY.md §9)
+# ---------------------------------------------------------------- beyond the paper (docs/STUDY.md §9)
 
 
 def analysis_table(root, name):

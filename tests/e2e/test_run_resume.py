@@ -1,6 +1,6 @@
 """`camstudy run` killed with SIGKILL at five points and run again finishes without redoing work.
 
-The study is the real demo config shrunk (STYLE.md §7). The process is SIGKILLed as a whole
+The study is the real demo config shrunk. The process is SIGKILLed as a whole
 process group (the driver and the local Ray it started) during prepare, in the middle of the
 first training run (after its first epoch), between training runs, during explain and during
 analyze; each kill is followed by the same command, and the last one must finish with every

@@ -1,4 +1,4 @@
-"""Seeds end to end (STUDY.md §6, §10): `camstudy run configs/demo.yaml --seeds 0,1,2`, shrunk, with
+"""Seeds end to end (docs/STUDY.md §6, §10): `camstudy run configs/demo.yaml --seeds 0,1,2`, shrunk, with
 the label-permutation runs, through every stage: the run becomes the unit, the crossed model
 reports the seed variance, stability compares seeds and architectures, model-level CIs come from
 the hierarchical bootstrap."""

@@ -62,7 +62,7 @@ def vit_small():
 def library_cam(cls, model, spec, x, targets):
     """pytorch-grad-cam's own class on a copy whose in-place activations are turned off.
 
-    Trap (STUDY.md §3): on CPU the library stores `output.cpu().detach()`, which is the very
+    Trap (docs/STUDY.md §3): on CPU the library stores `output.cpu().detach()`, which is the very
     tensor that VGG's ReLU(inplace=True) after the target conv overwrites next, so it would
     weight ReLU(A) while its gradient hook (registered before the in-place op) still sees
     dScore/dA of the conv output. On GPU `.cpu()` copies and the library uses A. Our engine
@@ -121,7 +121,7 @@ def test_inplace_relu_aliases_the_librarys_activation_on_cpu():
     torch.testing.assert_close(stored_grad, g)  # while its gradient is still dScore/dA
 
 
-# ---------------------------------------------------------------- layer sweep (STUDY.md §9)
+# ---------------------------------------------------------------- layer sweep (docs/STUDY.md §9)
 
 @pytest.mark.parametrize("name", by_size(registry.names()))
 def test_one_sweep_equals_separate_single_layer_calls(name, monkeypatch):

@@ -83,7 +83,7 @@ def test_one_pipeline_writes_every_run_with_the_documented_columns(study, capsys
 
 
 def test_rescoring_the_stored_heatmaps_with_naive_code_reproduces_every_stored_metric(study):
-    """STUDY.md §8: metrics come from the map as stored (float16), so a reader re-scoring the Parquet
+    """docs/STUDY.md §8: metrics come from the map as stored (float16), so a reader re-scoring the Parquet
     with the definitions (tests/explain/test_metrics.py's naive loops, float64) gets the stored numbers."""
     config, store, plans = study
     extract_runs(config, store, plans, actors=2, gpus_per_actor=0)

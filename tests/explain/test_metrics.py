@@ -13,7 +13,7 @@ NAN = float("nan")
 # ---------------------------------------------------------------- naive references
 
 def naive_ehr(h, m, n=100):
-    """STUDY.md §5 literally: a loop over t_k = k/n, compared in float64."""
+    """docs/STUDY.md §5 literally: a loop over t_k = k/n, compared in float64."""
     h = h.astype(np.float64)
     r = []
     for t in np.arange(n + 1) / n:
@@ -397,7 +397,7 @@ def test_batch_mixing_empty_full_and_single_pixel_masks():
                                                          rel=1e-12, abs=1e-15)
 
 
-# ---------------------------------------------------------------- threshold-free and tuned-threshold metrics (STUDY.md §9)
+# ---------------------------------------------------------------- threshold-free and tuned-threshold metrics (docs/STUDY.md §9)
 
 @pytest.mark.parametrize("float64", [False, True])
 def test_auprc_and_auroc_equal_naive_definitions_with_ties(float64):

@@ -13,7 +13,7 @@ from study.store import StudyStore
 from training import registry
 from tests.conftest import ROOT
 
-# ARCHITECTURE.md's fact sheet: training images/s on this machine (random init, 2 threads)
+# docs/ARCHITECTURE.md's fact sheet: training images/s on this machine (random init, 2 threads)
 IMAGES_PER_S = {"resnet18": 223, "resnet34": 115, "resnet50": 78, "resnet101": 46, "vit_small": 72, "vit_base": 18,
                 "vgg16": 11, "vgg19": 10, "vit_large": 5}
 TRAIN_IMAGES, START_UP_S = 110, 12.0  # the demo's training split; a run's Ray Train start-up

@@ -6,7 +6,7 @@ import pytest
 
 from training import rle
 
-# DATA_FORMATS.md: 4 rows x 5 columns, runs start at column-major flat indices 1, 8 and 12.
+# docs/DATA_FORMATS.md: 4 rows x 5 columns, runs start at column-major flat indices 1, 8 and 12.
 EXAMPLE_MASK = np.array([[0, 0, 1, 1, 0],
                          [1, 0, 0, 1, 0],
                          [1, 0, 0, 0, 0],

@@ -1,7 +1,7 @@
 """The RLE decoder on hostile rows: property-based (Hypothesis), against a naive reference.
 
 Every generated row must give either a `ValueError` or exactly the mask a naive pure-Python
-decoder paints (DATA_FORMATS.md: relative offsets, column-major). Each run generates at least
+decoder paints (docs/DATA_FORMATS.md: relative offsets, column-major). Each run generates at least
 10,000 rows: int64 and pixel-count edges, Unicode digits and separators, signs, junk.
 """
 
