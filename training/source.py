@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,8 @@ def check_data_source(config: StudyConfig) -> None:
         what = "is not a folder" if root.exists() else "does not exist"
         raise ConfigError(f"data.root: {root} {what}; set data.root to the folder of your SIIM download, the one "
                           f"with {wanted.looks_for}")
-    try:
+    with _as_data_root_error():
         layout = siim._detect_layout(root)
-    except CamstudyError as error:
-        raise ConfigError(f"data.root: {error}") from None
     if layout is not wanted:
         other = next(source for source, name in LAYOUT_OF_SOURCE.items() if name == layout.name)
         raise ConfigError(f"data.source: {data.source!r}, but {root} holds the {layout.name} layout; set data.source: "
@@ -63,10 +62,8 @@ def _label_counts(data: DataConfig, root: Path, siim: Any) -> tuple[int, int, st
         if data.labels is not None:
             raise ConfigError(f"data.labels: the PNG layout takes its labels from png_masks/ and "
                               f"{' / '.join(siim.PNG_LISTS)}; remove data.labels")
-        try:
+        with _as_data_root_error():
             listing = siim._read_png_listing(root)
-        except CamstudyError as error:
-            raise ConfigError(f"data.root: {error}") from None
         return int((listing["has_pneumo"] == "1").sum()), len(listing), f"the image lists of {root}"
     if data.labels is not None:
         label_file = Path(data.labels)
@@ -82,3 +79,12 @@ def _label_counts(data: DataConfig, root: Path, siim: Any) -> tuple[int, int, st
     rows = siim._read_label_rows(label_file)
     positive = rows.loc[rows["rle"] != rle.EMPTY, "image_id"].nunique()
     return int(positive), int(rows["image_id"].nunique()), str(label_file)
+
+
+@contextlib.contextmanager
+def _as_data_root_error():
+    """What training.data says of the data root, as the config error of `data.root`."""
+    try:
+        yield
+    except CamstudyError as error:
+        raise ConfigError(f"data.root: {error}") from None
