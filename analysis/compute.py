@@ -100,7 +100,8 @@ def _tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataFrame, v
     (the reason, or empty); the sanity comparison over the valid sets only."""
     models = inputs.models
     flags = model_flags(trained, method, excluded)
-    result = {"table1": tables.table1(inputs.test_metrics, models)}
+    result = {"table1": tables.table1(inputs.test_metrics, models, inputs.predictions,
+                                      inputs.config.training.threshold, alpha)}
     if len(trained):
         result.update(table2=tables.table2(trained, models),
                       localisation=tables.localisation_table(trained, models, alpha),

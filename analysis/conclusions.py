@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from analysis import figures, paper_values
 from analysis.compute import AnalysisOutputs
@@ -53,7 +54,8 @@ def _valid(table: pd.DataFrame) -> pd.DataFrame:
 
 def conclusions(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     """Plain sentences generated from the results, each hedged by its statistics."""
-    found = [_classification_conclusion(outputs), _separation_sentence(outputs, inputs.config.training.threshold)]
+    threshold, alpha = inputs.config.training.threshold, inputs.config.statistics.alpha
+    found = [_classification_conclusion(outputs), _separation_sentence(outputs, threshold, alpha)]
     comparison = outputs.statistics["comparisons"].get("diff_gradcam")
     if comparison is not None:
         found += [_localisation_conclusion(comparison), _family_conclusion(comparison, inputs.models),
@@ -87,15 +89,16 @@ def _classification_conclusion(outputs: AnalysisOutputs) -> str:
 ONE_CLASS = 0.1  # sensitivity or specificity below this: the classifier calls (almost) every image one class
 
 
-def separation(table1: pd.DataFrame) -> pd.DataFrame:
+def separation(table1: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Per model: ranks (AUC CI above 0.5) and separates (accuracy at the threshold shown above
-    0.5: its CI, or with several seeds mean − 1.96 SD/√seeds), and whether it calls (almost)
+    0.5: its CI, or with several seeds mean − z SD/√seeds, z the normal quantile at 1 − alpha/2), and whether it calls (almost)
     every image one class (sensitivity or specificity below ONE_CLASS)."""
     rows = []
     for row in table1.to_dict(orient="records"):
         accuracy_lo = row.get("accuracy_lo", np.nan)
         if not np.isfinite(accuracy_lo) and row.get("seeds", 1) > 1:
-            accuracy_lo = row["accuracy"] - 1.96 * row.get("accuracy_sd", np.nan) / np.sqrt(row["seeds"])
+            z = scipy_stats.norm.ppf(1 - alpha / 2)
+            accuracy_lo = row["accuracy"] - z * row.get("accuracy_sd", np.nan) / np.sqrt(row["seeds"])
         rows.append({"model": row["model"], "ranks": bool(row.get("auc_lo", np.nan) > 0.5),
                      "separates": bool(accuracy_lo > 0.5),
                      "one_class": bool(min(row.get("recall", np.nan), row.get("specificity", np.nan)) < ONE_CLASS),
@@ -105,12 +108,12 @@ def separation(table1: pd.DataFrame) -> pd.DataFrame:
                                        "specificity"])
 
 
-def _separation_sentence(outputs: AnalysisOutputs, threshold: float) -> str:
+def _separation_sentence(outputs: AnalysisOutputs, threshold: float, alpha: float) -> str:
     """Which classifiers separate the classes at the decision threshold, and which rank but do not."""
     table1 = _valid(outputs.tables["table1"])
     if table1.empty or "accuracy" not in table1:
         return ""
-    found = separation(table1)
+    found = separation(table1, alpha)
     rates = lambda r: (f"accuracy {prose(r.accuracy)}, sensitivity {prose(r.recall)}, "  # noqa: E731
                        f"specificity {prose(r.specificity)}")
     separating = [f"{figures.label(r.model)} ({rates(r)})" for r in found.itertuples() if r.separates]
@@ -224,7 +227,8 @@ def summary_items(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
     """The report's first screen: what ran, which classifiers work, which map sets localise above
     chance, the sanity verdict, where the paper's claims hold or fail, what was left out."""
     items = [_what_ran(inputs, outputs), _classifiers_summary(outputs),
-             _separation_sentence(outputs, inputs.config.training.threshold), _localisation_summary(outputs),
+             _separation_sentence(outputs, inputs.config.training.threshold, inputs.config.statistics.alpha),
+             _localisation_summary(outputs),
              _sanity_summary(outputs), _cascade_conclusion(outputs), _stability_conclusion(outputs),
              _layer_conclusion(outputs), _paper_summary(outputs), excluded_sentence(outputs, where="below")]
     if inputs.missing or outputs.notes:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from analysis import paper_values, stats, validity
 from analysis.inputs import PRIMARY_CAM_METHOD
+from training.classification import classification_report
 from study.store import run_key
 
 CLASSIFICATION_METRICS = ["accuracy", "precision", "recall", "specificity", "auc"]
@@ -60,23 +61,43 @@ def _image_level(rows: pd.DataFrame, metric: str) -> pd.Series:
 # ----------------------------------------------------------------------------- Table 1
 
 
-def table1(test_metrics: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy, precision, recall, AUC per model: one seed with its 95% CI (x_lo, x_hi); several
-    seeds as mean and SD across seeds (x_sd). paper_x: Table 1 of the paper."""
-    rows = [_table1_row(model, part) for model, part in test_metrics.groupby("model", observed=True)]
+def table1(test_metrics: pd.DataFrame, models: pd.DataFrame, predictions: Optional[pd.DataFrame] = None,
+           threshold: Optional[float] = None, alpha: Optional[float] = None) -> pd.DataFrame:
+    """Accuracy, precision, recall, AUC per model: one seed with its CI (x_lo, x_hi); several
+    seeds as mean and SD across seeds (x_sd). paper_x: Table 1 of the paper.
+
+    A run's test_metrics.json holds intervals made when it finished, at the default level; given
+    its `predictions`, the `threshold` and `alpha`, a one-seed row's intervals are made again at
+    the study's `statistics.alpha` (Wilson, DeLong: the same functions), so every interval of the
+    report is at one level."""
+    rows = [_table1_row(model, part, _run_predictions(predictions, model, part), threshold, alpha)
+            for model, part in test_metrics.groupby("model", observed=True)]
     table = _by_model(models, rows)
     paper = paper_values.TABLE1.rename(columns={m: f"paper_{m}" for m in CLASSIFICATION_METRICS})
     return table.merge(paper, on="model", how="left") if not table.empty else table
 
 
-def _table1_row(model: str, part: pd.DataFrame) -> dict[str, Any]:
+def _run_predictions(predictions: Optional[pd.DataFrame], model: str, part: pd.DataFrame) -> Optional[pd.DataFrame]:
+    """The one run's test predictions when the model has one seed and they are at hand."""
+    if predictions is None or len(part) != 1:
+        return None
+    run = predictions[(predictions["model"] == model) & (predictions["seed"] == part["seed"].iloc[0])]
+    return run if len(run) else None
+
+
+def _table1_row(model: str, part: pd.DataFrame, predictions: Optional[pd.DataFrame], threshold: Optional[float],
+                alpha: Optional[float]) -> dict[str, Any]:
     row: dict[str, Any] = {"model": model, "seeds": len(part)}
+    single = len(part) == 1
+    remade = (classification_report(predictions["label"], predictions["probability"], threshold, alpha)
+              if predictions is not None and threshold is not None and alpha is not None else None)
     for metric in CLASSIFICATION_METRICS:
         values = part[metric] if metric in part else pd.Series(dtype=float)
         row[metric] = values.mean()
-        single = len(part) == 1
-        row[f"{metric}_lo"] = part[f"{metric}_lo"].iloc[0] if single and f"{metric}_lo" in part else math.nan
-        row[f"{metric}_hi"] = part[f"{metric}_hi"].iloc[0] if single and f"{metric}_hi" in part else math.nan
+        for end in ("lo", "hi"):
+            column = f"{metric}_{end}"
+            recorded = part[column].iloc[0] if single and column in part else math.nan
+            row[column] = remade[column] if remade is not None else recorded
         row[f"{metric}_sd"] = values.std(ddof=1) if len(part) > 1 else math.nan
     return row
 

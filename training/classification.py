@@ -17,8 +17,14 @@ from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
+from study.config import StatisticsConfig
 
-def wilson_ci(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+# the run's test-set intervals are made when it finishes, at the config's default level (a study's
+# statistics.alpha applies to the analysis, which recomputes what it reports)
+ALPHA = StatisticsConfig.alpha
+
+
+def wilson_ci(k: int, n: int, alpha: float = ALPHA) -> tuple[float, float]:
     """Wilson score interval for k successes in n trials (statsmodels `proportion_confint`),
     clipped to [0, 1]; (nan, nan) when n == 0."""
     if n == 0:
@@ -36,7 +42,7 @@ def auc(labels: Any, scores: Any) -> float:
     return float(value[0])
 
 
-def delong_ci(labels: Any, scores: Any, alpha: float = 0.05) -> tuple[float, float, float]:
+def delong_ci(labels: Any, scores: Any, alpha: float = ALPHA) -> tuple[float, float, float]:
     """(auc, lo, hi): the normal interval with DeLong's variance, clipped to [0, 1] as pROC does."""
     positives, negatives = _split(labels, scores)
     if len(positives) < 2 or len(negatives) < 2:
@@ -76,7 +82,7 @@ def mcnemar_exact(correct_a: Any, correct_b: Any) -> tuple[int, int, float]:
 
 
 def classification_report(labels: Any, probabilities: Any, threshold: float,
-                          alpha: float = 0.05) -> dict[str, float | int]:
+                          alpha: float = ALPHA) -> dict[str, float | int]:
     """Counts, accuracy/precision/recall/specificity (Wilson) and AUC (DeLong), each with lo/hi.
 
     A case is predicted positive when its probability is >= threshold (the study's

@@ -32,11 +32,11 @@ def table1(accuracy_lo: float, recall: float = 0.98, specificity: float = 0.02) 
 
 
 def test_a_classifier_that_ranks_but_does_not_separate_is_named():
-    ranks_only = C._separation_sentence(outputs(table1=table1(0.40)), 0.5)
+    ranks_only = C._separation_sentence(outputs(table1=table1(0.40)), 0.5, 0.05)
     assert "0 of 1 classifiers separate" in ranks_only
     assert "ResNet18" in ranks_only and "rank but do not separate" in ranks_only
     assert "calls (almost) every image one class" in ranks_only
-    separates = C._separation_sentence(outputs(table1=table1(0.62, recall=0.7, specificity=0.66)), 0.5)
+    separates = C._separation_sentence(outputs(table1=table1(0.62, recall=0.7, specificity=0.66)), 0.5, 0.05)
     assert "1 of 1 classifiers separate" in separates and "rank but do not separate" not in separates
     assert "sensitivity 0.7, specificity 0.66" in separates
     assert "which says nothing of their calls" in C._classification_conclusion(outputs(table1=table1(0.4)))

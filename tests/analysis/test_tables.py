@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scipy.stats import norm
+
 from analysis import paper_values, stats, tables
 
 ALPHA = 0.05
@@ -35,6 +37,30 @@ def test_table1_one_seed_keeps_its_interval_several_seeds_give_an_sd():
     paper = paper_values.TABLE1.set_index("model")
     assert table.loc["resnet18", "paper_auc"] == paper.loc["resnet18", "auc"]
 
+
+
+def test_table1_one_seed_intervals_are_made_again_at_the_studys_alpha():
+    """test_metrics.json's intervals are at the default level; the report's are at statistics.alpha:
+    a one-seed row is recomputed from the run's predictions, with the naive Wilson formula as check."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 60)
+    probability = np.clip(labels * 0.3 + rng.uniform(0, 0.7, 60), 0, 1)
+    predictions = pd.DataFrame({"model": "vgg16", "seed": 0, "image_id": [f"i{k}" for k in range(60)],
+                                "label": labels, "probability": probability})
+    accuracy = float(np.mean((probability >= 0.5) == labels))
+    metrics = pd.DataFrame({"model": ["vgg16"], "seed": [0], "accuracy": [accuracy], "accuracy_lo": [0.0],
+                            "accuracy_hi": [1.0], "auc": [0.9]})
+    row = {alpha: tables.table1(metrics, MODELS, predictions, 0.5, alpha).set_index("model").loc["vgg16"]
+           for alpha in (0.05, 0.2)}
+    for alpha, found in row.items():
+        z, n = norm.ppf(1 - alpha / 2), len(labels)
+        centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+        assert (found["accuracy_lo"], found["accuracy_hi"]) == pytest.approx((centre - half, centre + half), rel=1e-12)
+    assert row[0.2]["accuracy_hi"] - row[0.2]["accuracy_lo"] < row[0.05]["accuracy_hi"] - row[0.05]["accuracy_lo"]
+    assert row[0.2]["auc_lo"] > row[0.05]["auc_lo"]
+    recorded = tables.table1(metrics, MODELS).set_index("model").loc["vgg16"]  # no predictions: as recorded
+    assert (recorded["accuracy_lo"], recorded["accuracy_hi"]) == (0.0, 1.0)
 
 def trained_scores() -> pd.DataFrame:
     """Two models, two seeds, three images: diff_gradcam and EHR columns."""
