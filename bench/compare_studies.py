@@ -4,11 +4,11 @@ dependency upgrade) moved no number: run `make demo` before and after, then
     .venv/bin/python bench/compare_studies.py BEFORE/studies/demo AFTER/studies/demo
 
 It compares
-- every CSV under analysis/tables/ (same files; each cell equal as text, or as numbers to --rtol),
-- analysis/statistics.json (every key and value, numbers to --rtol; keys naming a time left out),
+- every CSV under analysis/tables/ (same files; each cell equal as text, or as numbers to --rtol and --atol),
+- analysis/statistics.json (every key and value, numbers to --rtol and --atol; keys naming a time left out),
 - every Parquet dataset of maps and predictions (data/manifest.parquet, train/*/predictions.parquet,
   cams/*/, sanity/*/, baselines/): the same rows (by its key columns) and, column by column,
-  equal values (floats to --rtol; NaN equals NaN); the heatmaps too unless --skip-heatmaps,
+  equal values (floats to --rtol and --atol; NaN equals NaN); the heatmaps too unless --skip-heatmaps,
 - each run's test_metrics.json.
 
 It prints one line per compared file and ends with `equal: N files` or the differences, exiting 1
@@ -22,6 +22,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -34,17 +35,29 @@ TIME_KEYS = ("finished", "created", "started", "time", "timestamp", "duration", 
 MAP_KEYS = ("model", "seed", "image_id", "cam_method", "cam_layer", "variant", "sanity", "step")
 
 
-def _numbers_equal(a: Any, b: Any, rtol: float) -> bool:
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far two numbers may be apart and still count as equal (0, 0: every bit)."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+
+    def close(self, a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.all((a == b) | (np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=self.rtol, atol=self.atol)))
+
+
+def _numbers_equal(a: Any, b: Any, tol: Tolerance) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         if math.isnan(a) and math.isnan(b):
             return True
-        return a == b or math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)
+        return a == b or math.isclose(a, b, rel_tol=tol.rtol, abs_tol=tol.atol)
     return a == b
 
 
-def json_differences(a: Any, b: Any, rtol: float, where: str = "") -> Iterator[str]:
+def json_differences(a: Any, b: Any, tol: Tolerance, where: str = "") -> Iterator[str]:
     """Every path at which two JSON values differ (keys naming a time are skipped)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -53,18 +66,18 @@ def json_differences(a: Any, b: Any, rtol: float, where: str = "") -> Iterator[s
             if key not in a or key not in b:
                 yield f"{where}.{key}: only in {'after' if key not in a else 'before'}"
             else:
-                yield from json_differences(a[key], b[key], rtol, f"{where}.{key}")
+                yield from json_differences(a[key], b[key], tol, f"{where}.{key}")
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             yield f"{where}: {len(a)} items before, {len(b)} after"
         else:
             for index, (x, y) in enumerate(zip(a, b)):
-                yield from json_differences(x, y, rtol, f"{where}[{index}]")
-    elif not _numbers_equal(a, b, rtol):
+                yield from json_differences(x, y, tol, f"{where}[{index}]")
+    elif not _numbers_equal(a, b, tol):
         yield f"{where}: {a!r} before, {b!r} after"
 
 
-def csv_differences(before: Path, after: Path, rtol: float) -> list[str]:
+def csv_differences(before: Path, after: Path, tol: Tolerance) -> list[str]:
     a, b = pd.read_csv(before, dtype=str, keep_default_na=False), pd.read_csv(after, dtype=str, keep_default_na=False)
     if list(a.columns) != list(b.columns) or a.shape != b.shape:
         return [f"columns/shape {list(a.columns)} {a.shape} before, {list(b.columns)} {b.shape} after"]
@@ -74,7 +87,7 @@ def csv_differences(before: Path, after: Path, rtol: float) -> list[str]:
             if x == y:
                 continue
             try:
-                same = _numbers_equal(float(x), float(y), rtol)
+                same = _numbers_equal(float(x), float(y), tol)
             except ValueError:
                 same = False
             if not same:
@@ -86,25 +99,25 @@ def _frame(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas() if path.is_file() else pq.ParquetDataset(path).read().to_pandas()
 
 
-def _equal_cells(x: pd.Series, y: pd.Series, rtol: float) -> bool:
+def _equal_cells(x: pd.Series, y: pd.Series, tol: Tolerance) -> bool:
     if x.dtype.kind == "f" or y.dtype.kind == "f":
         a, b = x.to_numpy(dtype=float), y.to_numpy(dtype=float)
-        return bool(np.all((a == b) | (np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=rtol, atol=0.0)))
+        return tol.close(a, b)
     if x.dtype == object:
-        return all(_cell_equal(p, q, rtol) for p, q in zip(x, y))
+        return all(_cell_equal(p, q, tol) for p, q in zip(x, y))
     return bool((x.to_numpy() == y.to_numpy()).all())
 
 
-def _cell_equal(p: Any, q: Any, rtol: float) -> bool:
+def _cell_equal(p: Any, q: Any, tol: Tolerance) -> bool:
     if isinstance(p, (bytes, str)) or p is None:
         return p == q
     if isinstance(p, (np.ndarray, list)):
         a, b = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
-        return a.shape == b.shape and bool(np.all((a == b) | (np.isnan(a) & np.isnan(b)) | np.isclose(a, b, rtol=rtol, atol=0)))
-    return _numbers_equal(p, q, rtol)
+        return a.shape == b.shape and tol.close(a, b)
+    return _numbers_equal(p, q, tol)
 
 
-def parquet_differences(before: Path, after: Path, rtol: float, skip_heatmaps: bool) -> tuple[list[str], int]:
+def parquet_differences(before: Path, after: Path, tol: Tolerance, skip_heatmaps: bool) -> tuple[list[str], int]:
     a, b = _frame(before), _frame(after)
     if skip_heatmaps:
         a, b = a.drop(columns=["heatmap"], errors="ignore"), b.drop(columns=["heatmap"], errors="ignore")
@@ -116,7 +129,7 @@ def parquet_differences(before: Path, after: Path, rtol: float, skip_heatmaps: b
         b = b.sort_values(keys, kind="stable").reset_index(drop=True)
     if len(a) != len(b):
         return [f"{len(a)} rows before, {len(b)} after"], 0
-    found = [f"column {column} differs" for column in a.columns if not _equal_cells(a[column], b[column][: len(a)], rtol)]
+    found = [f"column {column} differs" for column in a.columns if not _equal_cells(a[column], b[column], tol)]
     return found, len(a.columns)
 
 
@@ -148,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for numbers (default 0: equal)")
+    parser.add_argument("--atol", type=float, default=0.0, help="absolute tolerance for numbers (default 0)")
     parser.add_argument("--skip-heatmaps", action="store_true", help="leave the heatmap column out")
     args = parser.parse_args(argv)
+    tolerance = Tolerance(args.rtol, args.atol)
     differences, compared = [], 0
     tables_before, tables_after = (StudyStore(study).analysis_dir / "tables" for study in (args.before, args.after))
     extra = sorted(p.name for p in tables_after.glob("*.csv") if not (tables_before / p.name).exists())
@@ -161,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             differences.append(f"{relative}: missing after")
             continue
         if kind == "csv":
-            found, detail = csv_differences(before, after, args.rtol), "cells"
+            found, detail = csv_differences(before, after, tolerance), "cells"
         elif kind == "json":
-            found, detail = list(json_differences(json.loads(before.read_text()), json.loads(after.read_text()), args.rtol)), "values"
+            values = json.loads(before.read_text()), json.loads(after.read_text())
+            found, detail = list(json_differences(*values, tolerance)), "values"
         else:
-            found, columns = parquet_differences(before, after, args.rtol, args.skip_heatmaps)
+            found, columns = parquet_differences(before, after, tolerance, args.skip_heatmaps)
             detail = f"{columns} columns"
         compared += 1
         print(f"{'equal' if not found else 'DIFFERENT'}  {relative} ({detail})")
