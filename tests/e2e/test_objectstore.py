@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,12 +65,12 @@ def mirror(env: dict, storage: str) -> Path:
     return Path(env["CAMSTUDY_STAGING"]) / "s3" / storage[len("s3://"):] / "demo"
 
 
-def test_a_killed_study_resumes_from_the_bucket_alone_and_every_output_lands_there(s3):
-    """Killed mid-training (SIGKILL, its lock left behind), the study resumes on a fresh mirror
-    (another machine: nothing local) from the bucket's checkpoint; then every output is in the
-    bucket, and a third fresh mirror finds every stage up to date."""
-    import shutil
-
+@pytest.fixture(scope="module")
+def killed_and_resumed(s3):
+    """A study killed mid-training (SIGKILL, its lock left behind) and resumed on a fresh mirror
+    (another machine: nothing local) from the bucket's checkpoint, then run on a third fresh
+    mirror; what each step left, for the test below. Its final bucket and mirror are also the
+    finished study test_an_emptied_bucket_... copies instead of running one of its own."""
     storage = f"s3://{BUCKET}/killed"
     log = Path(s3["CAMSTUDY_STAGING"]) / "killed.log"
     started = time.time()
@@ -83,17 +85,31 @@ def test_a_killed_study_resumes_from_the_bucket_alone_and_every_output_lands_the
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)  # a worker uploads its checkpoint before it reports the epoch
     process.wait()
-    assert "train/resnet18-seed0/checkpoint.pt" in keys("killed/demo/")
+    after_kill = keys("killed/demo/")
     shutil.rmtree(mirror(s3, storage))
     again = run(storage, *EPOCHS)
     elapsed = time.time() - started
+    done = mirror(s3, storage) / "train" / "resnet18-seed0" / "done.json"
+    history = [e["epoch"] for e in json.loads(done.read_text())["history"]] if done.is_file() else None
+    stored = keys("killed/demo/")
+    shutil.rmtree(mirror(s3, storage))
+    third = run(storage, *EPOCHS)
+    return SimpleNamespace(storage=storage, after_kill=after_kill, again=again, elapsed=elapsed, history=history,
+                           stored=stored, third=third)
+
+
+def test_a_killed_study_resumes_from_the_bucket_alone_and_every_output_lands_there(killed_and_resumed):
+    """Killed mid-training, the study resumes on a fresh mirror from the bucket's checkpoint; then
+    every output is in the bucket, and a third fresh mirror finds every stage up to date."""
+    study = killed_and_resumed
+    assert "train/resnet18-seed0/checkpoint.pt" in study.after_kill
+    again = study.again
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "took over the lock of a command that is gone" in again.stdout  # the dead driver's lock
-    done = json.loads((mirror(s3, storage) / "train" / "resnet18-seed0" / "done.json").read_text())
-    assert [e["epoch"] for e in done["history"]] == [1, 2, 3, 4]
+    assert study.history == [1, 2, 3, 4]
     assert "resnet18-seed0 epoch 1:" not in again.stdout  # epoch 1 came from the bucket's checkpoint
 
-    stored = keys("killed/demo/")
+    stored = study.stored
     for expected in ("study.json", "config.yaml", "data/manifest.parquet", "data/cache/images.npy",
                      "data/cache/index.parquet", "train/resnet18-seed0/done.json", "train/resnet18-seed0/model.pt",
                      "train/resnet18-seed0/predictions.parquet", "cams/resnet18-seed0/part-00000.parquet",
@@ -105,11 +121,10 @@ def test_a_killed_study_resumes_from_the_bucket_alone_and_every_output_lands_the
     assert not [key for key in stored if ".tmp-" in key]  # only complete files
     assert not any(key.endswith("checkpoint.pt") for key in stored)  # removed when the run finished
     assert any(key.startswith("ray/") for key in stored)  # Ray Train's own state, at the URI
-    print(f"\ntiny study into S3 (moto on 127.0.0.1), killed and resumed on a fresh mirror: {elapsed:.0f} s, "
+    print(f"\ntiny study into S3 (moto on 127.0.0.1), killed and resumed on a fresh mirror: {study.elapsed:.0f} s, "
           f"{len(stored)} objects")
 
-    shutil.rmtree(mirror(s3, storage))
-    third = run(storage, *EPOCHS)
+    third = study.third
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     out = third.stdout
     assert "file(s) pulled into the local mirror" in out
@@ -137,7 +152,7 @@ def test_a_storage_uri_that_cannot_be_used_is_one_line(s3):
     assert refused.returncode == 2 and "is not an object store camstudy can use" in refused.stderr
 
 
-def test_an_emptied_bucket_is_the_authority_over_a_warm_mirror(s3):
+def test_an_emptied_bucket_is_the_authority_over_a_warm_mirror(s3, killed_and_resumed):
     """A study run once, then its bucket emptied (as a new server with an empty bucket of the same
     name would be): the next run does not report its stages up to date from the node-local mirror;
     it drops the mirror's files, says so, redoes every stage and leaves the outputs in the bucket.
@@ -145,9 +160,13 @@ def test_an_emptied_bucket_is_the_authority_over_a_warm_mirror(s3):
     import boto3
 
     storage = f"s3://{BUCKET}/emptied"
-    first = run(storage, "--set", "recipes.resnet.epochs=1")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # the study run once: the finished one above, copied to this URI (its objects and its mirror)
+    assert killed_and_resumed.third.returncode == 0, "the study to copy did not finish"
     client = boto3.client("s3")
+    for key in keys("killed/"):
+        client.copy_object(Bucket=BUCKET, CopySource={"Bucket": BUCKET, "Key": f"killed/{key}"}, Key=f"emptied/{key}")
+    shutil.copytree(mirror(s3, killed_and_resumed.storage), mirror(s3, storage), ignore=shutil.ignore_patterns(".lock"))
+    assert keys("emptied/") == keys("killed/")
     stored = sorted(f"emptied/{key}" for key in keys("emptied/"))
     for start in range(0, len(stored), 1000):
         client.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": key} for key in stored[start:start + 1000]]})
