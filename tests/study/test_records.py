@@ -9,8 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -338,6 +336,8 @@ def test_a_bucket_study_prints_its_report_as_the_bucket_uri(s3):
 
 
 # --------------------------------------------------------------------------- through the CLI
+# (a truncated maps file and a damaged training output in a finished study, through `camstudy run`:
+# tests/e2e/test_study_lifecycle.py, on a copy of the study its SIGTERM scenario finishes)
 
 
 SHRINK = {"models.names": "[resnet18]", "data.synthetic.n": 60, "data.synthetic.size": 64, "split.n_val": 16,
@@ -373,52 +373,3 @@ def test_a_full_disk_ends_the_command_in_one_line_and_the_same_command_then_fini
     monkeypatch.setattr(pd.DataFrame, "to_parquet", written)  # space freed
     assert cli.main(_args("prepare", storage)) == 0
     assert manifest.is_file() and "manifest.parquet" in str(read_record(storage / "demo" / "stages" / "prepare.json"))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_a_truncated_cams_file_is_recomputed_with_one_line_and_a_damaged_training_output_is_refused(tmp_path):
-    """The whole study; its cams/ Parquet cut to half; `camstudy run` again recomputes that run's
-    maps (one line naming the file) to the same rows. Then its test predictions cut: the run is
-    refused with one line naming the file and `--force train`, and nothing is retrained."""
-    storage = tmp_path / "store"
-    study = storage / "demo"
-
-    def camstudy(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "orchestrator", *_args("run", storage), *extra], cwd=ROOT,
-                              capture_output=True, text=True, timeout=900)
-
-    first = camstudy()
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    part = study / "cams" / "resnet18-seed0" / StudyStore.CAM_PART
-    before = pd.read_parquet(part).drop(columns=["heatmap"])
-    record = read_record(part.parent / StudyStore.CAM_DONE)
-    assert StudyStore.CAM_PART in record[FILES]
-    for stage_record in ("prepare", "analyze"):
-        assert read_record(study / "stages" / f"{stage_record}.json")[FILES], stage_record
-    done = study / "train" / "resnet18-seed0" / StudyStore.DONE
-    assert sorted(read_record(done)[FILES]) == ["model.pt", "predictions.parquet", "test_metrics.json"]
-    trained_at = done.stat().st_mtime_ns
-
-    size = part.stat().st_size
-    os.truncate(part, size // 2)
-    again = camstudy()
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    line = (f"[explain] resnet18-seed0: cams/resnet18-seed0/part-00000.parquet is {size // 2:,} bytes, "
-            f"recorded {size:,} (truncated or changed); computing its heatmaps")
-    assert line in again.stdout.splitlines(), again.stdout[-3000:]
-    assert "[prepare] up to date" in again.stdout and "resnet18-seed0: finished earlier, skipped" in again.stdout
-    after = pd.read_parquet(part).drop(columns=["heatmap"])
-    keys = ["image_id", "cam_method", "cam_layer"]  # one map per image, method and layer
-    pd.testing.assert_frame_equal(after.sort_values(keys).reset_index(drop=True),
-                                  before.sort_values(keys).reset_index(drop=True))
-    assert done.stat().st_mtime_ns == trained_at
-
-    predictions = study / "train" / "resnet18-seed0" / StudyStore.PREDICTIONS
-    os.truncate(predictions, predictions.stat().st_size - 1)
-    refused = camstudy()
-    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("camstudy: error: ")]
-    assert len(errors) == 1 and errors[0].startswith("camstudy: error: train/resnet18-seed0/predictions.parquet is ")
-    assert "`--force train`" in errors[0] and "Traceback" not in refused.stderr
-    assert done.stat().st_mtime_ns == trained_at  # refused, not retrained
