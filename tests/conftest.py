@@ -55,6 +55,21 @@ def make_tiny_cache(path, seed: int = 0, size: int = TINY_SIZE) -> None:
     write_cache(path, index, images, masks)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process torch on one thread for the whole session. Tiny convolutions on two threads of a
+    busy 2-core machine wait on OpenMP barriers: test_reliability's 3-epoch resnet18 at 64 px
+    trained in 31 s on two threads and 13 s on one at load 4.5 (10 s and 5 s beside one busy
+    process; 4 s and 6 s on an idle machine). A test that set one thread and never restored it
+    had made the rest of `make test` single-threaded already, depending on the order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     """The tiny cache, built once per session (the training-loop and DDP tests share it)."""
