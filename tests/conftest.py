@@ -94,7 +94,9 @@ def ray_session():
     from orchestrator.ray_setup import local_data_context
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        # address="local": always a Ray of its own; without it ray.init joins a cluster that `ray start --head`
+        # left running on this machine (an e2e test of another suite run) and refuses num_cpus there
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     local_data_context(progress=False)
     yield ray
     # shut down in pytest_unconfigure, after every other session fixture has been torn down
