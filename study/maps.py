@@ -52,3 +52,13 @@ COLUMNS = (*IMAGE, *LESION, *COPY, *WHICH_MAP, *METRICS, CAM_CONSTANT, *SIMILARI
 SCORES = COLUMNS[:-1]  # every column but the map: what a reader of the scores loads
 # without these a dataset is not read (the analysis lists it as malformed); the rest are read when present
 REQUIRED = ("image_id", "model", "seed", "diff_gradcam", "randomized", "cam_method")
+
+# Faithfulness and robustness (docs/STUDY.md §11), per map; NaN (lists: null) where a map is not
+# scored for them (validation rows, layers outside `faithfulness.layers`, a dimension turned off).
+# road_*_steps: the positive-class probability after each step of `faithfulness.steps`, in order.
+FAITHFULNESS = ("road_morf", "road_lerf", "road_gap", "road_morf_steps", "road_lerf_steps")
+ROBUSTNESS = ("max_sensitivity", "ssim_perturbed", "sensitivity_kept")
+# the faithfulness controls (docs/STUDY.md §11): maps scored through the same ROAD path with a run's
+# trained model; their rows name the control and the classifier, f"{control}@{model}"
+CONTROLS = ("prior", "image_only", "random", "blurred")
+CONTROL_SEPARATOR = "@"
