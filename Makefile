@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
+# test processes of `make test` (pytest-xdist): 2 fits the 2-core machine CI runs on; more cores, more
+# processes (each whole-study scenario starts its own local Ray: budget ~3 GiB of memory per process)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast install install-test bench clean
 
@@ -24,9 +27,11 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/camstudy run $(CONFIG)
 
-# -X faulthandler: a crash (also one at interpreter exit) prints every thread's stack
+# PYTHONFAULTHANDLER: a crash (also one at interpreter exit) prints every thread's stack, in each
+# test process. --dist loadfile: a file's tests share one process, so its module fixtures (the
+# scenarios' studies) are built once; tests/conftest.py hands out the whole-study scenarios first.
 test: install-test
-	$(BIN)/python -X faulthandler -m pytest -q $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the edit-test loop: the unit tests without the whole-study scenarios (tests/e2e/) and the tests
 # marked slow (whole pipelines, Ray Train, DDP, MLflow servers, a browser); under 3 minutes on 2 cores.

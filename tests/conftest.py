@@ -7,8 +7,16 @@ documents as unsafe (ray-project/ray#31145: threads touching a freed core worker
 what made `make test` die with SIGSEGV after a green summary. `pytest_unconfigure` closes what
 tests leave open in this process (Ray, a torch.distributed group, MLflow's SQLAlchemy engines)
 before the interpreter starts tearing itself down, and names any thread still running.
+
+`make test` runs the suite in parallel processes (pytest-xdist, `--dist loadfile`: a file's tests,
+and the module fixtures they share, stay in one process). So that two of them never share a Ray:
+every Ray a test starts without naming a cluster is a local one of its own (RAY_ADDRESS=local,
+below; `ray.init` and `camstudy` would otherwise join a cluster that `ray start --head` or
+`ray.cluster_utils.Cluster` in another process left on this machine), and the whole-study
+scenarios (tests/e2e/, minutes each) are handed out first, so the processes end together.
 """
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -22,6 +30,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TINY_SIZE = 32
 TINY_SPLITS = {"train": 96, "val": 32, "test": 32}
 BIG_MODELS = ("resnet101", "vit_base", "vgg16", "vgg19", "vit_large")  # 45-303 M parameters: 3-30 s a test here
+
+# inherited by every `camstudy` a test starts; tests that join a cluster name it (test_multinode,
+# test_ray_job) and tests of the joining itself set RAY_ADDRESS themselves
+os.environ["RAY_ADDRESS"] = "local"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Whole-study scenarios first: xdist hands out files in this order, and a long file taken last
+    would leave one process working alone at the end."""
+    items.sort(key=lambda item: Path(str(item.fspath)).parent.name != "e2e")  # stable: order kept otherwise
 
 
 def by_size(names) -> list:
