@@ -37,44 +37,64 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+PORT_TAKEN = "address already in use"
+ATTEMPTS = 3  # a free port can be taken before the head binds it (another test process's Ray): new ports
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A local Ray head on free ports; yields (dashboard address, environment for the CLI)."""
-    gcs, dashboard, client, node_manager, object_manager, agent_http, agent_grpc, metrics, runtime_env = _free_ports(9)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    ray_temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-         f"--temp-dir={ray_temp}"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_dashboard(address, env, head, tmp_path / "head.log")
-        yield address, env
-    finally:
-        head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
+    for attempt in range(1, ATTEMPTS + 1):
+        log = tmp_path / f"head{attempt}.log"
+        head, address, ray_temp = _start_head(env, log)
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(ray_temp, ignore_errors=True)
+            if _wait_for_dashboard(address, env, head, log, last=attempt == ATTEMPTS):
+                yield address, env
+                return
+        finally:
+            _stop_head(head, ray_temp)
 
 
-def _wait_for_dashboard(address: str, env: dict, head: subprocess.Popen, log: Path) -> None:
+def _start_head(env: dict, log: Path) -> tuple[subprocess.Popen, str, str]:
+    gcs, dashboard, client, node_manager, object_manager, agent_http, agent_grpc, metrics, runtime_env = _free_ports(9)
+    ray_temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+             f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+             f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+             f"--temp-dir={ray_temp}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return head, f"http://127.0.0.1:{dashboard}", ray_temp
+
+
+def _stop_head(head: subprocess.Popen, ray_temp: str) -> None:
+    head.send_signal(signal.SIGTERM)  # --block: the head stops the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def _wait_for_dashboard(address: str, env: dict, head: subprocess.Popen, log: Path, last: bool) -> bool:
+    """True once the head answers `ray job list`; False if it exited because a port was taken
+    (unless this is the `last` attempt); any other exit or a timeout fails the test."""
     deadline = time.time() + 180
     while time.time() < deadline:
         if head.poll() is not None:
+            if PORT_TAKEN in log.read_text() and not last:
+                return False
             pytest.fail(f"ray start --head exited with {head.returncode}:\n{log.read_text()[-3000:]}")
         probe = subprocess.run([RAY, "job", "list", "--address", address], env=env,
                                capture_output=True, text=True)
         if probe.returncode == 0:
-            return
+            return True
         time.sleep(2)
     pytest.fail(f"the Ray dashboard at {address} did not come up:\n{log.read_text()[-3000:]}")
 
