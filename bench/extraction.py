@@ -8,12 +8,15 @@ once, trained + randomised copy, every metric): the plain loop calls it run by r
 batch in this process with all CPUs for torch; the Ray path is the explain stage's
 `extract_runs` (one Ray Data pipeline over all the runs, an actor per CPU, Parquet written per
 run) into a scratch folder. Ray start-up is excluded (paid once per study); the pipeline's own
-start-up (actor processes, imports, model builds, Parquet writes) is included.
+start-up (actor processes, imports, model builds, Parquet writes) is included. Faithfulness and
+robustness (docs/STUDY.md §11) are turned off for both paths: the plain loop runs the CAM actor
+alone, so the comparison is of the CAM work (bench/faithfulness.py measures ROAD).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -41,11 +44,14 @@ class _ScratchCams(StudyStore):
     def sanity_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         return self.scratch.sanity_dir(model, seed, permuted)
 
+    def controls_dir(self, model: str, seed: int) -> Path:
+        return self.scratch.controls_dir(model, seed)
+
 
 def plain_loop(config, store, plans) -> tuple[float, int]:
     """Seconds and heatmaps for scoring every plan's rows in this process."""
     start, images = time.perf_counter(), 0
-    runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir)) for plan in plans}
+    runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), plan.permuted) for plan in plans}
     scorer = CamScorer(config, runs, str(store.cache_dir))
     for plan in plans:
         work = run_work(config, store.cache_dir, plan)
@@ -61,6 +67,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
     config = load_config(args.config, dict(parse_override(text) for text in args.set))
+    config = dataclasses.replace(config, faithfulness=dataclasses.replace(config.faithfulness, enabled=False),
+                                 robustness=dataclasses.replace(config.robustness, enabled=False))
     store = StudyStore(config.study_dir)
     wanted = set(args.models.split(",")) if args.models else None
     plans = [plan for plan in plan_runs(config, store) if is_finished(plan)

@@ -27,6 +27,14 @@ label-permutation run's maps (`randomization` "labels") go to `sanity/<run>-perm
 The validation positives are explained too, only to tune each map set's IoU threshold
 (`explain.tuning`); their rows are not stored, the threshold and their ids are (`_tuning.json`).
 
+Faithfulness and robustness (docs/STUDY.md §11, `explain.road`): with `robustness.enabled` the
+actor also scores max-sensitivity of the maps at the paper's layer; with `faithfulness.enabled`
+two stages follow it, CPU tasks that make the controls' rows and ROAD's perturbed images (no
+model) and a second actor pool that runs ROAD's forwards with each run's trained model. The
+controls' rows go to `controls/<model>-seed<k>/`, tuned on their own validation maps and
+vouched for by the run's `_done.json` like `sanity/`. Rows carry transient columns between the
+stages (`TRANSIENT`: the run key, the cache row, the perturbed images, the node), never stored.
+
 Which runs are explained is the stage skeleton's decision (`study.records.run_stage`): one
 output per run, recorded in its folder's `_done.json` (`explain_inputs`), reused while that
 record matches and vouches for intact files.
