@@ -75,7 +75,7 @@ def scored_layers(spec, config) -> list[str]:
 
 def controls_per_row(spec, config, permuted: bool) -> int:
     """Control maps one image row gives (validation and test alike): the image controls and one
-    blurred copy per trained map at the scored layers. None for a label-permutation run or without ROAD."""
+    blurred copy per trained map at the scored layers; 0 for a label-permutation run or without ROAD."""
     if permuted or not road_on(config):
         return 0
     methods = [m for m in config.cam.methods if m != "rollout"]
@@ -98,7 +98,7 @@ def _scored(frame: pd.DataFrame, layers: dict[str, set]) -> np.ndarray:
         [layer in layers[run] for run, layer in zip(frame[RUN], frame["cam_layer"])], bool)
     control = frame["model"].str.contains(maps.CONTROL_SEPARATOR, regex=False).to_numpy()
     twin = (frame["randomization"] == "full").to_numpy()
-    return (frame["split"] == "test").to_numpy() & (control | (~control & (trained | twin)))
+    return (frame["split"] == "test").to_numpy() & (control | trained | twin)
 
 
 # --------------------------------------------------------------------------- robustness (in the CAM actors)

@@ -235,8 +235,9 @@ def test_a_removed_controls_folder_makes_the_rerun_recompute_that_run(study, cap
     for path in folder.iterdir():
         path.unlink()
     folder.rmdir()
-    extract_runs(config, store, [plan], actors=2, gpus_per_actor=0)
+    extract_runs(config, store, [plan], actors=1, gpus_per_actor=0)  # one actor slot: both pools share it
     out = capsys.readouterr().out
+    assert "1 CAM actor(s), 1 ROAD actor(s)" in out
     reason = next(line for line in out.splitlines() if line.startswith(f"[explain] {plan.key}: "))
     assert f"controls/{plan.key}/" in reason and "is missing" in reason and "computing its heatmaps" in reason
     assert pq.read_table(folder).num_rows > 0
