@@ -98,6 +98,17 @@ def test_the_stages_in_process_score_what_section_11_names(tiny_cache, tmp_path)
     assert np.isfinite(frame.loc[expect, "road_gap"]).all() and frame.loc[~expect, "road_gap"].isna().all()
     robust = test & ~control & frame["final_layer"]
     assert frame.loc[robust, "sensitivity_kept"].notna().all() and frame.loc[~robust, "sensitivity_kept"].isna().all()
+    # a label-permutation run (here the same weights, run as one): its maps scored with its own model, no controls
+    key = f"{plan.key}-permuted"
+    runs = {key: (plan.spec.name, plan.seed, str(plan.run_dir), True)}
+    table = CamScorer(config, runs, str(tiny_cache))(work.assign(run=key))
+    scored = road.RoadScorer(config, runs)(road.impute_batch(table, config, str(tiny_cache), {key: layers[plan.key]},
+                                                              {key: 0}))
+    frame = scored.drop_columns(["heatmap"]).to_pandas()
+    assert len(frame) == len(table) and set(frame["randomization"]) == {"labels"}
+    final = frame["final_layer"] & (frame["split"] == "test")
+    assert np.isfinite(frame.loc[final, "road_gap"]).all() and frame.loc[~final, "road_gap"].isna().all()
+    assert frame.loc[final, "sensitivity_kept"].notna().all()
 
 
 # ---------------------------------------------------------------- the Ray Data pipeline
