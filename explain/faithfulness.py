@@ -77,8 +77,6 @@ from study.config import ROAD_STEPS as STEPS  # the config's defaults: `faithful
 NOISE_SD = 0.01  # ROAD's noise, absolute, in the preprocessed scale
 BLUR_SIGMA = 5.0  # px; `blur` imputation (Petsiuk et al.: an 11-tap Gaussian of sigma 5)
 MORF, LERF = 0, 1  # the order axis of `impute`'s output
-COLUMNS = ("road_morf", "road_lerf", "road_gap")
-SENSITIVITY_COLUMNS = ("max_sensitivity", "ssim_perturbed", "sensitivity_kept")
 
 # pytorch-grad-cam's `neighbors_weights`, in its order (the border renormalisation subtracts the
 # weights of outside neighbours in this order, so the diagonal is the same float to the bit)
