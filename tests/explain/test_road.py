@@ -60,6 +60,16 @@ def test_the_model_stages_share_the_actor_slots_and_leave_cpus_for_the_imputatio
     assert cam.size + roads.size == 5 and (cam.gpus, roads.gpus) == (1.0, 1.0)
 
 
+def test_an_imputation_batch_holds_at_most_block_bytes_of_perturbed_images():
+    from explain.extract import BLOCK_BYTES, BLOCK_ROWS
+
+    paper = load_config(ROOT / "configs" / "paper.yaml")  # 224 px, nine steps: 3.6 MB of images per map
+    rows = road.impute_rows(paper, BLOCK_BYTES, BLOCK_ROWS)
+    per_map = len(paper.faithfulness.steps) * 2 * paper.preprocess.image_size ** 2 * 4
+    assert 1 <= rows and rows * 5 * per_map <= BLOCK_BYTES < (rows + 1) * 5 * per_map
+    assert road.impute_rows(paper, 1, BLOCK_ROWS) == 1 and road.impute_rows(_config("x"), BLOCK_BYTES, 7) == 7
+
+
 def test_unscored_columns_are_nan_and_null_and_scores_fill_only_their_rows():
     columns = score_columns(3)
     assert set(columns) == set(NEW)
