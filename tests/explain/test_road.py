@@ -265,13 +265,16 @@ def test_a_removed_controls_folder_makes_the_rerun_recompute_that_run(study, cap
 
 
 @pytest.mark.slow
-def test_both_dimensions_off_give_the_old_columns_unchanged_nan_scores_and_no_extra_stage(study, capsys):
+def test_both_dimensions_off_give_the_old_columns_unchanged_nan_scores_and_no_extra_stage(study, capsys,
+                                                                                          monkeypatch):
     config, store, plan = study
     extract_runs(config, store, [plan], actors=2, gpus_per_actor=0)  # on (made now, or up to date)
     before = {folder: pq.read_table(folder) for folder in (store.cams_dir("resnet18", 0),
                                                            store.sanity_dir("resnet18", 0))}
     capsys.readouterr()
-    extract_runs(_off(config), store, [plan], actors=2, gpus_per_actor=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(road, "add_stages", lambda *args, **kwargs: pytest.fail("a ROAD stage was added"))
+        extract_runs(_off(config), store, [plan], actors=2, gpus_per_actor=0)
     out = capsys.readouterr().out
     assert "faithfulness.enabled" in out and "ROAD actor" not in out and "controls" not in out
     assert not store.controls_dir("resnet18", 0).exists()
