@@ -7,7 +7,7 @@ It compares
 - every CSV under analysis/tables/ (same files; each cell equal as text, or as numbers to --rtol and --atol),
 - analysis/statistics.json (every key and value, numbers to --rtol and --atol; keys naming a time left out),
 - every Parquet dataset of maps and predictions (data/manifest.parquet, train/*/predictions.parquet,
-  cams/*/, sanity/*/, baselines/): the same rows (by its key columns) and, column by column,
+  cams/*/, sanity/*/, controls/*/, baselines/): the same rows (by its key columns) and, column by column,
   equal values (floats to --rtol and --atol; NaN equals NaN); the heatmaps too unless --skip-heatmaps,
 - each run's test_metrics.json.
 
@@ -148,7 +148,7 @@ def compared_files(before: Path) -> Iterator[tuple[str, str]]:
         yield "parquet", relative(path)
     for path in sorted(store.train_root.glob(f"*/{StudyStore.TEST_METRICS}")):
         yield "json", relative(path)
-    for folder in (store.cams_root, store.sanity_root):
+    for folder in (store.cams_root, store.sanity_root, store.controls_root):
         for path in sorted(folder.glob("*/")):
             if any(path.glob("*.parquet")):
                 yield "parquet", relative(path)

@@ -61,6 +61,14 @@ def image_only(images: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack(maps) if maps else np.zeros((0, *np.shape(images)[1:]), np.float32)
 
 
+def model_free_maps(images: np.ndarray, prior: np.ndarray, image_only_sigma: float) -> dict[str, np.ndarray]:
+    """name -> maps (B, S, S) of these images, for each of NAMES: the location prior (the same map
+    for every image) and the image-only map. `baselines/` and the faithfulness controls
+    (`explain.road`) both take their maps from here."""
+    return {"prior": np.repeat(np.asarray(prior)[None], len(images), axis=0),
+            "image_only": image_only(np.asarray(images), image_only_sigma)}
+
+
 def _min_max(x: np.ndarray) -> np.ndarray:
     low, high = float(x.min()), float(x.max())
     return ((x - low) / (high - low) if high > low else np.zeros_like(x)).astype(np.float32)
@@ -119,8 +127,7 @@ def _score(config, rows: pd.DataFrame, images: np.ndarray, masks: np.ndarray, pr
     take = rows["row"].to_numpy()
     mask = np.asarray(masks[take]).astype(bool)
     size = mask.shape[-1]
-    maps = {"prior": np.repeat(prior[None], len(mask), axis=0),
-            "image_only": image_only(np.asarray(images[take]), config.baselines.image_only_sigma)}
+    maps = model_free_maps(images[take], prior, config.baselines.image_only_sigma)
     return [map_table(rows, mask, maps[name], config.metrics, model=name, seed=None, method=name, layer="",
                       depth=float("nan"), map_size=size, final_layer=True, matched_layer=False)
             for name in NAMES]

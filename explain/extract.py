@@ -27,6 +27,14 @@ label-permutation run's maps (`randomization` "labels") go to `sanity/<run>-perm
 The validation positives are explained too, only to tune each map set's IoU threshold
 (`explain.tuning`); their rows are not stored, the threshold and their ids are (`_tuning.json`).
 
+Faithfulness and robustness (docs/STUDY.md §11, `explain.road`): with `robustness.enabled` the
+actor also scores max-sensitivity of the maps at the paper's layer; with `faithfulness.enabled`
+two stages follow it, CPU tasks that make the controls' rows and ROAD's perturbed images (no
+model) and a second actor pool that runs ROAD's forwards with each run's trained model. The
+controls' rows go to `controls/<model>-seed<k>/`, tuned on their own validation maps and
+vouched for by the run's `_done.json` like `sanity/`. Rows carry transient columns between the
+stages (`TRANSIENT`: the run key, the cache row, the perturbed images, the node), never stored.
+
 Which runs are explained is the stage skeleton's decision (`study.records.run_stage`): one
 output per run, recorded in its folder's `_done.json` (`explain_inputs`), reused while that
 record matches and vouches for intact files.
@@ -35,13 +43,14 @@ record matches and vouches for intact files.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from explain import tuning
+from explain import road, tuning
 from explain.cam import GRADIENT_METHODS
 from explain.rows import TRAINED, Copy, map_table
 from explain.sink import MapSink, ParquetSink
@@ -51,7 +60,7 @@ from study.errors import DataError
 from study.models import cam_layers, layer_roles
 from study.progress import duration_text
 from study.records import Output, explain_inputs, run_stage
-from study.store import StudyStore, run_key
+from study.store import StudyStore
 from training import registry
 from training.cache import read_index
 from training.ray_data import reraise_own, without_budget_backpressure
@@ -116,7 +125,8 @@ class CamScorer:
         parts = []
         for key, rows in batch.groupby("run", sort=False):
             spec, models = self._models(key)
-            parts += self._score(rows, spec, self.runs[key][1], models)
+            found = pa.concat_tables(self._score(rows, spec, self.runs[key][1], models))
+            parts.append(found.append_column(road.RUN, pa.array([key] * len(found))))
         table = pa.concat_tables(parts)
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         return table.append_column(NODE, pa.array([node] * len(table)))  # recorded in _done.json, not stored
@@ -152,21 +162,53 @@ class CamScorer:
         geometry = registry.layer_geometry(spec, tuple(layers), self.config.preprocess.image_size,
                                            self.config.preprocess.channels)
 
-        def tables(part: pd.DataFrame, part_masks, maps: dict, copy: Copy, reference: dict | None = None):
+        def tables(part: pd.DataFrame, part_masks, maps: dict, copy: Copy, reference: dict | None = None,
+                   robust: dict | None = None):
             return [map_table(part, part_masks, heat, self.config.metrics, model=spec.name, seed=seed, method=method,
                               layer=layer, depth=geometry[layer][0], map_size=geometry[layer][1],
                               **layer_roles(spec, layer), copy=copy,
-                              reference=None if reference is None else reference[layer][method])
+                              reference=None if reference is None else reference[layer][method],
+                              given=(robust or {}).get(method) if layer == spec.target_layer else None
+                              ).append_column(road.ROW, pa.array(part["row"].to_numpy(), pa.int64()))
                     for layer, by_method in maps.items() for method, heat in by_method.items()]
 
         trained = sweep(models["trained"], spec, images, 1, layers, self.config.cam.methods)
-        found = tables(rows, masks, trained, models["copies"]["trained"])
         test = torch.from_numpy((rows["split"] == "test").to_numpy()).to(self.device)
+        found = tables(rows, masks, trained, models["copies"]["trained"],
+                       robust=self._robustness(models["trained"], spec, rows, trained[spec.target_layer], test))
         if test.any() and (models["copies"]["full"] or models["copies"]["cascade"]):
             reference = {spec.target_layer: {m: heat[test] for m, heat in trained[spec.target_layer].items()}}
             sanity = self._sanity(spec, images[test], models)
+            tested = rows[test.cpu().numpy()]
             found += [table for copy, maps in sanity for table in
-                      tables(rows[test.cpu().numpy()], masks[test], maps, copy, reference)]
+                      tables(tested, masks[test], maps, copy, reference,
+                             robust=self._robustness(models["twin"], spec, tested, maps[spec.target_layer])
+                             if copy.randomization == "full" else None)]
+        return found
+
+    def _robustness(self, model, spec, rows: pd.DataFrame, maps: dict, test=None) -> dict | None:
+        """method -> the robustness columns (`road.robustness_scores`) of `rows` at the paper's layer,
+        NaN for validation rows; None with `robustness.enabled` off. `maps`: method -> the maps of
+        every row; `test`: which rows are test rows (default: all)."""
+        if not self.config.robustness.enabled:
+            return None
+        from training.loop import prepare_input
+
+        test = np.ones(len(rows), bool) if test is None else test.cpu().numpy()
+        if not test.any():
+            return None
+        channels = self.config.preprocess.channels
+        take = rows["row"].to_numpy()[test]
+        grey = self.torch.from_numpy(np.asarray(self.images[take], np.float32))[:, None]
+        found = {}
+        for method, heat in maps.items():
+            scores = road.robustness_scores(model, spec, grey, heat[self.torch.from_numpy(test).to(heat.device)],
+                                            method, self.config, rows["image_id"].to_numpy()[test],
+                                            lambda x: prepare_input(x, channels, channels_last=False))
+            found[method] = {}
+            for name, values in scores.items():
+                found[method][name] = np.full(len(rows), np.nan)
+                found[method][name][test] = values
         return found
 
     def _batch(self, rows: pd.DataFrame):
@@ -246,11 +288,18 @@ def expected_maps(spec, config, permuted: bool, rows: pd.DataFrame) -> int:
         spec, config, permuted, True)
 
 
+def expected_controls(spec, config, permuted: bool, rows: pd.DataFrame) -> int:
+    """The faithfulness controls' maps of a run (`explain.road`): every image row gives the same number."""
+    return len(rows) * road.controls_per_row(spec, config, permuted)
+
+
 def run_folders(store, plan) -> tuple[Path, ...]:
-    """Every folder of a run's explain output: cams/ and sanity/ (a label-permutation run: its sanity/)."""
+    """Every folder of a run's explain output: cams/, sanity/ and controls/ (a label-permutation run:
+    its sanity/)."""
     if plan.permuted:
         return (store.sanity_dir(plan.spec.name, plan.seed, True),)
-    return store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
+    return (store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed),
+            store.controls_dir(plan.spec.name, plan.seed))
 
 
 def run_outputs(config, store, plans) -> list[Output]:
@@ -301,13 +350,16 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
     rows = {key: block_rows(plan_of[key].spec, config, plan_of[key].permuted) for key in order}
     blocks = [work[key].iloc[i:i + rows[key]] for key in order for i in range(0, len(work[key]), rows[key])]
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
+    cam_pool, road_pool = road.pools(actors, gpus_per_actor, cpus_per_actor, memory_per_actor, road.road_on(config))
     expected = {plan.key: expected_maps(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
-    maps = sum(expected.values())
+    controls = {plan.key: expected_controls(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
+    maps = sum(expected.values()) + sum(controls.values())
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
-          f"validation positives to tune on, per model copy), {maps} heatmaps to compute, {actors} actor(s)")
+          f"validation positives to tune on, per model copy), {maps} heatmaps to compute"
+          + (f" ({sum(controls.values())} of them faithfulness controls)" if road_pool else "")
+          + f", {cam_pool.size} CAM actor(s)" + (f", {road_pool.size} ROAD actor(s)" if road_pool else ""))
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), plan.permuted) for plan in todo}
-    sinks = {key: MapSink(store.root, key, TUNING_KEYS, config.metrics, fallback=tuning_fallback,
-                          expected=expected[key]) for key in work}
+    sinks = {key: RunSinks(store.root, key, config.metrics, expected[key], controls[key]) for key in work}
     nodes: dict[str, set] = {key: set() for key in work}
     context = ray.data.DataContext.get_current()
     try:
@@ -315,30 +367,55 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
             dataset = ray.data.from_pandas(blocks).map_batches(
                 CamScorer, batch_format="pandas", batch_size=step,
                 fn_constructor_kwargs={"config": config, "runs": runs, "cache_dir": str(store.cache_dir)},
-                # one block at a time per actor: the next goes to whichever actor frees first (the
-                # default queues several per actor up front, which left one actor idle at the end)
-                compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-                num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else cpus_per_actor,
-                # no actor restarts: a lost actor fails the stage with one line, and the rerun
-                # redoes only the runs not yet written (finished runs are complete on disk). Ray
+                # one block at a time per actor (`road.remote_args`): the next goes to whichever actor
+                # frees first (the default queues several per actor up front, which left one actor idle
+                # at the end); no actor restarts: a lost actor fails the stage with one line, and the
+                # rerun redoes only the runs not yet written (finished runs are complete on disk). Ray
                 # Data passes its actors' arguments through the object store, so with restarts on
-                # Ray logs an error at every actor's start that their arguments could be lost.
-                max_restarts=0,
-                # host memory (bytes) Ray reserves per actor, so actors that cannot fit together are not started together
-                **({"memory": int(memory_per_actor)} if memory_per_actor else {}))
+                # Ray logs an error at every actor's start that their arguments could be lost. The
+                # memory is the host memory (bytes) Ray reserves per actor, so actors that cannot fit
+                # together are not started together.
+                **road.remote_args(cam_pool))
+            if road_pool is not None:
+                dataset = road.add_stages(dataset, config, runs, plan_of, str(store.cache_dir), road_pool,
+                                          road.impute_rows(config, BLOCK_BYTES, BLOCK_ROWS))
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for key, part in _by_run(table):
                     nodes[key].update(part.column(NODE).to_pylist())
-                    sinks[key].add(part.drop_columns([NODE]))
+                    sinks[key].add(part.drop_columns([name for name in TRANSIENT if name in part.column_names]))
                     progress.add(len(part))
                     if sinks[key].complete:
                         out = _write_run(config, store, output_of[key], sinks.pop(key), sorted(nodes[key]))
-                        progress.say(f"[explain] {key}: {expected[key]} heatmaps made, the test images' written "
-                                     f"-> {out}")
+                        progress.say(f"[explain] {key}: {expected[key] + controls[key]} heatmaps made, the test "
+                                     f"images' written -> {out}")
     finally:
         for sink in sinks.values():  # unfinished runs: their spills go, they are redone next time
             sink.discard()
     return sinks
+
+
+class RunSinks:
+    """One run's rows on their way to disk: its maps (cams/ and sanity/) and its faithfulness
+    controls (controls/), each a `MapSink` tuned on its own validation rows."""
+
+    def __init__(self, spill_dir: Path, key: str, metrics_config, maps: int, controls: int):
+        self.maps = MapSink(spill_dir, key, TUNING_KEYS, metrics_config, fallback=tuning_fallback, expected=maps)
+        self.controls = MapSink(spill_dir, f"{key}-controls", CONTROL_TUNING_KEYS, metrics_config, expected=controls)
+
+    @property
+    def complete(self) -> bool:
+        return self.maps.complete and self.controls.complete
+
+    def add(self, table: pa.Table) -> None:
+        import pyarrow.compute as pc
+
+        control = road.is_control(table)
+        self.maps.add(table.filter(pc.invert(control)))
+        self.controls.add(table.filter(control))
+
+    def discard(self) -> None:
+        self.maps.discard()
+        self.controls.discard()
 
 
 class MapProgress:
@@ -387,23 +464,20 @@ class MapProgress:
 
 
 def _by_run(table: pa.Table) -> list[tuple[str, pa.Table]]:
-    """The rows of each run in `table` (a label-permutation run's rows are its "labels" copy)."""
+    """The rows of each run in `table`, by the run key the actors wrote beside them."""
     import pyarrow.compute as pc
 
-    permuted = pc.equal(table["randomization"], "labels")
-    keyed = table.append_column("_permuted", permuted)
-    runs = keyed.select(["model", "seed", "_permuted"]).group_by(["model", "seed", "_permuted"]).aggregate([])
-    return [(run_key(run["model"], run["seed"], run["_permuted"]),
-             table.filter((pc.field("model") == run["model"]) & (pc.field("seed") == run["seed"])
-                          & (pc.field("randomization") == "labels") == run["_permuted"]))
-            for run in runs.to_pylist()]
+    return [(key, table.filter(pc.equal(table[road.RUN], key)))
+            for key in dict.fromkeys(table.column(road.RUN).to_pylist())]
 
 
-def _write_run(config, store, output: Output, sink: MapSink | None, nodes: list[str] | None = None) -> Path:
-    """cams/<run>/ (trained maps, _tuning.json, _done.json last) and sanity/<run>/ (the twin's and
-    the cascade's maps); a label-permutation run's maps, tuning and record all go to
-    sanity/<run>-permuted/. The rows stream from the sink's spill, a row group at a time."""
+def _write_run(config, store, output: Output, sinks: RunSinks | None, nodes: list[str] | None = None) -> Path:
+    """cams/<run>/ (trained maps, _tuning.json, _done.json last), sanity/<run>/ (the twin's and the
+    cascade's maps) and controls/<run>/ (the faithfulness controls, with their _tuning.json); a
+    label-permutation run's maps, tuning and record all go to sanity/<run>-permuted/. The rows
+    stream from the sinks' spills, a row group at a time."""
     plan = output.item
+    sink = sinks.maps if sinks is not None else None
     records = sink.finish() if sink is not None else []
     try:
         if plan.permuted:
@@ -412,18 +486,32 @@ def _write_run(config, store, output: Output, sink: MapSink | None, nodes: list[
                 rows = _write_scored(sink, lambda randomized: tmp)
                 _write_records(config, tmp, output, records, rows=rows[True] + rows[False], nodes=nodes or [])
             return folder
-        cams, sanity = store.cams_dir(plan.spec.name, plan.seed), store.sanity_dir(plan.spec.name, plan.seed)
+        control_sink = sinks.controls if sinks is not None and sinks.controls.expected else None
+        cams = store.cams_dir(plan.spec.name, plan.seed)
+        sanity, controls = store.sanity_dir(plan.spec.name, plan.seed), store.controls_dir(plan.spec.name, plan.seed)
         with atomic_dir(cams) as cams_tmp:
-            with atomic_dir(sanity) as sanity_tmp:  # renamed first: the _done.json in cams/ vouches for both
+            # renamed first: the _done.json in cams/ vouches for both
+            with atomic_dir(sanity) as sanity_tmp, (atomic_dir(controls) if control_sink else nullcontext()) as \
+                    controls_tmp:
                 rows = _write_scored(sink, lambda randomized: sanity_tmp if randomized else cams_tmp)
-            if not rows[True]:  # the sanity checks turned off: no stale maps beside the new ones
-                objectstore.remove([sanity])
-            _write_records(config, cams_tmp, output, records, vouches_for=[sanity] if rows[True] else [],
-                           rows=rows[False], sanity_rows=rows[True], nodes=nodes or [])
+                control_rows = _write_controls(config, control_sink, controls_tmp) if control_sink else 0
+            stale = [folder for folder, made in ((sanity, rows[True]), (controls, control_rows)) if not made]
+            objectstore.remove(stale)  # a check or a dimension turned off: no stale maps beside the new ones
+            _write_records(config, cams_tmp, output, records,
+                           vouches_for=[folder for folder in (sanity, controls) if folder not in stale],
+                           rows=rows[False], sanity_rows=rows[True], control_rows=control_rows, nodes=nodes or [])
         return cams
     finally:
-        if sink is not None:
-            sink.discard()
+        if sinks is not None:
+            sinks.discard()
+
+
+def _write_controls(config, sink: MapSink, folder: Path) -> int:
+    """controls/<run>/: the controls' scored rows and their _tuning.json; the rows written."""
+    records = sink.finish()
+    rows = _write_scored(sink, lambda randomized: folder)
+    tuning.write_records(folder / StudyStore.CAM_TUNING, records, config.metrics)
+    return rows[False] + rows[True]
 
 
 def _write_scored(sink: MapSink | None, folder_for) -> dict[bool, int]:
@@ -447,7 +535,9 @@ def _write_scored(sink: MapSink | None, folder_for) -> dict[bool, int]:
 
 
 TUNING_KEYS = ["cam_method", "cam_layer", "randomization", "stages_randomized"]  # one threshold per map set
+CONTROL_TUNING_KEYS = ["model", "cam_method", "cam_layer"]  # one per control (the blurred copy: per method and layer)
 NODE = "_node"  # the Ray node that computed a row: the run's _done.json lists them
+TRANSIENT = (NODE, road.RUN, road.ROW, road.PERTURBED)  # carried between the stages, never stored
 
 
 def tuning_fallback(key: tuple) -> tuple:

@@ -52,7 +52,10 @@ mode (the matrix is symmetric and, negated, positive definite whenever a pixel i
 pytorch-grad-cam's metric also re-scores the unperturbed batch at each call (`bench/faithfulness.py`).
 
 Also here: `blurred` (the blurred-map control: Gaussian, sigma = half a map cell, min-max
-renormalised) and `max_sensitivity` (Yeh et al. 2019, with `ssim_perturbed`).
+renormalised), `random_maps` (the seeded random-map control) and `max_sensitivity` (Yeh et al.
+2019, with `ssim_perturbed`). The default steps, imputations and perturbation settings are the
+config's (`study.config`), stated there once. The explain stage runs these per map
+(`explain.road`).
 """
 
 from __future__ import annotations
@@ -68,14 +71,12 @@ from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import splu
 from torch import nn
 
-STEPS = (10, 20, 30, 40, 50, 60, 70, 80, 90)
-IMPUTATIONS = ("road", "blur", "zero")
+from study.config import IMPUTATIONS, SENSITIVITY_N, SENSITIVITY_RADIUS
+from study.config import ROAD_STEPS as STEPS  # the config's defaults: `faithfulness.steps`, `robustness.*`
+
 NOISE_SD = 0.01  # ROAD's noise, absolute, in the preprocessed scale
 BLUR_SIGMA = 5.0  # px; `blur` imputation (Petsiuk et al.: an 11-tap Gaussian of sigma 5)
 MORF, LERF = 0, 1  # the order axis of `impute`'s output
-COLUMNS = ("road_morf", "road_lerf", "road_gap")
-SENSITIVITY_COLUMNS = ("max_sensitivity", "ssim_perturbed", "sensitivity_kept")
-SENSITIVITY_N, SENSITIVITY_RADIUS = 10, 0.02  # perturbations; radius x the image's intensity range
 
 # pytorch-grad-cam's `neighbors_weights`, in its order (the border renormalisation subtracts the
 # weights of outside neighbours in this order, so the diagonal is the same float to the bit)
@@ -83,7 +84,7 @@ NEIGHBOURS = (((1, 1), 1 / 12), ((0, 1), 1 / 6), ((-1, 1), 1 / 12), ((1, -1), 1 
               ((0, -1), 1 / 6), ((-1, -1), 1 / 12), ((1, 0), 1 / 6), ((-1, 0), 1 / 6))
 
 # what each seeded draw is for, so that the streams of one (seed, image) never coincide
-_TIES, _NOISE, _SENSITIVITY = 1, 2, 3
+_TIES, _NOISE, _SENSITIVITY, _RANDOM_MAP = 1, 2, 3, 4
 
 Probability = Callable[[torch.Tensor], torch.Tensor]
 ExplainFn = Callable[[nn.Module, torch.Tensor], Any]
@@ -376,6 +377,16 @@ def blurred(maps: Any, cell_px: float, sigma_cells: float = 0.5, stored_dtype: O
     sigma = sigma_cells * cell_px
     smooth = gaussian_filter(m, sigma=(0, sigma, sigma), mode=mode)
     return min_max(smooth).astype(np.float32)
+
+
+# ---------------------------------------------------------------- the random-map control
+
+def random_maps(shape: tuple[int, int], seed: int, keys: Sequence[Any]) -> np.ndarray:
+    """The seeded uniform random-map control (B, H, W) float32, one per image key, drawn from
+    (seed, key): the same map for an image in every run. Min-max normalised like every stored map."""
+    maps = np.stack([_rng(seed, _RANDOM_MAP, key).random(shape) for key in keys]) if len(keys) else \
+        np.zeros((0, *shape))
+    return min_max(maps).astype(np.float32)
 
 
 # ---------------------------------------------------------------- robustness: max-sensitivity

@@ -283,6 +283,49 @@ class SanityConfig:
                "an integer in [2, 100000]")
 
 
+# Faithfulness and robustness (docs/STUDY.md §11), stated once: the config's defaults and what
+# `explain.faithfulness` implements (it takes these from here)
+ROAD_STEPS = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)  # % of the pixels removed per step
+IMPUTATIONS = ("road", "blur", "zero")  # ROAD's noisy linear imputation; deletion/insertion fills
+SENSITIVITY_N, SENSITIVITY_RADIUS = 10, 0.02  # perturbations; radius x the image's intensity range
+
+
+@dataclass(frozen=True)
+class FaithfulnessConfig:
+    """ROAD (Rong et al. 2022) of every scored map and of the controls (docs/STUDY.md §11)."""
+
+    enabled: bool = True
+    # the layer arms (as cam.layers) whose trained maps are scored; 'final' (the paper's layer, where the
+    # weight-randomised twin and the controls are scored too) is always among them
+    layers: tuple[Literal[LAYER_ARMS], ...] = ("final",)  # type: ignore[valid-type]
+    steps: tuple[float, ...] = ROAD_STEPS  # k: the top (MoRF) or bottom (LeRF) k% of a map's pixels removed
+    imputation: Literal[IMPUTATIONS] = "road"  # type: ignore[valid-type]  # blur, zero: deletion/insertion
+
+    def __post_init__(self):
+        _check("final" in self.layers and len(set(self.layers)) == len(self.layers), "faithfulness.layers",
+               self.layers, "a list without duplicates that includes 'final' (the paper's layer, where the "
+               "controls are scored)")
+        _check(1 <= len(self.steps) <= 99 and all(0 < k < 100 for k in self.steps), "faithfulness.steps",
+               self.steps, "a non-empty list of percentages strictly between 0 and 100, e.g. [10, 20, ..., 90]")
+        _check(all(a < b for a, b in zip(self.steps, self.steps[1:])), "faithfulness.steps", self.steps,
+               "percentages in increasing order without duplicates (each is one column of the per-step lists)")
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """Max-sensitivity (Yeh et al. 2019) of the maps at the paper's layer (docs/STUDY.md §11)."""
+
+    enabled: bool = True
+    n: int = SENSITIVITY_N  # seeded perturbations per image
+    # L-infinity radius of the uniform noise, as a fraction of each image's intensity range (preprocessed scale)
+    radius: float = SENSITIVITY_RADIUS
+
+    def __post_init__(self):
+        _check(1 <= self.n <= 1000, "robustness.n", self.n, "an integer in [1, 1000] (perturbations per image)")
+        _check(0 < self.radius <= 1, "robustness.radius", self.radius,
+               "a fraction of the image's intensity range in (0, 1]")
+
+
 @dataclass(frozen=True)
 class TrialOutcome:
     """One `camstudy tune` trial: its recipe and how far it got."""
@@ -399,6 +442,8 @@ class StudyConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     sanity: SanityConfig = field(default_factory=SanityConfig)
+    faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     statistics: StatisticsConfig = field(default_factory=StatisticsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -419,6 +464,11 @@ class StudyConfig:
         specs = specs_for(self.models)
         for spec in specs:
             cam_layers(spec, self.cam.layers)  # an arm the model declares no layers for
+        outside = [arm for arm in self.faithfulness.layers if arm not in self.cam.layers]
+        if outside:
+            raise ConfigError(f"faithfulness.layers: {', '.join(map(repr, outside))} not in cam.layers "
+                              f"{list(self.cam.layers)}: ROAD scores maps the explain stage makes; add the arm to "
+                              "cam.layers or drop it from faithfulness.layers")
         cnns = [spec.name for spec in specs if not spec.token_reshape]  # token_reshape: a ViT's attention blocks
         if "rollout" in self.cam.methods and cnns:
             raise ConfigError(f"cam.methods: 'rollout' reads attention blocks, which only ViTs have, but the study "

@@ -277,14 +277,18 @@ def prepare_inputs(config: Any) -> dict[str, Any]:
 def explain_inputs(config: Any, train_fingerprint: str) -> dict[str, Any]:
     """One run's CAM output: the trained run, which maps are made at which layers on which images,
     how they are scored, and the prepared data (validation positives tune the IoU threshold; the
-    lesion covariates come from the cache index). (`cam.batch_size` changes only the speed.)"""
+    lesion covariates come from the cache index), and the faithfulness and robustness settings
+    (docs/STUDY.md §11: a section turned off is `{"enabled": false}` alone, so its other keys then
+    change nothing). (`cam.batch_size` changes only the speed.)"""
     cam, plain = config.cam, config.to_dict()
     return {"train": {"fingerprint": train_fingerprint},
             "cam": {"methods": list(cam.methods), "layers": list(cam.layers), "images": cam.images,
                     "sanity_randomized": cam.sanity_randomized},
             "sanity": {"cascade": plain["sanity"]["cascade"]},
             "prepare": fingerprint(prepare_inputs(config)),
-            "metrics": plain["metrics"], "scoring_version": SCORING_VERSION}
+            "metrics": plain["metrics"], "scoring_version": SCORING_VERSION,
+            **{section: plain[section] if plain[section]["enabled"] else {"enabled": False}
+               for section in ("faithfulness", "robustness")}}
 
 
 def baselines_inputs(config: Any) -> dict[str, Any]:

@@ -53,6 +53,8 @@ class StudyStore:
         cams/<run key>/                  part-00000.parquet (trained-model maps only), _tuning.json, _done.json (last)
         sanity/<run key>/                part-00000.parquet: the weight-randomised twin's and the cascade's maps
         sanity/<run key>-permuted/       a label-permutation run's maps, _tuning.json, _done.json (last)
+        controls/<run key>/              part-00000.parquet, _tuning.json: the faithfulness controls of a
+                                         trained run (docs/STUDY.md §11), scored with its model
         baselines/                       part-00000.parquet: location prior and image-only maps, same
                                          columns; _tuning.json, _done.json (last)
         analysis/                        tables, statistics, figures, report.html
@@ -138,6 +140,7 @@ class StudyStore:
     train_root = property(lambda self: self.root / "train")  # every run's folder (run_dir) is in here
     cams_root = property(lambda self: self.root / "cams")  # every run's cams_dir is in here
     sanity_root = property(lambda self: self.root / "sanity")  # every run's sanity_dir is in here
+    controls_root = property(lambda self: self.root / "controls")  # every run's controls_dir is in here
 
     def run_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         return self.train_root / run_key(model, seed, permuted)
@@ -147,6 +150,11 @@ class StudyStore:
 
     def sanity_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         return self.sanity_root / run_key(model, seed, permuted)
+
+    def controls_dir(self, model: str, seed: int) -> Path:
+        """A trained run's faithfulness controls (docs/STUDY.md §11): maps that need no model, ROAD-scored
+        with the run's model, so per run (`baselines/` is made before any model and shared by all runs)."""
+        return self.controls_root / run_key(model, seed)
 
     def maps_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         """Where a run's explain output is complete (its _done.json): cams/ for a trained run,

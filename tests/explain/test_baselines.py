@@ -11,6 +11,7 @@ import pytest
 from explain.baselines import explain_baselines, image_only, location_prior
 from tests.conftest import ROOT, make_tiny_cache
 from tests.explain.test_metrics import naive_auprc, naive_row
+from study import maps
 from study.config import load_config
 from study.store import StudyStore
 
@@ -66,6 +67,9 @@ def test_baselines_are_scored_into_their_own_dataset_and_reused(store, capsys):
     assert frame.groupby("model")["image_id"].apply(sorted).apply(list).to_dict() == {
         name: sorted(test["image_id"]) for name in ("image_only", "prior")}
     assert frame["seed"].isna().all() and not frame["randomized"].any()
+    assert table.column_names == list(maps.COLUMNS)  # no classifier: no faithfulness or robustness (NaN, null)
+    assert all(table.column(name).null_count == len(table) or frame[name].isna().all()
+               for name in (*maps.FAITHFULNESS, *maps.ROBUSTNESS))
     heat = table.column("heatmap").combine_chunks().to_numpy_ndarray()
     row_of = index.set_index("image_id")["row"]
     for h, row in zip(heat, frame.itertuples()):  # every stored number re-scored from the stored map

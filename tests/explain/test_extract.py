@@ -23,8 +23,9 @@ STEPS = 6  # its cascade: step 0 (as trained), the head, then layer4 ... layer1 
 CAM_COLUMNS = ["image_id", "model", "seed", "label", "probability", "correct", "mask_fraction", "rle_rows",
                "n_regions", "elongation", "randomized", "randomization", "stages_randomized", "randomized_from",
                "cam_method", "cam_layer", "layer_depth", "map_size", "final_layer", "matched_layer", *COLUMNS,
-               "cam_constant", "spearman_to_trained", "ssim_to_trained", "top10_iou_to_trained", "tuned_threshold",
-               "iou_tuned", "hit_tuned", "heatmap"]
+               "cam_constant", "spearman_to_trained", "ssim_to_trained", "top10_iou_to_trained", "road_morf",
+               "road_lerf", "road_gap", "road_morf_steps", "road_lerf_steps", "max_sensitivity", "ssim_perturbed",
+               "sensitivity_kept", "tuned_threshold", "iou_tuned", "hit_tuned", "heatmap"]
 
 
 # every test trains tiny runs and runs the explain stage's Ray Data pipeline on them

@@ -150,3 +150,46 @@ def test_exponent_numbers_are_numbers_and_non_finite_ones_are_refused():
         load_config(DEMO, {"recipes.vit.momentum": float("nan")})
     with pytest.raises(ConfigError, match=r"training\.seeds: \(-1,\) is not valid; use a non-empty list of integers in \[0, 4294967295\]"):
         load_config(DEMO, {"training.seeds": [-1]})
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ({"faithfulness.steps": [50, 20]}, "percentages in increasing order without duplicates"),
+    ({"faithfulness.steps": [20, 20]}, "percentages in increasing order without duplicates"),
+    ({"faithfulness.steps": [0, 50]}, "strictly between 0 and 100"),
+    ({"faithfulness.steps": [50, 100]}, "strictly between 0 and 100"),
+    ({"faithfulness.steps": []}, "a non-empty list of percentages"),
+    ({"faithfulness.steps": ["half"]}, "expected a number"),
+    ({"faithfulness.layers": ["stages"]}, "includes 'final'"),
+    ({"faithfulness.imputation": "mean"}, "'road', 'blur', 'zero'"),
+    ({"faithfulness.enabled": "yes"}, "true or false"),
+    ({"robustness.n": 0}, "an integer in [1, 1000]"),
+    ({"robustness.n": 2.5}, "expected an integer"),
+    ({"robustness.radius": 0}, "(0, 1]"),
+    ({"robustness.radius": 1.5}, "(0, 1]"),
+])
+def test_faithfulness_and_robustness_values_are_checked_with_the_key_and_the_remedy(override, allowed):
+    (dotted, _), = override.items()
+    with pytest.raises(ConfigError) as caught:
+        load_config(DEMO, override)
+    message = str(caught.value)
+    assert message.startswith(f"override {dotted}=") and allowed in message and message.count("\n") == 0
+    assert f": {dotted.split('.')[0]}." in message
+
+
+def test_faithfulness_layers_must_be_arms_the_cam_stage_computes_and_typos_are_named():
+    with pytest.raises(ConfigError, match=r"faithfulness\.layers: 'matched' not in cam\.layers \['final'\].*add the "
+                                          r"arm to cam\.layers or drop it from faithfulness\.layers"):
+        load_config(PAPER, {"faithfulness.layers": ["final", "matched"]})
+    assert load_config(DEMO, {"faithfulness.layers": ["final", "matched"]}).faithfulness.layers == ("final", "matched")
+    with pytest.raises(ConfigError, match=r"faithfulness\.step: unknown key \(did you mean 'steps'\?\)"):
+        load_config(DEMO, {"faithfulness.step": [10]})
+    with pytest.raises(ConfigError, match=r"robustness\.radious: unknown key \(did you mean 'radius'\?\)"):
+        load_config(DEMO, {"robustness.radious": 0.1})
+
+
+def test_the_shipped_configs_state_faithfulness_and_robustness_and_the_demo_cuts_only_their_cost():
+    demo, paper, default = load_config(DEMO), load_config(PAPER), StudyConfig()
+    assert paper.faithfulness == default.faithfulness and paper.robustness == default.robustness
+    assert demo.faithfulness.enabled and demo.robustness.enabled
+    assert demo.faithfulness.steps == (20.0, 50.0, 80.0) and demo.robustness.n == 3
+    assert (demo.faithfulness.imputation, demo.robustness.radius) == ("road", default.robustness.radius)

@@ -12,7 +12,9 @@ def test_the_stored_columns_in_order():
         "ehr_auc_chance", "ehr_auc_oracle", "ehr_auc_norm", "ehr_auc_inputiba", "ehr_auc_inputiba_chance",
         "ehr_auc_inputiba_oracle", "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit", "iou_otsu", "auprc",
         "auroc_pixel", "mask_fraction_scored", "cam_all_zero", "cam_constant", "spearman_to_trained",
-        "ssim_to_trained", "top10_iou_to_trained", "tuned_threshold", "iou_tuned", "hit_tuned", "heatmap")
+        "ssim_to_trained", "top10_iou_to_trained", "road_morf", "road_lerf", "road_gap", "road_morf_steps",
+        "road_lerf_steps", "max_sensitivity", "ssim_perturbed", "sensitivity_kept", "tuned_threshold", "iou_tuned",
+        "hit_tuned", "heatmap")
     assert len(set(maps.COLUMNS)) == len(maps.COLUMNS)
 
 

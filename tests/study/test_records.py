@@ -373,3 +373,22 @@ def test_a_full_disk_ends_the_command_in_one_line_and_the_same_command_then_fini
     monkeypatch.setattr(pd.DataFrame, "to_parquet", written)  # space freed
     assert cli.main(_args("prepare", storage)) == 0
     assert manifest.is_file() and "manifest.parquet" in str(read_record(storage / "demo" / "stages" / "prepare.json"))
+
+
+def test_faithfulness_and_robustness_feed_the_explain_inputs_only():
+    """docs/STUDY.md §11: their keys recompute every run's maps; other stages' inputs do not move; a
+    section turned off is its `enabled` alone, so its other keys then change nothing."""
+    import dataclasses
+
+    from study.config import StudyConfig
+    from study.records import baselines_inputs, changed_keys, explain_inputs, fingerprint, prepare_inputs
+
+    config = StudyConfig()
+    fewer = dataclasses.replace(config, faithfulness=dataclasses.replace(config.faithfulness, steps=(20.0, 80.0)))
+    assert fingerprint(explain_inputs(fewer, "t")) != fingerprint(explain_inputs(config, "t"))
+    assert changed_keys(explain_inputs(config, "t"), explain_inputs(fewer, "t")) == ["faithfulness.steps"]
+    assert prepare_inputs(fewer) == prepare_inputs(config) and baselines_inputs(fewer) == baselines_inputs(config)
+    off = dataclasses.replace(config, robustness=dataclasses.replace(config.robustness, enabled=False))
+    assert explain_inputs(off, "t")["robustness"] == {"enabled": False}
+    off_fewer = dataclasses.replace(off, robustness=dataclasses.replace(off.robustness, n=3))
+    assert explain_inputs(off_fewer, "t") == explain_inputs(off, "t")
