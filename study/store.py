@@ -138,6 +138,7 @@ class StudyStore:
     train_root = property(lambda self: self.root / "train")  # every run's folder (run_dir) is in here
     cams_root = property(lambda self: self.root / "cams")  # every run's cams_dir is in here
     sanity_root = property(lambda self: self.root / "sanity")  # every run's sanity_dir is in here
+    controls_root = property(lambda self: self.root / "controls")  # every run's controls_dir is in here
 
     def run_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         return self.train_root / run_key(model, seed, permuted)
@@ -147,6 +148,10 @@ class StudyStore:
 
     def sanity_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         return self.sanity_root / run_key(model, seed, permuted)
+
+    def controls_dir(self, model: str, seed: int) -> Path:
+        """The faithfulness controls of a trained run (docs/STUDY.md §11), scored with its model."""
+        return self.controls_root / run_key(model, seed)
 
     def maps_dir(self, model: str, seed: int, permuted: bool = False) -> Path:
         """Where a run's explain output is complete (its _done.json): cams/ for a trained run,
