@@ -334,7 +334,7 @@ def _rung_label(rung: str, model: str, degenerate: bool) -> str:
     """A model-free rung by its name; a model's rung by the model, and the control it is (ROAD's
     controls are scored by each model's classifier, so they are the model's rungs)."""
     names = {"chance": "chance", "image_only": "image-only", "prior": "location prior", "oracle": "oracle",
-             "random": "random map", "blurred": "blurred map", "randomized": "random"}
+             "random": "random map", "blurred": "blurred map", "randomized": "weights randomised"}
     if not model:
         return names.get(rung, rung)
     return f"{model_label(model, degenerate)}{f' ({names[rung]})' if rung in names else ''}"

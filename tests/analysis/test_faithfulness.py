@@ -308,3 +308,50 @@ def test_mlflow_children_get_the_per_run_means(tmp_path):
     for name in ("profile", "depth_trend", "faithfulness", "faithfulness_pairs", "robustness_pairs"):
         assert f"id='table-{name}'" in text, name
     assert json.loads((study.root / "analysis" / "statistics.json").read_text())["comparisons"]
+
+
+# --------------------------------------------------------------------------- degenerate sets and several seeds
+
+
+def test_a_degenerate_map_set_is_flagged_and_left_out_of_every_comparison(tmp_path):
+    study = SyntheticStudy(tmp_path / "study", rng_seed=14)
+    for model in MODELS:
+        study.run(model, 0, all_zero=model == "vgg16")
+    add_section11(study, MODELS)
+    inputs = load_study(StudyStore(study.root), config_for(MODELS, [0]))
+    outputs = build_outputs(inputs, study.root / "scratch")
+    flags = outputs.tables["faithfulness"].set_index("model")["degenerate"]
+    assert flags["vgg16"] and not flags["resnet18"] and not flags["resnet50"]
+    for name in ("faithfulness_pairs", "robustness_pairs", "profile"):
+        assert set(outputs.tables[name]["model"]) == {"resnet18", "resnet50"}, name
+    trend = outputs.tables["depth_trend"].set_index(["family", "metric"])
+    assert trend.loc[("vgg", "road_gap"), "verdict"] == P.NO_SLOPE
+    assert trend.loc[("vgg", "road_gap"), "note"].startswith("0 valid model(s) of the VGG family")
+    answers = " ".join(summary_items(inputs, outputs)[:len(P.DIMENSIONS)])
+    assert "VGG16" not in answers
+    road = outputs.tables["ladder"][outputs.tables["ladder"]["metric"] == "road_gap"]
+    assert (road[road["model"] == "vgg16"]["degenerate"] != "").all()  # drawn hollow and grey
+
+
+def test_several_seeds_use_the_bootstrap_the_crossed_slope_and_repeatability(tmp_path):
+    models = ["resnet18", "resnet50"]
+    study = SyntheticStudy(tmp_path / "study", rng_seed=15, run_sd=0.01)
+    for model in models:
+        for seed in (0, 1):
+            study.run(model, seed)
+    add_section11(study, models, seeds=(0, 1))
+    inputs = load_study(StudyStore(study.root), config_for(models, [0, 1]))
+    outputs = build_outputs(inputs, study.root / "scratch")
+    table = outputs.tables["faithfulness"].set_index("model")
+    assert (table["seeds"] == 2).all() and table["ci_method"].str.startswith("hierarchical bootstrap").all()
+    scores = pd.read_parquet(outputs.scores_path)
+    model_rows = scores[(scores["level"] == "model")].set_index("model")
+    for model in models:  # one CI per quantity: the table's equals scores.parquet's model row
+        assert table.loc[model, ["road_gap", "road_gap_lo", "road_gap_hi"]].to_numpy(float) == pytest.approx(
+            model_rows.loc[model, ["road_gap", "road_gap_lo", "road_gap_hi"]].to_numpy(float))
+    controls = scores[scores["set"] == "control"]
+    assert len(controls) == 4 * 2 * len(models) and controls["model"].str.contains("@").all()
+    trend = outputs.tables["depth_trend"].set_index(["family", "metric"]).loc[("resnet", "road_gap")]
+    assert trend["runs"] == 4 and trend["method"].startswith("balanced-design")
+    stability = outputs.tables["profile"][outputs.tables["profile"]["dimension"] == "stability"]
+    assert stability["estimate"].notna().all() and set(stability["model"]) == set(models)
