@@ -197,7 +197,7 @@ def _faithfulness_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd
                                   dict(zip(flagged["model"], flagged["degenerate"])), alpha)
         outputs.tables["ladder"] = pd.concat([outputs.tables["ladder"], road], ignore_index=True)
     found["profile"] = profile.profile_table(valid, {**outputs.tables, **found}, outputs.statistics.get("cascade"),
-                                             alpha, replicates, seed, inputs.config.training.threshold)
+                                             alpha, replicates, seed, inputs.config.training.threshold, margin)
     valid_twin = twin.merge(valid[["model", "seed"]].drop_duplicates(), on=["model", "seed"])
     found["depth_trend"] = profile.depth_trend_table(valid, valid_twin, inputs.models,
                                                      {**PARAMETERS, **_extra_parameters(inputs)}, alpha, margin)

@@ -172,6 +172,6 @@ def not_measured_reason(trained: pd.DataFrame, metric: str) -> str:
     if trained is None or trained.empty:
         return "no scored maps"
     if metric not in trained:
-        return f"the map datasets have no {metric} column (scored before it existed)"
+        return f"the map datasets have no {metric} column: they were scored before it existed"
     return f"{metric} is not scored at the paper's layer (the dimension is off in this study's config)"
 

@@ -37,7 +37,7 @@ from study.models import FAMILY_ORDER
 PROFILE_COLUMNS = ["model", "dimension", "measure", "estimate", "lo", "hi", "line", "question", "verdict", "basis"]
 DIMENSIONS = ("classification", "localisation", "faithfulness", "randomisation", "robustness", "stability")
 # the question of each dimension whose "yes" the summary counts
-KEY_QUESTION = {"classification": "test AUC above 0.5?", "localisation": "beats the location prior?",
+KEY_QUESTION = {"classification": "accuracy above 0.5 at the threshold?", "localisation": "beats the location prior?",
                 "faithfulness": "beats its blurred copy?", "randomisation": "below the pass line?",
                 "robustness": "more robust than its weight-randomised twin?",
                 "stability": "seeds agree beyond unrelated images?"}
@@ -56,11 +56,11 @@ def _missing(model: str, dimension: str, why: str) -> dict[str, Any]:
 
 
 def profile_table(valid: pd.DataFrame, found: Mapping[str, pd.DataFrame], cascade: Optional[list[dict]],
-                  alpha: float, replicates: int, seed: int, threshold: float) -> pd.DataFrame:
+                  alpha: float, replicates: int, seed: int, threshold: float, margin: float) -> pd.DataFrame:
     """One row per (valid model, dimension, measure). `valid`: the trained rows of the paper's layer
     and primary method without the degenerate sets; `found`: the computed tables (table1,
     beats_prior, faithfulness_pairs, robustness_pairs, cascade, stability); `cascade`: the
-    cascade verdicts (statistics.json)."""
+    cascade verdicts (statistics.json); `margin`: the equivalence margin of the paired TOSTs."""
     if valid.empty:
         return pd.DataFrame(columns=PROFILE_COLUMNS)
     several = valid[["model", "seed"]].drop_duplicates().groupby("model", observed=True).size()
@@ -69,10 +69,11 @@ def profile_table(valid: pd.DataFrame, found: Mapping[str, pd.DataFrame], cascad
         model = str(model)
         interval = lambda metric: model_interval(part, metric, alpha, replicates, seed)  # noqa: E731
         rows += _classification(model, found.get("table1"), threshold, alpha)
-        rows += _localisation(model, part, found.get("beats_prior"), interval, alpha)
-        rows += _faithfulness(model, part, found.get("faithfulness_pairs"), interval, alpha)
+        pair = lambda *args, **kwargs: _pair(model, *args, alpha=alpha, margin=margin, **kwargs)  # noqa: E731
+        rows += _localisation(model, part, found.get("beats_prior"), interval, pair)
+        rows += _faithfulness(model, part, found.get("faithfulness_pairs"), interval, pair)
         rows += _randomisation(model, cascade)
-        rows += _robustness(model, part, found.get("robustness_pairs"), interval, alpha)
+        rows += _robustness(model, part, found.get("robustness_pairs"), interval, pair)
         rows += _stability(model, int(several.get(model, 1)), found.get("stability"), found.get("cascade"))
     return pd.DataFrame(rows, columns=PROFILE_COLUMNS)
 
@@ -93,20 +94,22 @@ def _classification(model: str, table1: Optional[pd.DataFrame], threshold: float
         return [_missing(model, "classification", "no test metrics")]
     row = rows.iloc[0].to_dict()
     found = []
-    for metric, measure, question in (("auc", "test AUC", KEY_QUESTION["classification"]),
-                                      ("accuracy", f"accuracy at {prose(threshold)}", "above 0.5?"),
+    # a valid map set's AUC CI is above 0.5 by definition (docs/STUDY.md §8): the calls at the threshold are the question
+    for metric, measure, question in (("auc", "test AUC", "test AUC above 0.5?"),
+                                      ("accuracy", f"accuracy at {prose(threshold)}", KEY_QUESTION["classification"]),
                                       ("recall", f"sensitivity at {prose(threshold)}", ""),
                                       ("specificity", f"specificity at {prose(threshold)}", "")):
         value, lo, hi = table1_interval(row, metric, alpha)
         answer = level_verdict(lo, hi, 0.5) if question else DESCRIPTIVE
-        found.append(_row(model, "classification", measure, value, lo, hi, question, answer,
-                          "Table 1 (Wilson / DeLong CI; several seeds: mean ± z SD/√seeds)",
+        basis = ("Table 1: Wilson (proportions) or DeLong (AUC) CI" if row.get("seeds", 1) <= 1 else
+                 f"Table 1 over {row['seeds']} seeds: mean ± z SD/√seeds")
+        found.append(_row(model, "classification", measure, value, lo, hi, question, answer, basis,
                           0.5 if question else math.nan))
     return found
 
 
 def _pair(model: str, dimension: str, measure: str, pairs: Optional[pd.DataFrame], chosen_by: Mapping[str, str],
-          question: str, alpha: float, higher: bool = True) -> Optional[dict]:
+          question: str, alpha: float, margin: float, higher: bool = True) -> Optional[dict]:
     """The profile row of one paired comparison, read from its pair table (`chosen_by`: column ->
     value picking the row; None: not in it), its verdict by `analysis.faithfulness.verdict`."""
     if pairs is None or pairs.empty:
@@ -120,21 +123,21 @@ def _pair(model: str, dimension: str, measure: str, pairs: Optional[pd.DataFrame
     return _row(model, dimension, measure, r["difference"], r["lo"], r["hi"], question,
                 verdict(r["lo"], r["hi"], r["p_holm"], r.get("p_tost", math.nan), alpha, higher),
                 f"paired over {int(r['n'])} images: t CI, Wilcoxon p with Holm across models, TOST at "
-                f"±{prose(r.get('margin', math.nan))}", 0.0)
+                f"±{prose(margin)}", 0.0)
 
 
-def _localisation(model: str, part: pd.DataFrame, prior: Optional[pd.DataFrame], interval, alpha: float) -> list[dict]:
+def _localisation(model: str, part: pd.DataFrame, prior: Optional[pd.DataFrame], interval, pair) -> list[dict]:
     if not measured(part, "auprc"):
         return [_missing(model, "localisation", not_measured_reason(part, "auprc"))]
     mean, lo, hi, how = interval("auprc")
     rows = [_row(model, "localisation", "pixel AUPRC", mean, lo, hi, "", DESCRIPTIVE, how)]
-    versus = _pair(model, "localisation", "pixel AUPRC − location prior", prior, {"metric": "auprc"},
-                   KEY_QUESTION["localisation"], alpha)
+    versus = pair("localisation", "pixel AUPRC − location prior", prior, {"metric": "auprc"},
+                  KEY_QUESTION["localisation"])
     rows.append(versus or _missing(model, "localisation", "no location prior scored (baselines.enabled off)"))
     return rows
 
 
-def _faithfulness(model: str, part: pd.DataFrame, pairs: Optional[pd.DataFrame], interval, alpha: float) -> list[dict]:
+def _faithfulness(model: str, part: pd.DataFrame, pairs: Optional[pd.DataFrame], interval, pair) -> list[dict]:
     if not measured(part, "road_gap"):
         return [_missing(model, "faithfulness", not_measured_reason(part, "road_gap"))]
     mean, lo, hi, how = interval("road_gap")
@@ -142,7 +145,7 @@ def _faithfulness(model: str, part: pd.DataFrame, pairs: Optional[pd.DataFrame],
                  how, 0.0)]
     for reference, measure, question in (("prior", "ROAD gap − location prior", "beats the location prior?"),
                                          ("blurred", "ROAD gap − its blurred copy", KEY_QUESTION["faithfulness"])):
-        rows.append(_pair(model, "faithfulness", measure, pairs, {"reference": reference}, question, alpha)
+        rows.append(pair("faithfulness", measure, pairs, {"reference": reference}, question)
                     or _row(model, "faithfulness", measure, math.nan, math.nan, math.nan, question, NOT_MEASURED,
                             f"no {reference} control in controls/"))
     return rows
@@ -162,13 +165,13 @@ def _randomisation(model: str, cascade: Optional[list[dict]]) -> list[dict]:
                  f"pass line {prose(line)} (mean SSIM of unrelated images' trained maps, Arun et al. 2021)", line)]
 
 
-def _robustness(model: str, part: pd.DataFrame, pairs: Optional[pd.DataFrame], interval, alpha: float) -> list[dict]:
+def _robustness(model: str, part: pd.DataFrame, pairs: Optional[pd.DataFrame], interval, pair) -> list[dict]:
     if not measured(part, "max_sensitivity"):
         return [_missing(model, "robustness", not_measured_reason(part, "max_sensitivity"))]
     mean, lo, hi, how = interval("max_sensitivity")
     rows = [_row(model, "robustness", "max-sensitivity (lower: more robust)", mean, lo, hi, "", DESCRIPTIVE, how)]
-    rows.append(_pair(model, "robustness", "max-sensitivity − twin", pairs, {"reference": TWIN},
-                      KEY_QUESTION["robustness"], alpha, higher=False)
+    rows.append(pair("robustness", "max-sensitivity − twin", pairs, {"reference": TWIN}, KEY_QUESTION["robustness"],
+                     higher=False)
                 or _row(model, "robustness", "max-sensitivity − twin", math.nan, math.nan, math.nan,
                         KEY_QUESTION["robustness"], NOT_MEASURED, "the twin's maps carry no max_sensitivity"))
     return rows

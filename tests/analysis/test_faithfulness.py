@@ -154,8 +154,12 @@ def test_the_profile_answers_each_dimension_with_its_ci(measured):
     row = key.loc[(FAITHFUL, P.KEY_QUESTION["faithfulness"])]
     assert [row["estimate"], row["lo"], row["hi"]] == pytest.approx(
         pairs.loc[("blurred", FAITHFUL), ["difference", "lo", "hi"]].to_numpy(float).tolist())
-    auc = key.loc[(FAITHFUL, P.KEY_QUESTION["classification"])]
+    auc = key.loc[(FAITHFUL, "test AUC above 0.5?")]
     assert auc["verdict"] == F.YES and auc["lo"] > 0.5
+    accuracy = key.loc[(FAITHFUL, P.KEY_QUESTION["classification"])]
+    table1 = measured.outputs.tables["table1"].set_index("model").loc[FAITHFUL]
+    assert [accuracy["estimate"], accuracy["lo"], accuracy["hi"]] == pytest.approx(
+        [table1["accuracy"], table1["accuracy_lo"], table1["accuracy_hi"]])
     # one seed, no cascade: these dimensions say why they have no number
     stability = profile[profile["dimension"] == "stability"]
     assert (stability["verdict"] == F.NOT_MEASURED).all() and stability["basis"].str.contains(">= 2").all()
@@ -285,7 +289,7 @@ def test_a_study_without_the_columns_reports_them_not_measured(tmp_path):
     assert (trend[trend["metric"] == "road_gap"]["verdict"] == F.NOT_MEASURED).all()
     assert trend[(trend["family"] == "resnet") & (trend["metric"] == "auprc")]["slope"].notna().all()
     items = summary_items(inputs, outputs)
-    assert "Faithfulness: not measured in this study (the map datasets have no road_gap column" in items[2]
+    assert "Faithfulness: not measured in this study (the map datasets have no road_gap column: " in items[2]
     assert "Robustness: not measured" in items[4]
     assert "road_gap_mean" not in outputs.run_summary
 
