@@ -104,9 +104,9 @@ def model_table(trained: pd.DataFrame, models: pd.DataFrame, metrics: tuple[str,
             continue
         row = {"model": str(model), "n": int(scored["image_id"].nunique()), "seeds": int(scored["seed"].nunique())}
         for metric in present:
-            row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"], row["ci_method"] = model_interval(
+            row[metric], row[f"{metric}_lo"], row[f"{metric}_hi"], how = model_interval(
                 scored, metric, alpha, replicates, seed)
-        rows.append(row)
+        rows.append({**row, "ci_method": how})
     return models.merge(pd.DataFrame(rows), on="model", how="inner") if rows else pd.DataFrame()
 
 
@@ -118,7 +118,8 @@ def control_rows(controls: pd.DataFrame, method: Optional[str] = None) -> dict[s
         return {}
     name, _, model = controls["model"].astype(str).str.partition(CONTROL_SEPARATOR).T.to_numpy()
     rows = controls.assign(control=name, model=model)
-    rows = rows[rows["final_layer"].astype(bool)] if "final_layer" in rows else rows
+    if "final_layer" in rows:  # a layer-free control (prior, random) may leave it null: it belongs to the paper's layer
+        rows = rows[rows["final_layer"].astype(object).where(rows["final_layer"].notna(), True).astype(bool)]
     found = {}
     for control in CONTROLS:
         part = rows[rows["control"] == control]
