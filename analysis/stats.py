@@ -419,9 +419,12 @@ def slope_mixed_model(df: pd.DataFrame, value: str, x: str, group: str = "model"
     image_level = data.groupby([group, subject], observed=True).agg(y=(value, "mean"), x=(x, "first")).reset_index()
     tidy = pd.DataFrame({"y": image_level["y"].astype(float).to_numpy(), "x": image_level["x"].astype(float).to_numpy(),
                          "s": image_level[subject].astype(str).to_numpy()})  # a model's seeds averaged per image
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit = smf.mixedlm("y ~ x", tidy, groups=tidy["s"]).fit(reml=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence is reported below, from the fit itself
+            fit = smf.mixedlm("y ~ x", tidy, groups=tidy["s"]).fit(reml=True)
+    except (np.linalg.LinAlgError, ValueError) as error:  # e.g. one image, or no spread left to fit
+        return {**empty, "note": f"the mixed model could not be fitted ({error})"}
     slope, se = float(fit.fe_params["x"]), float(fit.bse_fe["x"])
     z = stats.norm.ppf(1 - alpha / 2)
     return {**empty, "slope": slope, "se": se, "lower": slope - z * se, "upper": slope + z * se,

@@ -359,3 +359,19 @@ def test_several_seeds_use_the_bootstrap_the_crossed_slope_and_repeatability(tmp
     assert trend["runs"] == 4 and trend["method"].startswith("balanced-design")
     stability = outputs.tables["profile"][outputs.tables["profile"]["dimension"] == "stability"]
     assert stability["estimate"].notna().all() and set(stability["model"]) == set(models)
+
+
+def test_control_rows_name_the_classifier_and_keep_the_papers_layer():
+    controls = pd.DataFrame({"model": ["prior@resnet18", "blurred@resnet18", "blurred@resnet18", "random@vgg16"],
+                             "final_layer": [None, True, False, True], "cam_method": ["prior", "gradcam", "gradcam", "x"],
+                             "seed": [0, 0, 0, 0]})
+    found = F.control_rows(controls, "gradcam")
+    assert sorted(found) == ["blurred", "prior", "random"]
+    assert found["prior"]["model"].tolist() == ["resnet18"] and len(found["blurred"]) == 1
+    assert found["random"]["model"].tolist() == ["vgg16"]
+
+
+def test_a_slope_that_cannot_be_fitted_is_a_row_saying_why():
+    data = pd.DataFrame({"model": ["a", "b"], "seed": [0, 0], "image_id": ["i", "i"], "x": [1.0, 2.0], "y": [0.1, 0.2]})
+    fit = stats.slope_mixed_model(data, "y", "x")
+    assert np.isnan(fit["slope"]) and fit["note"].startswith("the mixed model could not be fitted")
