@@ -12,7 +12,9 @@ def test_run_folders_lie_in_their_stages_roots(tmp_path):
     assert store.cams_dir("resnet18", 0).parent == store.cams_root
     assert store.sanity_dir("resnet18", 0, True).parent == store.sanity_root
     assert store.maps_dir("resnet18", 0, True) == store.sanity_dir("resnet18", 0, True)
-    assert {store.train_root.name, store.cams_root.name, store.sanity_root.name} == {"train", "cams", "sanity"}
+    assert store.controls_dir("resnet18", 0) == store.controls_root / "resnet18-seed0"
+    assert {store.train_root.name, store.cams_root.name, store.sanity_root.name, store.controls_root.name} == {
+        "train", "cams", "sanity", "controls"}
 
 
 def test_run_keys_round_trip():
