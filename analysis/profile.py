@@ -29,8 +29,8 @@ from analysis import stats
 from analysis.equivalence import tost_estimate
 from scipy import stats as scipy_stats
 
-from analysis.faithfulness import (NOT_MEASURED, TWIN, UNSURE, YES, level_verdict, measured, model_interval,
-                                   not_measured_reason, verdict)
+from analysis.faithfulness import (HIGHER_IS_BETTER, NOT_MEASURED, TWIN, UNSURE, YES, level_verdict, measured,
+                                   model_interval, not_measured_reason, verdict)
 from analysis.prose import prose
 from study.models import FAMILY_ORDER
 
@@ -109,7 +109,7 @@ def _classification(model: str, table1: Optional[pd.DataFrame], threshold: float
 
 
 def _pair(model: str, dimension: str, measure: str, pairs: Optional[pd.DataFrame], chosen_by: Mapping[str, str],
-          question: str, alpha: float, margin: float, higher: bool = True) -> Optional[dict]:
+          question: str, alpha: float, margin: float) -> Optional[dict]:
     """The profile row of one paired comparison, read from its pair table (`chosen_by`: column ->
     value picking the row; None: not in it), its verdict by `analysis.faithfulness.verdict`."""
     if pairs is None or pairs.empty:
@@ -121,7 +121,8 @@ def _pair(model: str, dimension: str, measure: str, pairs: Optional[pd.DataFrame
         return None
     r = pairs[chosen].iloc[0]
     return _row(model, dimension, measure, r["difference"], r["lo"], r["hi"], question,
-                verdict(r["lo"], r["hi"], r["p_holm"], r.get("p_tost", math.nan), alpha, higher),
+                verdict(r["lo"], r["hi"], r["p_holm"], r.get("p_tost", math.nan), alpha,
+                        HIGHER_IS_BETTER.get(r["metric"], True)),
                 f"paired over {int(r['n'])} images: t CI, Wilcoxon p with Holm across models, TOST at "
                 f"±{prose(margin)}", 0.0)
 
@@ -170,8 +171,7 @@ def _robustness(model: str, part: pd.DataFrame, pairs: Optional[pd.DataFrame], i
         return [_missing(model, "robustness", not_measured_reason(part, "max_sensitivity"))]
     mean, lo, hi, how = interval("max_sensitivity")
     rows = [_row(model, "robustness", "max-sensitivity (lower: more robust)", mean, lo, hi, "", DESCRIPTIVE, how)]
-    rows.append(pair("robustness", "max-sensitivity − twin", pairs, {"reference": TWIN}, KEY_QUESTION["robustness"],
-                     higher=False)
+    rows.append(pair("robustness", "max-sensitivity − twin", pairs, {"reference": TWIN}, KEY_QUESTION["robustness"])
                 or _row(model, "robustness", "max-sensitivity − twin", math.nan, math.nan, math.nan,
                         KEY_QUESTION["robustness"], NOT_MEASURED, "the twin's maps carry no max_sensitivity"))
     return rows
@@ -200,11 +200,11 @@ def _stability(model: str, seeds: int, stability: Optional[pd.DataFrame], cascad
 
 TREND_COLUMNS = ["family", "dimension", "metric", "better", "models", "n_models", "images", "runs", "slope", "lo",
                  "hi", "p", "margin", "p_tost", "verdict", "method", "note"]
-# dimension -> (metric, whose rows: the model's own maps or its weight-randomised twin's, higher is better)
-TREND_DIMENSIONS = {"localisation": ("auprc", "trained", True), "localisation (the paper's score)":
-                    ("diff_gradcam", "trained", True), "faithfulness": ("road_gap", "trained", True),
-                    "robustness": ("max_sensitivity", "trained", False),
-                    "randomisation": ("ssim_to_trained", TWIN, False)}
+# dimension -> (metric, whose rows: the model's own maps or its weight-randomised twin's)
+TREND_DIMENSIONS = {"localisation": ("auprc", "trained"),
+                    "localisation (the paper's score)": ("diff_gradcam", "trained"),
+                    "faithfulness": ("road_gap", "trained"), "robustness": ("max_sensitivity", "trained"),
+                    "randomisation": ("ssim_to_trained", TWIN)}
 # the trend each summary line reads: one metric per dimension
 SUMMARY_TREND = {"localisation": "auprc", "faithfulness": "road_gap", "robustness": "max_sensitivity",
                  "randomisation": "ssim_to_trained"}
@@ -220,8 +220,8 @@ def depth_trend_table(valid: pd.DataFrame, twin: pd.DataFrame, models: pd.DataFr
     families += sorted(set(models["family"]) - set(families))
     family_of = dict(zip(models["model"].astype(str), models["family"]))
     rows = []
-    for dimension, (metric, source, higher) in TREND_DIMENSIONS.items():
-        frame = twin if source == TWIN else valid
+    for dimension, (metric, source) in TREND_DIMENSIONS.items():
+        frame, higher = (twin if source == TWIN else valid), HIGHER_IS_BETTER[metric]
         for family in families:
             base = {"family": family, "dimension": dimension, "metric": metric,
                     "better": "higher" if higher else "lower", "margin": margin}
