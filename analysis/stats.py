@@ -431,7 +431,8 @@ def slope_mixed_model(df: pd.DataFrame, value: str, x: str, group: str = "model"
             "p": float(2 * stats.norm.sf(abs(slope / se))) if se > 0 else math.nan, "df": math.inf,
             "runs": int(data[[group, run]].drop_duplicates().shape[0]),
             "method": "REML, score ~ x + (1 | image)",
-            "note": "" if fit.converged else "the fit did not converge: read with care"}
+            "note": "one seed: the slope describes these trained networks, not their architectures"
+                    + ("" if fit.converged else "; the fit did not converge: read with care")}
 
 
 def _crossed_slope(data: pd.DataFrame, value: str, x: str, group: str, subject: str, run: str,
