@@ -15,16 +15,18 @@ import pandas as pd
 from analysis import (
     covariates,
     equivalence,
+    faithfulness,
     figures,
     ladder,
     layers,
     paper_values,
+    profile,
     reliability,
     stats,
     tables,
     validity,
 )
-from analysis.inputs import StudyInputs, read_backgrounds, read_heatmaps
+from analysis.inputs import PARAMETERS, StudyInputs, read_backgrounds, read_heatmaps
 
 STATS_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_norm"]  # full model comparison for each
 DEPTH_METRICS = {"diff_gradcam": "diff_gradcam", "ehr_auc_norm": "ehr_auc_norm", "pointing_hit": "pointing_game"}
@@ -79,6 +81,7 @@ def build_outputs(inputs: StudyInputs, directory: Path) -> AnalysisOutputs:
     outputs.statistics = _statistics(trained, valid, method, alpha, outputs)
     outputs.statistics["resolution_matched"] = layers.matched_statistics(swept, outputs.excluded, alpha)
     outputs.tables.update(_reliability_tables(inputs, primary, valid, method, alpha, outputs))
+    outputs.tables.update(_faithfulness_tables(inputs, primary, trained, valid, method, alpha, outputs))
     outputs.run_summary = tables.run_summary(trained, outputs.excluded) if len(trained) else pd.DataFrame()
     outputs.tables.update(_statistics_tables(outputs.statistics))
     outputs.figures = _figures(inputs, trained, outputs, method)
@@ -132,7 +135,7 @@ def _beyond_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataF
     flags = dict(zip(flagged["model"], flagged["degenerate"]))
     randomized = tables.copy_rows(primary[primary["cam_method"] == method], "full")
     found = {"ladder": ladder.ladder_table(trained, randomized, inputs.baselines, flags, alpha),
-             "beats_prior": ladder.beats_prior(valid, inputs.baselines, alpha)}
+             "beats_prior": ladder.beats_prior(valid, inputs.baselines, alpha, inputs.config.statistics.equivalence_margin)}
     if swept["cam_layer"].nunique() > trained["cam_layer"].nunique():  # cam.layers asked for more than `final`
         found["layer_sweep"] = layers.layer_sweep_table(swept, inputs.models, validity.among(excluded, swept), alpha)
         found["layer_vs_final"] = layers.layer_vs_final_table(swept, excluded, alpha)
@@ -167,6 +170,43 @@ def _reliability_tables(inputs: StudyInputs, primary: pd.DataFrame, valid: pd.Da
         found[f"{metric}_equivalence"] = equivalence.equivalence_table(valid.dropna(subset=[metric]), metric, comparison,
                                                                        margin, alpha, power)
     return {name: table for name, table in found.items() if len(table)}
+
+
+def _faithfulness_tables(inputs: StudyInputs, primary: pd.DataFrame, trained: pd.DataFrame, valid: pd.DataFrame,
+                         method: Optional[str], alpha: float, outputs: AnalysisOutputs) -> dict[str, pd.DataFrame]:
+    """docs/STUDY.md §11: faithfulness and robustness per model and against their references, the
+    ROAD rungs of the ladder, the reliability profile and the depth trend. A study scored before
+    these columns existed gets the profile and the trend with the new dimensions "not measured"."""
+    if trained.empty or method is None:
+        return {}
+    settings = inputs.config.statistics
+    margin, replicates, seed = settings.equivalence_margin, settings.bootstrap_replicates, settings.bootstrap_seed
+    flagged = model_flags(trained, method, outputs.excluded)
+    twin = tables.copy_rows(primary[primary["cam_method"] == method], "full")
+    found: dict[str, pd.DataFrame] = {}
+    for name, metrics, names, metric in (
+            ("faithfulness", faithfulness.FAITHFULNESS_METRICS, faithfulness.FAITHFULNESS_REFERENCES, "road_gap"),
+            ("robustness", faithfulness.ROBUSTNESS_METRICS, faithfulness.ROBUSTNESS_REFERENCES, "max_sensitivity")):
+        table = faithfulness.model_table(trained, inputs.models, metrics, alpha, replicates, seed)
+        if len(table):
+            found[name] = tables.with_flags(table, flagged)
+            references = faithfulness.references(valid, inputs.controls, twin, method, names)
+            found[f"{name}_pairs"] = faithfulness.pairs_table(valid, references, metric, alpha, margin)
+    if faithfulness.measured(trained, ladder.ROAD_METRIC) and "ladder" in outputs.tables:
+        road = ladder.road_ladder(trained, twin, faithfulness.control_rows(inputs.controls, method),
+                                  dict(zip(flagged["model"], flagged["degenerate"])), alpha)
+        outputs.tables["ladder"] = pd.concat([outputs.tables["ladder"], road], ignore_index=True)
+    found["profile"] = profile.profile_table(valid, {**outputs.tables, **found}, outputs.statistics.get("cascade"),
+                                             alpha, replicates, seed, inputs.config.training.threshold, margin)
+    valid_twin = twin.merge(valid[["model", "seed"]].drop_duplicates(), on=["model", "seed"])
+    found["depth_trend"] = profile.depth_trend_table(valid, valid_twin, inputs.models,
+                                                     {**PARAMETERS, **_extra_parameters(inputs)}, alpha, margin)
+    return {name: table for name, table in found.items() if len(table)}
+
+
+def _extra_parameters(inputs: StudyInputs) -> dict[str, Optional[float]]:
+    """Models outside the built-in registry have no stated parameter count (no trend point)."""
+    return {str(m): None for m in inputs.model_order if m not in PARAMETERS}
 
 
 def _statistics(trained: pd.DataFrame, valid: pd.DataFrame, method: Optional[str], alpha: float,
@@ -221,7 +261,7 @@ def _statistics_tables(statistics: dict[str, Any]) -> dict[str, pd.DataFrame]:
 def _scores(inputs: StudyInputs, swept: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """scores.parquet: every map set of every run (t intervals over images), and the trained map
     sets per model (hierarchical bootstrap over seeds and images)."""
-    scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha, inputs.baselines)
+    scores = tables.scores_table(inputs.cams, inputs.test_metrics, alpha, inputs.baselines, inputs.controls)
     if swept.empty:
         return scores
     settings = inputs.config.statistics
@@ -281,6 +321,9 @@ def _figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: AnalysisOutput
     found.update(_beyond_figures(inputs, trained, outputs, folder, degenerate))
     if len(outputs.tables.get("cascade", ())):
         found["cascade"] = figures.cascade_figure(outputs.tables["cascade"], inputs.models, folder / "cascade.png")
+    if len(outputs.tables.get("profile", ())):
+        found["profile"] = figures.profile_figure(outputs.tables["profile"], profile.KEY_QUESTION, inputs.models,
+                                                  folder / "profile.png", degenerate)
     if len(outputs.tables.get("stability", ())):
         found["stability"] = figures.stability_figure(outputs.tables["stability"], folder / "stability.png",
                                                       degenerate=degenerate)
@@ -291,8 +334,15 @@ def _beyond_figures(inputs: StudyInputs, trained: pd.DataFrame, outputs: Analysi
                     folder: Path, degenerate: list[str]) -> dict[str, Path]:
     """The ladder, the layer sweep and metric against lesion size (docs/STUDY.md §9)."""
     found: dict[str, Path] = {}
-    if len(outputs.tables.get("ladder", ())):
-        found["ladder"] = figures.ladder_figure(outputs.tables["ladder"], inputs.models, folder / "ladder.png")
+    rungs = outputs.tables.get("ladder", pd.DataFrame(columns=["metric"]))
+    road = rungs["metric"] == ladder.ROAD_METRIC  # ROAD's rungs are per model: a figure of their own
+    if (~road).any():
+        found["ladder"] = figures.ladder_figure(rungs[~road], inputs.models, folder / "ladder.png")
+    if road.any():
+        found["ladder_road"] = figures.ladder_figure(
+            rungs[road], inputs.models, folder / "ladder_road.png",
+            "ROAD ladder: each model's map and its controls, scored by its classifier (mean, 95% CI; hollow grey: "
+            "degenerate)")
     sweep = outputs.tables.get("layer_sweep")
     if sweep is not None and len(sweep):
         shown = [name for name in ("diff_gradcam", "auprc", "pointing_game") if name in sweep]

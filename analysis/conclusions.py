@@ -18,6 +18,7 @@ from scipy import stats as scipy_stats
 from analysis import figures, paper_values
 from analysis.compute import AnalysisOutputs
 from analysis.inputs import StudyInputs
+from analysis.profile import answer_lines
 from analysis.prose import interval, prose  # noqa: F401 (interval: also for report.py)
 
 # ----------------------------------------------------------------------------- conclusions
@@ -224,9 +225,12 @@ def _paper_claims_conclusion(outputs: AnalysisOutputs) -> str:
 
 
 def summary_items(inputs: StudyInputs, outputs: AnalysisOutputs) -> list[str]:
-    """The report's first screen: what ran, which classifiers work, which map sets localise above
+    """The report's first screen: the answer to the paper's question per dimension (from profile.csv
+    and depth_trend.csv only), what ran, which classifiers work, which map sets localise above
     chance, the sanity verdict, where the paper's claims hold or fail, what was left out."""
-    items = [_what_ran(inputs, outputs), _classifiers_summary(outputs),
+    answers = (answer_lines(outputs.tables.get("profile"), outputs.tables.get("depth_trend"))
+               if outputs.statistics.get("cam_method") else [])
+    items = [*answers, _what_ran(inputs, outputs), _classifiers_summary(outputs),
              _separation_sentence(outputs, inputs.config.training.threshold, inputs.config.statistics.alpha),
              _localisation_summary(outputs),
              _sanity_summary(outputs), _cascade_conclusion(outputs), _stability_conclusion(outputs),

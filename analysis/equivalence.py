@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
 
@@ -37,6 +38,15 @@ def tost_paired(x: Sequence[float], y: Sequence[float], margin: float) -> float:
     """p of the paired TOST that mean(x - y) lies within (-margin, margin) (the larger of the
     two one-sided p values)."""
     return float(ttost_paired(np.asarray(x, float), np.asarray(y, float), -margin, margin)[0])
+
+
+def tost_estimate(estimate: float, se: float, margin: float, df: float = math.inf) -> float:
+    """p of the two one-sided tests that an estimate with standard error `se` (t on `df` degrees of
+    freedom; normal when infinite) lies within (-margin, margin): equivalence when p < alpha."""
+    if not (np.isfinite(estimate) and np.isfinite(se) and se > 0):
+        return math.nan
+    distribution = scipy_stats.norm if not np.isfinite(df) else scipy_stats.t(df)
+    return float(max(distribution.sf((estimate + margin) / se), distribution.cdf((estimate - margin) / se)))
 
 
 def minimum_detectable_difference(differences: Sequence[float], alpha: float, power: float) -> float:

@@ -290,11 +290,12 @@ def sanity_figure(sanity: pd.DataFrame, path: Path, degenerate: Collection[str] 
 
 
 RUNG_STYLE = {"chance": ("lightgrey", "s"), "image_only": ("tab:purple", "D"), "prior": ("tab:red", "D"),
-              "randomized": ("grey", "v"), "gradcam": (None, "o"), "oracle": ("black", "s")}
+              "randomized": ("grey", "v"), "gradcam": (None, "o"), "oracle": ("black", "s"),
+              "random": ("lightgrey", "s"), "blurred": ("tab:cyan", "P")}
 
 
 @_styled
-def ladder_figure(ladder: pd.DataFrame, models: pd.DataFrame, path: Path) -> Path:
+def ladder_figure(ladder: pd.DataFrame, models: pd.DataFrame, path: Path, title: Optional[str] = None) -> Path:
     """The baseline ladder: one panel per metric, side by side, rungs bottom to top (chance,
     image-only, prior, each model's randomised map, each model's Grad-CAM, oracle) with 95% CIs,
     one rung per row shared by every panel; the prior's mean as a dashed line; degenerate map sets
@@ -316,7 +317,7 @@ def ladder_figure(ladder: pd.DataFrame, models: pd.DataFrame, path: Path) -> Pat
                         xerr=[[row.mean - row.lo], [row.hi - row.mean]] if np.isfinite(row.lo) else None,
                         fmt=marker, color=DEGENERATE_COLOUR if hollow else colour, mfc="none" if hollow else colour,
                         capsize=2, markersize=5)
-        prior = part.loc[part["rung"] == "prior", "mean"]
+        prior = part.loc[(part["rung"] == "prior") & (part["model"] == ""), "mean"]  # one prior for every model
         if len(prior):
             ax.axvline(float(prior.iloc[0]), color="tab:red", linestyle="--", linewidth=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(3))
@@ -325,15 +326,18 @@ def ladder_figure(ladder: pd.DataFrame, models: pd.DataFrame, path: Path) -> Pat
                                               for rung, model in rungs])
     _grey_degenerate_ticks(axes[0, 0].get_yticklabels())
     axes[0, 0].set_ylim(-0.7, len(rungs) - 0.3)
-    figure.suptitle("Baseline ladder (mean, 95% CI; dashed: the location prior; hollow grey: degenerate)")
+    figure.suptitle(title or "Baseline ladder (mean, 95% CI; dashed: the location prior; hollow grey: degenerate)")
     return _save(figure, path)
 
 
 def _rung_label(rung: str, model: str, degenerate: bool) -> str:
-    names = {"chance": "chance", "image_only": "image-only", "prior": "location prior", "oracle": "oracle"}
-    if rung in names:
-        return names[rung]
-    return f"{model_label(model, degenerate)}{' (random)' if rung == 'randomized' else ''}"
+    """A model-free rung by its name; a model's rung by the model, and the control it is (ROAD's
+    controls are scored by each model's classifier, so they are the model's rungs)."""
+    names = {"chance": "chance", "image_only": "image-only", "prior": "location prior", "oracle": "oracle",
+             "random": "random map", "blurred": "blurred map", "randomized": "weights randomised"}
+    if not model:
+        return names.get(rung, rung)
+    return f"{model_label(model, degenerate)}{f' ({names[rung]})' if rung in names else ''}"
 
 
 def _figure_legend(figure: plt.Figure, axes: Iterable[plt.Axes]) -> None:
@@ -417,6 +421,52 @@ def cascade_figure(cascade: pd.DataFrame, models: pd.DataFrame, path: Path) -> P
     _figure_legend(figure, axes[0])
     figure.suptitle("Cascading randomisation: a map that survives its weights' destruction shows the "
                     "architecture,\nnot the training (dashed: pass line)")
+    return _save(figure, path)
+
+
+# profile verdicts (analysis.faithfulness) as markers: filled = yes, x = worse, square = no difference
+VERDICT_MARKERS = {"yes": ("o", True), "no: worse": ("X", True), "no difference": ("s", False),
+                   "inconclusive": ("o", False)}
+
+
+@_styled
+def profile_figure(profile: pd.DataFrame, questions: Mapping[str, str], models: pd.DataFrame, path: Path,
+                   degenerate: Collection[str] = ()) -> Optional[Path]:
+    """The reliability profile: one panel per dimension (its key question, `questions`: dimension ->
+    question), each valid map set's estimate with its 95% CI, the line it is read against (0 for a
+    paired difference, the pass line for the cascade and stability) dashed, and the verdict as the
+    marker (filled: yes; X: worse; square: no difference; hollow: inconclusive); the degenerate
+    map sets, left out of the profile, named below."""
+    shown = [(d, q) for d, q in questions.items()
+             if ((profile["dimension"] == d) & (profile["question"] == q) & profile["estimate"].notna()).any()]
+    if not shown:
+        return None
+    order = [m for m in models["model"] if m in set(profile["model"])]
+    family = dict(zip(models["model"], models["family"]))
+    figure, axes = _figure(1, len(shown), width=1.8 + 2.0 * len(shown), height=1.2 + 0.3 * len(order), sharey=True)
+    for ax, (dimension, question) in zip(axes[0], shown):
+        part = profile[(profile["dimension"] == dimension) & (profile["question"] == question)].set_index("model")
+        for y, model in enumerate(order):
+            if model not in part.index or not np.isfinite(part.loc[model, "estimate"]):
+                continue
+            row = part.loc[model]
+            marker, filled = VERDICT_MARKERS.get(str(row["verdict"]).split(",")[0], ("o", False))
+            colour = FAMILY_COLOURS.get(family.get(model), "tab:grey")
+            ax.errorbar(row["estimate"], y, xerr=[[row["estimate"] - row["lo"]], [row["hi"] - row["estimate"]]]
+                        if np.isfinite(row["lo"]) else None, fmt=marker, color=colour,
+                        mfc=colour if filled else "none", capsize=2, markersize=6)
+        for y, model in enumerate(order):  # each map set's own line (a pass line is per model)
+            if model in part.index and np.isfinite(part.loc[model, "line"]):
+                ax.vlines(part.loc[model, "line"], y - 0.4, y + 0.4, colors="black", linestyles="dashed",
+                          linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(3))
+        ax.set_title(f"{dimension}\n{question}")
+    axes[0, 0].set_yticks(range(len(order)), [label(m) for m in order])
+    axes[0, 0].set_ylim(-0.7, len(order) - 0.3)
+    axes[0, 0].invert_yaxis()
+    figure.suptitle("Reliability profile (valid map sets; estimate, 95% CI; filled: yes, X: worse, square: "
+                    "no difference, hollow: inconclusive)")
+    _left_out(figure, degenerate)
     return _save(figure, path)
 
 

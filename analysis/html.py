@@ -72,7 +72,7 @@ def write_report(inputs: StudyInputs, outputs: AnalysisOutputs) -> Path:
                 _classification_section(outputs), _table2_section(outputs), _ehr_section(outputs),
                 _localisation_section(outputs), _threshold_free_section(outputs), _ladder_section(outputs),
                 _layers_section(outputs), _covariates_section(outputs), _reliability_section(outputs),
-                _statistics_section(outputs),
+                _profile_section(outputs), _statistics_section(outputs),
                 _figures_section(outputs), conclusions_section(inputs, outputs)]
     title = f"camstudy report: {html.escape(inputs.config.study)}"
     body = "\n".join(s for s in sections if s)
@@ -443,6 +443,48 @@ def _reliability_section(outputs: AnalysisOutputs) -> str:
                                          "same architecture, another seed; reproducibility: another architecture)",
                               "stability")]
     return "".join(parts)
+
+
+def _profile_section(outputs: AnalysisOutputs) -> str:
+    """docs/STUDY.md §11: faithfulness and robustness with their references, the profile, the trend."""
+    found = {name: outputs.tables.get(name) for name in ("faithfulness", "faithfulness_pairs", "robustness",
+                                                         "robustness_pairs", "profile", "depth_trend")}
+    if all(table is None or table.empty for table in found.values()):
+        return ""
+    margin = next((float(t["margin"].iloc[0]) for t in (found["depth_trend"], found["faithfulness_pairs"])
+                   if t is not None and len(t) and "margin" in t), math.nan)
+    text = ("<p>Faithfulness (ROAD, Rong et al. 2022): the classifier's probability as the pixels a map ranks highest "
+            "are removed (MoRF) against the lowest (LeRF); the gap LeRF − MoRF is above 0 when the map ranks pixels by "
+            "what the classifier uses. ROAD favours smooth maps, so each map is also set against its own blurred copy, "
+            "the location prior, a random map, the image-only map and the weight-randomised twin, each scored by the "
+            "same classifier. Robustness (max-sensitivity, Yeh et al. 2019): how far a map moves under small "
+            "perturbations that keep the prediction (lower is more robust). A verdict is 'yes' only when the "
+            "Holm-adjusted test rejects and the 95% CI lies on the better side of its line; 'no difference' needs "
+            f"the paired TOST at ±{html.escape(_cell_text(margin, 3))}; anything else is 'inconclusive'.</p>")
+    parts = ["<h2 id='profile'>11b. Faithfulness, robustness and the reliability profile</h2>", _box("note", text)]
+    for name, caption in (("faithfulness", "Faithfulness per model at the paper's layer (ROAD; mean, 95% CI)"),
+                          ("faithfulness_pairs", "Each map against its references by ROAD gap, paired over images "
+                                                 "(map − reference; Wilcoxon, Holm across models per reference; TOST)"),
+                          ("robustness", "Robustness per model at the paper's layer (mean, 95% CI)"),
+                          ("robustness_pairs", "Each map against its weight-randomised twin by max-sensitivity, paired "
+                                               "over images (map − twin; lower is more robust)")):
+        table = found[name]
+        if table is not None and len(table):
+            shown = tables.merge_intervals(table) if name in ("faithfulness", "robustness") else table
+            parts.append(_table_html(shown, caption, name))
+    parts += [_figure_html(outputs, "ladder_road", "ROAD gap of each model's map and of its controls (mean, 95% CI).")]
+    if found["profile"] is not None and len(found["profile"]):
+        parts += [_figure_html(outputs, "profile", "The reliability profile: per dimension, each valid map set's "
+                                                   "estimate with its 95% CI against its line (dashed)."),
+                  _table_html(found["profile"], "Reliability profile: per valid map set and dimension, the "
+                                                "estimate, its 95% CI, the line its verdict reads it against, and the "
+                                                "verdict", "profile", summary="The profile as a table")]
+    if found["depth_trend"] is not None and len(found["depth_trend"]):
+        parts.append(_table_html(found["depth_trend"], "Depth trend: per family, the slope of each per-image score on "
+                                 "log10 parameter count (score units per decade of parameters), images as random "
+                                 "effect (and runs, with >= 2 seeds), 95% CI; TOST where the slope is not significant",
+                                 "depth_trend"))
+    return "".join(p for p in parts if p)
 
 
 def _statistics_section(outputs: AnalysisOutputs) -> str:

@@ -4,6 +4,8 @@
     cams/<model>-seed<k>/   Parquet parts, one row per scored image × method (trained model)
     sanity/<model>-seed<k>/ the same for the weight-randomised twin (`randomized` true)
     baselines/              the location prior and the image-only map, the same columns
+    controls/<model>-seed<k>/ the faithfulness controls scored with the run's model (docs/STUDY.md §11):
+                            `model` is f"{control}@{model}", the same columns
     data/                   manifest.parquet, report.json, cache/ (Figure 1 backgrounds)
 
 Plain pandas and pyarrow only: the analysis runs without torch, timm or Ray, and finds every
@@ -32,11 +34,18 @@ from study.store import StudyStore, run_key
 
 # family and depth of the built-in models (layers as the paper counts them), from their specs
 BUILTIN_MODELS: dict[str, tuple[str, int]] = {name: (spec.family, spec.depth) for name, spec in REGISTRY.items()}
+# parameters in millions of the built-in models (their specs): the depth trend's x (docs/STUDY.md §11)
+PARAMETERS: dict[str, float] = {name: spec.parameters_millions for name, spec in REGISTRY.items()
+                                if spec.parameters_millions is not None}
 PRIMARY_CAM_METHOD = "gradcam"
 # the map datasets' columns (study.maps): a dataset without the required ones is left out; the
 # others, every column but the heatmap, are read when present
 CAM_REQUIRED = list(map_columns.REQUIRED)
 CAM_OPTIONAL = [column for column in map_columns.SCORES if column not in map_columns.REQUIRED]
+# docs/STUDY.md §11, per map: read when present (stores scored before them lack them); the per-step
+# lists (road_*_steps) are left in the Parquet
+NEW_SCORES = [c for c in (*map_columns.FAITHFULNESS, *map_columns.ROBUSTNESS) if not c.endswith("_steps")]
+CAM_OPTIONAL += [c for c in NEW_SCORES if c not in CAM_OPTIONAL]
 
 
 def model_table(models: list[str], known: Optional[Mapping[str, tuple[str, int]]] = None) -> pd.DataFrame:
@@ -74,6 +83,7 @@ class StudyInputs:
     predictions: pd.DataFrame  # model, seed, image_id, label, probability
     cams: pd.DataFrame  # CAM rows without the heatmap column
     baselines: pd.DataFrame = field(default_factory=pd.DataFrame)  # baselines/ rows without the heatmap
+    controls: pd.DataFrame = field(default_factory=pd.DataFrame)  # controls/ rows of every run, without the heatmap
     manifest: Optional[pd.DataFrame] = None
     data_report: Optional[dict[str, Any]] = None
     missing: list[str] = field(default_factory=list)
@@ -106,6 +116,7 @@ def load_study(store: StudyStore, config: StudyConfig,
         predictions=_read_predictions(store, trained[trained["has_predictions"]]),
         cams=_read_all_cams(store, finished[finished["has_cams"]], missing),
         baselines=_read_baselines(store, missing, expected=config.baselines.enabled),
+        controls=_read_controls(store, trained[trained["has_cams"]], missing),
         manifest=_read_optional_parquet(store.manifest_path, missing),
         data_report=_read_optional_json(store.data_report_path, missing),
     )
@@ -197,6 +208,15 @@ def _read_baselines(store: StudyStore, missing: list[str], expected: bool) -> pd
         return pd.DataFrame(columns=CAM_REQUIRED)
     frame = read_cams(folder, missing)
     return frame if frame is not None else pd.DataFrame(columns=CAM_REQUIRED)
+
+
+def _read_controls(store: StudyStore, runs: pd.DataFrame, missing: list[str]) -> pd.DataFrame:
+    """The faithfulness controls of the runs whose maps are complete; a study scored before them
+    has no controls/ folder, and its analysis says the controls were not measured."""
+    frames = [read_cams(store.controls_dir(run.model, run.seed), missing) for run in runs.itertuples()
+              if _has_parquet(store.controls_dir(run.model, run.seed))]
+    frames = [f for f in frames if f is not None]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CAM_REQUIRED)
 
 
 def read_cams(directory: Path, missing: list[str]) -> Optional[pd.DataFrame]:

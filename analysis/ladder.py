@@ -14,7 +14,7 @@ over the same images (mean difference with its CI, Wilcoxon signed-rank p, Holm 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -30,8 +30,12 @@ CHANCE: dict[str, Any] = {"diff_gradcam": 0.0, "ehr_auc": F, "auprc": F, "auroc_
                           "pointing_hit": F, "iou_tuned": None}
 RUNGS = ("chance", "image_only", "prior", "randomized", "gradcam", "oracle")
 LADDER_COLUMNS = ["metric", "rung", "model", "n", "mean", "lo", "hi", "degenerate"]
-PRIOR_COLUMNS = ["model", "metric", "n", "cam", "prior", "difference", "lo", "hi", "p", "p_holm", "beats_prior",
-                 "verdict"]
+PRIOR_COLUMNS = ["model", "metric", "n", "cam", "prior", "difference", "lo", "hi", "p", "p_holm", "p_tost",
+                 "beats_prior", "verdict"]
+# docs/STUDY.md §11: ROAD's rungs are per model (every control is scored by the model's classifier), in
+# order from no information to the model's own map; chance and oracle have no analytic ROAD value
+ROAD_RUNGS = ("random", "image_only", "prior", "blurred", "randomized", "gradcam")
+ROAD_METRIC = "road_gap"
 
 
 def metrics_present(rows: pd.DataFrame, baselines: pd.DataFrame) -> list[str]:
@@ -88,16 +92,18 @@ def ladder_table(trained: pd.DataFrame, randomized: pd.DataFrame, baselines: pd.
     return pd.DataFrame(rows, columns=LADDER_COLUMNS)
 
 
-def beats_prior(valid: pd.DataFrame, baselines: pd.DataFrame, alpha: float) -> pd.DataFrame:
+def beats_prior(valid: pd.DataFrame, baselines: pd.DataFrame, alpha: float,
+                margin: Optional[float] = None) -> pd.DataFrame:
     """Per valid model and ladder metric: CAM minus location prior, paired over the images both
-    scored (mean difference, 95% t-interval, Wilcoxon signed-rank p, Holm across models)."""
+    scored (mean difference, 95% t-interval, Wilcoxon signed-rank p, Holm across models, and the
+    paired TOST p at `margin` where one is given)."""
     prior = baselines[baselines["model"] == "prior"] if len(baselines) else baselines
     if prior.empty or valid.empty:
         return pd.DataFrame(columns=PRIOR_COLUMNS)
     frames = []
     for metric in metrics_present(valid, prior):
         reference = _image_means(prior, metric)
-        rows = [_paired_row(str(model), metric, _image_means(part, metric), reference, alpha)
+        rows = [paired_row(str(model), metric, _image_means(part, metric), reference, alpha, margin)
                 for model, part in valid.groupby("model", observed=True, sort=False)]
         frame = pd.DataFrame(rows)
         frame["p_holm"] = stats.holm(frame["p"])
@@ -110,11 +116,35 @@ def beats_prior(valid: pd.DataFrame, baselines: pd.DataFrame, alpha: float) -> p
     return table[PRIOR_COLUMNS]
 
 
-def _paired_row(model: str, metric: str, cam: pd.Series, prior: pd.Series, alpha: float) -> dict:
+def paired_row(model: str, metric: str, cam: pd.Series, prior: pd.Series, alpha: float,
+               margin: Optional[float] = None) -> dict:
+    """A model's per-image scores against a reference's (indexed by image), over the images both
+    scored: mean difference with its t interval, Wilcoxon signed-rank p, paired TOST p at `margin`."""
+    from analysis.equivalence import tost_paired
+
     both = pd.concat([cam.rename("cam"), prior.rename("prior")], axis=1, join="inner").dropna()
     difference = (both["cam"] - both["prior"]).to_numpy()
     mean, lo, hi = stats.mean_ci(difference, alpha)
     p = stats.wilcoxon(difference)[1] if len(difference) else math.nan
+    p_tost = tost_paired(both["cam"], both["prior"], margin) if margin is not None and len(both) >= 3 else math.nan
     return {"model": model, "metric": metric, "n": len(both), "cam": float(both["cam"].mean()) if len(both) else math.nan,
             "prior": float(both["prior"].mean()) if len(both) else math.nan, "difference": mean, "lo": lo, "hi": hi,
-            "p": p}
+            "p": p, "p_tost": p_tost}
+
+
+def road_ladder(trained: pd.DataFrame, randomized: pd.DataFrame, controls: Mapping[str, pd.DataFrame],
+                flags: dict[str, str], alpha: float) -> pd.DataFrame:
+    """The ROAD rungs (docs/STUDY.md §11) per model, in ROAD_RUNGS order: each control's `road_gap`
+    (`controls`: control name -> rows whose `model` is the classifier that scored them), the
+    weight-randomised twin's and the model's own; mean and 95% CI over images (seed-averaged)."""
+    frames = {**controls, "randomized": randomized, "gradcam": trained}
+    rows = []
+    for model in stats.levels(trained["model"]) if len(trained) else []:
+        for rung in ROAD_RUNGS:
+            frame = frames.get(rung)
+            part = frame[frame["model"].astype(str) == str(model)] if frame is not None and len(frame) else None
+            if part is None or part.empty or ROAD_METRIC not in part or part[ROAD_METRIC].isna().all():
+                continue
+            rows.append(_rung(ROAD_METRIC, rung, str(model), _image_means(part, ROAD_METRIC), alpha,
+                              flags.get(str(model), "")))
+    return pd.DataFrame(rows, columns=LADDER_COLUMNS)

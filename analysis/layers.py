@@ -17,7 +17,8 @@ import pandas as pd
 from analysis import stats, validity
 
 SWEEP_METRICS = {"diff_gradcam": "diff_gradcam", "ehr_auc_norm": "ehr_auc_norm", "auprc": "auprc",
-                 "auroc_pixel": "auroc_pixel", "pointing_hit": "pointing_game", "iou_tuned": "iou_tuned"}
+                 "auroc_pixel": "auroc_pixel", "pointing_hit": "pointing_game", "iou_tuned": "iou_tuned",
+                 "road_gap": "road_gap"}  # road_gap: NaN at a layer outside faithfulness.layers (docs/STUDY.md §11)
 MATCHED_STATS_METRICS = ("diff_gradcam", "auprc")
 LAYER_COLUMNS = ["model", "family", "depth", "layer", "layer_depth", "map_size", "final_layer", "matched_layer",
                  "n", "degenerate"]

@@ -136,7 +136,8 @@ def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, s
     """Tables (`log_table`), figures, statistics.json, scores.parquet and report.html on the
     parent, with the study's settings as `camstudy.config.*` tags (tags, not params: a study's
     settings may change between commands, and MLflow params cannot); the summary metrics of each
-    run (cam/diff_gradcam_mean, ...) and its degenerate flag on its child."""
+    run (cam/diff_gradcam_mean, ..., faithfulness/road_gap_mean, robustness/max_sensitivity_mean, ... where
+    measured) and its degenerate flag on its child."""
     logged = {Path(a.path).name for a in client.list_artifacts(parent_run_id, "analysis/tables")}
     if description is not None:
         client.set_tag(parent_run_id, NOTE_TAG, description)
@@ -155,6 +156,8 @@ def log_to_mlflow(client: Any, parent_run_id: str, child_run_ids: Mapping[str, s
         if row["run_key"] in child_run_ids:
             child = child_run_ids[row["run_key"]]
             log_metrics(client, child, {f"cam/{k}": row[k] for k in tables.RUN_SUMMARY if k in row})
+            log_metrics(client, child, {f"{prefix}/{k}": row[k] for prefix, names in tables.RUN_SUMMARY_DIMENSIONS.items()
+                                        for k in names if k in row})  # docs/STUDY.md §11; absent: not measured
             # docs/STUDY.md §8: a degenerate map set is flagged where a reader compares runs
             log_metrics(client, child, {"cam/degenerate": float(bool(row["degenerate"]))})
             client.set_tag(child, "camstudy.degenerate", row["degenerate"] or "false")

@@ -390,6 +390,71 @@ def _vc_mixedlm(data: pd.DataFrame) -> dict[str, Any]:
             "warnings": sorted({str(w.message) for w in caught})}
 
 
+# ----------------------------------------------------------------------------- a trend on a covariate
+
+
+def slope_mixed_model(df: pd.DataFrame, value: str, x: str, group: str = "model", subject: str = "image_id",
+                      run: str = "seed", alpha: float = ALPHA) -> dict[str, Any]:
+    """The slope of a per-image score on a per-model covariate `x` (docs/STUDY.md §11's depth trend:
+    x = log10 parameter count), images as random effect, and with >= 2 seeds per model the run too.
+
+    One seed (some model has one): `score ~ x + (1 | image)` by REML (statsmodels MixedLM, groups =
+    image) on each model's seed-averaged image scores, Wald z interval.
+    Several seeds: `score ~ x + (1 | image) + (1 | run)` on the images every run scored, in closed
+    form as `crossed_mixed_model` does: x is constant within a run, so on a complete images x runs
+    table the GLS slope is the least-squares slope of the run means on x, with variance
+    (sigma_run^2 + sigma_e^2/n) / Sxx estimated by the run means' residual mean square (the REML
+    estimate while the run variance is positive), t interval on runs - 2 degrees of freedom.
+    Returns slope, se, lower, upper, p, df (inf: normal), images, runs, models, method, note."""
+    data = df[[value, x, group, subject, run]].dropna()
+    models = int(data[group].nunique())
+    seeds = int(data.groupby(group, observed=True)[run].nunique().min()) if len(data) else 0
+    empty = {"slope": math.nan, "se": math.nan, "lower": math.nan, "upper": math.nan, "p": math.nan,
+             "df": math.nan, "images": int(data[subject].nunique()), "runs": 0, "models": models, "method": "",
+             "note": ""}
+    if models < 2 or data[x].nunique() < 2:
+        return {**empty, "note": f"{models} model(s) with distinct {x}: no slope"}
+    if seeds >= 2:
+        return {**empty, **_crossed_slope(data, value, x, group, subject, run, alpha)}
+    image_level = data.groupby([group, subject], observed=True).agg(y=(value, "mean"), x=(x, "first")).reset_index()
+    tidy = pd.DataFrame({"y": image_level["y"].astype(float).to_numpy(), "x": image_level["x"].astype(float).to_numpy(),
+                         "s": image_level[subject].astype(str).to_numpy()})  # a model's seeds averaged per image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence is reported below, from the fit itself
+            fit = smf.mixedlm("y ~ x", tidy, groups=tidy["s"]).fit(reml=True)
+    except (np.linalg.LinAlgError, ValueError) as error:  # e.g. one image, or no spread left to fit
+        return {**empty, "note": f"the mixed model could not be fitted ({error})"}
+    slope, se = float(fit.fe_params["x"]), float(fit.bse_fe["x"])
+    z = stats.norm.ppf(1 - alpha / 2)
+    return {**empty, "slope": slope, "se": se, "lower": slope - z * se, "upper": slope + z * se,
+            "p": float(2 * stats.norm.sf(abs(slope / se))) if se > 0 else math.nan, "df": math.inf,
+            "runs": int(data[[group, run]].drop_duplicates().shape[0]),
+            "method": "REML, score ~ x + (1 | image)",
+            "note": "one seed: the slope describes these trained networks, not their architectures"
+                    + ("" if fit.converged else "; the fit did not converge: read with care")}
+
+
+def _crossed_slope(data: pd.DataFrame, value: str, x: str, group: str, subject: str, run: str,
+                   alpha: float) -> dict[str, Any]:
+    label = data[group].astype(str) + "-seed" + data[run].astype(str)  # a label per (model, run)
+    table = data.assign(_r=label).pivot_table(index=subject, columns="_r", values=value, aggfunc="mean").dropna()
+    xs = data.assign(_r=label).drop_duplicates("_r").set_index("_r")[x].astype(float).reindex(table.columns)
+    means, covariate = table.mean(axis=0).to_numpy(float), xs.to_numpy(float)
+    runs, dof = len(means), len(means) - 2
+    centred = covariate - covariate.mean()
+    sxx = float((centred ** 2).sum())
+    slope = float((centred * (means - means.mean())).sum() / sxx) if sxx > 0 else math.nan
+    residual = means - means.mean() - slope * centred
+    se = math.sqrt(float((residual ** 2).sum()) / dof / sxx) if dof > 0 and sxx > 0 else math.nan
+    half = stats.t.ppf(1 - alpha / 2, dof) * se if dof > 0 else math.nan
+    p = float(2 * stats.t.sf(abs(slope / se), dof)) if dof > 0 and se > 0 else math.nan
+    return {"slope": slope, "se": se, "lower": slope - half, "upper": slope + half, "p": p, "df": float(dof),
+            "images": len(table), "runs": runs, "method": "balanced-design estimators, score ~ x + (1 | image) + "
+                                                      "(1 | run), images every run scored",
+            "note": "" if dof > 0 else f"{runs} runs: no degrees of freedom for the slope's error"}
+
+
 # ----------------------------------------------------------------------------- the whole comparison
 
 

@@ -25,6 +25,11 @@ RUN_SUMMARY = {"diff_gradcam_mean": "diff_gradcam", "ehr_auc_mean": "ehr_auc", "
                "pointing_game": "pointing_hit", "energy_in_mask_mean": "energy_in_mask", "iou_otsu_mean": "iou_otsu",
                "auprc_mean": "auprc", "auroc_pixel_mean": "auroc_pixel", "iou_tuned_mean": "iou_tuned",
                "hit_tuned_rate": "hit_tuned"}
+# docs/STUDY.md §11: per-run means logged under their own MLflow prefix (name -> column)
+RUN_SUMMARY_DIMENSIONS = {
+    "faithfulness": {"road_gap_mean": "road_gap", "road_morf_mean": "road_morf", "road_lerf_mean": "road_lerf"},
+    "robustness": {"max_sensitivity_mean": "max_sensitivity", "ssim_perturbed_mean": "ssim_perturbed",
+                   "sensitivity_kept_mean": "sensitivity_kept"}}
 
 
 def primary_method(cams: pd.DataFrame) -> Optional[str]:
@@ -255,6 +260,8 @@ def run_summary(trained: pd.DataFrame, excluded: Optional[pd.DataFrame] = None) 
                "degenerate": reasons.get((str(model), int(seed)), "")}
         row.update({name: float(part[column].astype(float).mean())
                     for name, column in RUN_SUMMARY.items() if column in part})
+        row.update({name: float(part[column].astype(float).mean()) for columns in RUN_SUMMARY_DIMENSIONS.values()
+                    for name, column in columns.items() if column in part and part[column].notna().any()})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -273,16 +280,17 @@ def with_flags(table: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame:
 
 SCORE_METRICS = ["diff_gradcam", "ehr_auc", "ehr_auc_chance", "ehr_auc_norm", "ehr_auc_inputiba",
                  "ehr_auc_inputiba_norm", "energy_in_mask", "pointing_hit", "iou_otsu", "auprc", "auroc_pixel",
-                 "mask_fraction_scored", "iou_tuned", "hit_tuned", "tuned_threshold"]
+                 "mask_fraction_scored", "iou_tuned", "hit_tuned", "tuned_threshold",
+                 "road_gap", "road_morf", "road_lerf", "max_sensitivity", "ssim_perturbed"]  # §11: where measured
 
 
 def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float,
-                 baselines: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+                 baselines: Optional[pd.DataFrame] = None, controls: Optional[pd.DataFrame] = None) -> pd.DataFrame:
     """analysis/scores.parquet: one row per (model, seed, method, layer, set = trained | randomized |
     baseline, randomization, stages_randomized) with n, each metric's mean and 95% CI over images
     (pointing_hit and hit_tuned as rates), and the degenerate flag with its reason: the table a
-    reader would otherwise build from cams/, sanity/ and baselines/ by hand. Baselines have no
-    seed (null) and no classifier."""
+    reader would otherwise build from cams/, sanity/, baselines/ and controls/ by hand. Baselines
+    have no seed (null) and no classifier; controls (set "control") have their run's seed."""
     if cams.empty:
         return pd.DataFrame(columns=["model", "seed", "method", "layer", "set", "n", "degenerate", "reason"])
     copy = randomization_of(cams)
@@ -305,11 +313,17 @@ def scores_table(cams: pd.DataFrame, test_metrics: pd.DataFrame, alpha: float,
         rows.append({**_score_row(part, alpha, level="run", model=model, seed=None, method=part["cam_method"].iloc[0],
                                   layer="", set="baseline", randomization="none", stages_randomized=0),
                      "degenerate": False, "reason": ""})
+    for (model, seed, method), part in (controls.groupby([controls["model"].astype(str), "seed", "cam_method"])
+                                        if controls is not None and len(controls) else ()):
+        layer = part["cam_layer"].iloc[0] if "cam_layer" in part else ""
+        rows.append({**_score_row(part, alpha, level="run", model=model, seed=int(seed), method=method, layer=layer,
+                                  set="control", randomization="none", stages_randomized=0),
+                     "degenerate": False, "reason": ""})  # a control (docs/STUDY.md §11): f"{control}@{model}"
     return pd.DataFrame(rows).astype({"seed": "Int64"})
 
 
 BOOTSTRAP_METRICS = ["diff_gradcam", "ehr_auc_norm", "auprc", "auroc_pixel", "energy_in_mask", "pointing_hit",
-                     "iou_tuned"]
+                     "iou_tuned", "road_gap", "max_sensitivity"]
 
 
 def model_scores(trained: pd.DataFrame, alpha: float, replicates: int, seed: int) -> pd.DataFrame:

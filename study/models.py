@@ -34,6 +34,9 @@ class ModelSpec:
     token_reshape: bool = False  # the target layer outputs tokens, not a (B, C, h, w) map
     stage_layers: tuple[str, ...] = ()  # every stage's output, shallow to deep (the last is target_layer)
     matched_layer: Optional[str] = None  # map 1/16 of the input (14x14 at 224 px)
+    # parameters of the 2-way model at 224 px, 3 channels, in millions (training.registry.parameter_count_millions,
+    # which tests/training checks this against): the x of the depth trend (docs/STUDY.md §11); None: unknown
+    parameters_millions: Optional[float] = None
 
     @property
     def pretrained_name(self) -> str:
@@ -57,22 +60,24 @@ def _vit_stages(blocks: int) -> tuple[str, ...]:
     return tuple(f"blocks.{blocks * quarter // 4 - 1}.norm1" for quarter in (1, 2, 3)) + ("blocks.-1.norm1",)
 
 
-def _resnet(name: str, depth: int) -> "ModelSpec":
-    return ModelSpec(name, name, "tv_in1k", "resnet", depth, "layer4.-1", False, _RESNET_STAGES, "layer3.-1")
+def _resnet(name: str, depth: int, parameters: float) -> "ModelSpec":
+    return ModelSpec(name, name, "tv_in1k", "resnet", depth, "layer4.-1", False, _RESNET_STAGES, "layer3.-1",
+                     parameters)
 
 
-def _vit(name: str, timm_name: str, blocks: int) -> "ModelSpec":
+def _vit(name: str, timm_name: str, blocks: int, parameters: float) -> "ModelSpec":
     return ModelSpec(name, timm_name, _VIT_TAG, "vit", blocks, "blocks.-1.norm1", True, _vit_stages(blocks),
-                     "blocks.-1.norm1")
+                     "blocks.-1.norm1", parameters)
 
 
 _BUILTIN: tuple[ModelSpec, ...] = (
-    ModelSpec("vgg16", "vgg16", "tv_in1k", "vgg", 16, "features.28", False, _VGG16_STAGES, "features.28"),
-    ModelSpec("vgg19", "vgg19", "tv_in1k", "vgg", 19, "features.34", False, _VGG19_STAGES, "features.34"),
-    _resnet("resnet18", 18), _resnet("resnet34", 34), _resnet("resnet50", 50), _resnet("resnet101", 101),
-    _vit("vit_small", "vit_small_patch16_224", 12),
-    _vit("vit_base", "vit_base_patch16_224", 12),
-    _vit("vit_large", "vit_large_patch16_224", 24),
+    ModelSpec("vgg16", "vgg16", "tv_in1k", "vgg", 16, "features.28", False, _VGG16_STAGES, "features.28", 134.27),
+    ModelSpec("vgg19", "vgg19", "tv_in1k", "vgg", 19, "features.34", False, _VGG19_STAGES, "features.34", 139.58),
+    _resnet("resnet18", 18, 11.18), _resnet("resnet34", 34, 21.29), _resnet("resnet50", 50, 23.51),
+    _resnet("resnet101", 101, 42.50),
+    _vit("vit_small", "vit_small_patch16_224", 12, 21.67),
+    _vit("vit_base", "vit_base_patch16_224", 12, 85.80),
+    _vit("vit_large", "vit_large_patch16_224", 24, 303.30),
 )
 REGISTRY: Mapping[str, ModelSpec] = {spec.name: spec for spec in _BUILTIN}
 

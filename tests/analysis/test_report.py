@@ -248,7 +248,8 @@ def test_the_parent_and_children_describe_the_study_in_mlflow(single_seed):
     table); each child's names its model, seed, recipe and map-set status."""
     client, parent = single_seed.tracker.client, single_seed.tracker.parent_run()
     note = client.get_run(parent).data.tags["mlflow.note.content"]
-    assert note.startswith("- What ran: ") and "Classifiers that rank above chance" in note
+    assert note.startswith("- Is Grad-CAM more reliable for deeper networks? Classification: ")
+    assert "\n- What ran: " in note and "Classifiers that rank above chance" in note
     header = "| run | AUC [95% CI] | accuracy | sensitivity | specificity | AUPRC | vs location prior (AUPRC) | degenerate |"
     assert header in note and all(f"| {key} |" in note for key in single_seed.children)
     tables = {Path(a.path).name for a in client.list_artifacts(parent, "analysis/tables")}

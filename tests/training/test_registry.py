@@ -82,6 +82,14 @@ def test_registry_lists_the_nine_paper_models_with_recipes():
         assert registry.recipe_for(spec, PAPER_RECIPES) is PAPER_RECIPES[spec.family]
 
 
+def test_each_spec_states_its_parameter_count():
+    """The depth trend's x (docs/STUDY.md §11) is read from the spec without torch; it is the count
+    of the 2-way model at 224 px that the registry measures, to the stated 0.01 M."""
+    for name in registry.names():
+        spec = registry.get(name)
+        assert spec.parameters_millions == pytest.approx(registry.parameter_count_millions(spec), abs=0.005), name
+
+
 def test_an_extra_model_is_one_config_entry():
     extra = ExtraModel(timm_name="resnet10t", family="resnet", depth=10, target_layer="layer4.-1")
     models = ModelsConfig(names=("resnet18", "tiny"), extra={"tiny": extra, "other": extra})
