@@ -350,7 +350,7 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
     rows = {key: block_rows(plan_of[key].spec, config, plan_of[key].permuted) for key in order}
     blocks = [work[key].iloc[i:i + rows[key]] for key in order for i in range(0, len(work[key]), rows[key])]
     step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
-    cam_pool, road_pool = road.pools(actors, gpus_per_actor, cpus_per_actor, memory_per_actor, road.road_on(config))
+    cam_pool, road_pool, impute_cpus = road.pools(actors, gpus_per_actor, cpus_per_actor, memory_per_actor, road.road_on(config))
     expected = {plan.key: expected_maps(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
     controls = {plan.key: expected_controls(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
     maps = sum(expected.values()) + sum(controls.values())
@@ -378,7 +378,7 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
                 **road.remote_args(cam_pool))
             if road_pool is not None:
                 dataset = road.add_stages(dataset, config, runs, plan_of, str(store.cache_dir), road_pool,
-                                          road.impute_rows(config, BLOCK_BYTES, BLOCK_ROWS))
+                                          impute_cpus, road.impute_rows(config, BLOCK_BYTES, BLOCK_ROWS))
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for key, part in _by_run(table):
                     nodes[key].update(part.column(NODE).to_pylist())

@@ -296,19 +296,34 @@ class Pool:
     memory: float
 
 
-def pools(actors: int, gpus: float, cpus: float, memory: float, road: bool) -> tuple[Pool, Optional[Pool]]:
-    """(CAM pool, ROAD pool or None). Without ROAD, the CAM actors as the orchestrator sized them.
-    With ROAD, the two model stages share those actor slots (sized to fit the nodes' GPUs and host
-    memory): with two or more, half go to each stage; with one, both stages get one actor with half
-    the slot. Without GPUs each model actor also asks half its CPUs, so that the imputation tasks
-    (one CPU each) always find CPUs: actors holding every CPU would starve them and stall the pipeline."""
-    cpu = 0 if gpus else cpus
+# A ROAD actor holds one model and runs forwards without autograd: it reserves this share of a CAM
+# actor's host memory (which holds the trained model, its twin and a batch's gradients).
+ROAD_MEMORY_SHARE = 0.5
+
+
+def slot_memory_share(config) -> float:
+    """Host memory of one explain actor slot, in CAM actors' reservations: a CAM actor, and with ROAD
+    a ROAD actor beside it (`pools`). The orchestrator sizes the slots with it."""
+    return 1.0 + (ROAD_MEMORY_SHARE if road_on(config) else 0.0)
+
+
+def pools(actors: int, gpus: float, cpus: float, memory: float, road: bool) -> tuple[Pool, Optional[Pool], float]:
+    """(CAM pool, ROAD pool or None, CPUs per imputation task) for `actors` slots, each sized by the
+    orchestrator to hold `gpus` (0 on a CPU cluster), `cpus` and `memory` (bytes, the CAM actor's).
+
+    Without ROAD, one CAM actor per slot as before. With ROAD every slot holds one CAM actor and one
+    ROAD actor, which split its GPU, so that each stage has as many actors as slots (Ray Data spreads
+    an actor pool over the nodes by default: every node computes maps). The ROAD actor reserves
+    `ROAD_MEMORY_SHARE` of the CAM actor's memory (`slot_memory_share` counts it). Without GPUs the slot's CPUs are split
+    CAM 1/2, ROAD 1/4 and a quarter left to the imputation tasks, so that model actors holding every
+    CPU never starve the tasks (which would stall the pipeline), on nodes of one CPU too."""
     if not road:
-        return Pool(actors, gpus, cpu, memory), None
-    if actors >= 2:
-        return (Pool(actors - actors // 2, gpus, cpu / 2, memory), Pool(actors // 2, gpus, cpu / 2, memory))
-    half = Pool(1, gpus / 2, cpu / 4, memory / 2)
-    return half, half
+        return Pool(actors, gpus, 0 if gpus else cpus, memory), None, 0.0
+    if gpus:
+        return (Pool(actors, gpus / 2, 0, memory),
+                Pool(actors, gpus / 2, 0, memory * ROAD_MEMORY_SHARE), 1.0)
+    return (Pool(actors, 0, cpus / 2, memory), Pool(actors, 0, cpus / 4, memory * ROAD_MEMORY_SHARE),
+            min(1.0, cpus / 4))
 
 
 def remote_args(pool: Pool) -> dict:
@@ -320,14 +335,15 @@ def remote_args(pool: Pool) -> dict:
             **({"memory": int(pool.memory)} if pool.memory else {})}
 
 
-def add_stages(dataset, config, runs: dict, plans: dict, cache_dir: str, pool: Pool, batch: int):
+def add_stages(dataset, config, runs: dict, plans: dict, cache_dir: str, pool: Pool, impute_cpus: float,
+               batch: int):
     """The imputation tasks and the ROAD actors after the CAM actors, `batch` map rows at a time
     (`impute_rows`). The tasks' remote arguments differ from the actors' (`max_restarts`), so Ray
     Data never fuses the imputation into the ROAD actors."""
     layers = {key: scored_layers(plan.spec, config) for key, plan in plans.items()}
     seeds = {key: plan.seed for key, plan in plans.items()}
-    dataset = dataset.map_batches(impute_batch, batch_format="pyarrow", batch_size=batch, num_cpus=1,
-                                  fn_kwargs={"config": config, "cache_dir": cache_dir, "layers": layers,
+    dataset = dataset.map_batches(impute_batch, batch_format="pyarrow", batch_size=batch,
+                                  num_cpus=impute_cpus, fn_kwargs={"config": config, "cache_dir": cache_dir, "layers": layers,
                                              "seeds": seeds})
     return dataset.map_batches(RoadScorer, batch_format="pyarrow", batch_size=batch,
                                fn_constructor_kwargs={"config": config, "runs": runs}, **remote_args(pool))

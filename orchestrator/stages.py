@@ -173,6 +173,7 @@ def stage_explain(config: StudyConfig, store: StudyStore, tracker: Optional[trac
     """The baselines (model-free maps), then every finished run's CAMs."""
     from explain.baselines import explain_baselines
     from explain.extract import extract_runs, run_folders
+    from explain.road import slot_memory_share
 
     sweep(store)
     init_ray(config)
@@ -183,7 +184,8 @@ def stage_explain(config: StudyConfig, store: StudyStore, tracker: Optional[trac
     # holds (refused in one line before any work when not even one fits)
     placement = train_runs.placement(config)
     wanted = placement.concurrency if placement.gpus else max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors, memory_per_actor = train_runs.explain_actors(config, store, finished, placement, wanted)
+    actors, memory_per_actor = train_runs.explain_actors(config, store, finished, placement, wanted,
+                                                         slot_memory_share(config))
     explain_baselines(config, store, force=force)
     for plan in plans:
         if plan not in finished:

@@ -244,11 +244,12 @@ def explain_needs(config, store: StudyStore, plans: list[RunPlan], on_gpu: bool)
 
 
 def explain_actors(config, store: StudyStore, plans: list[RunPlan], placement: Placement,
-                   wanted: int) -> tuple[int, int]:
-    """(actors, host memory per actor in bytes) for the explain stage. Any actor may be given any
-    run, so each reserves what the neediest model takes; at most `wanted` actors and no more than
-    the nodes' memory holds at once (an actor Ray cannot place would stall the pipeline); refused
-    in one line when not even one fits on the largest node."""
+                   wanted: int, slot_share: float = 1.0) -> tuple[int, int]:
+    """(actor slots, host memory per CAM actor in bytes) for the explain stage. Any actor may be
+    given any run, so each reserves what the neediest model takes; at most `wanted` slots and no
+    more than the nodes' memory holds at once (an actor Ray cannot place would stall the pipeline),
+    a slot holding `slot_share` CAM actors' memory (`explain.road.slot_memory_share`: with ROAD, a
+    ROAD actor beside each CAM actor); refused in one line when not even one fits on the largest node."""
     needs = explain_needs(config, store, plans, placement.on_gpu)
     if not needs:
         return wanted, 0
@@ -259,12 +260,14 @@ def explain_actors(config, store: StudyStore, plans: list[RunPlan], placement: P
     if not nodes:  # no node to place on yet (an autoscaler adds them): Ray holds the actors until one joins
         return wanted, int(need * schedule.GB)
     memory = schedule.NodeMemory([node.get("memory", 0) / schedule.GB for node in nodes])
-    fitting = memory.fitting(need)
+    fitting = memory.fitting(need * slot_share)
     if fitting == 0:
         raise errors.CamstudyError(
-            f"explain: an actor for {model} needs ~{need:.1f} GB of host memory, more than the "
-            f"{max(memory.free):.1f} GB Ray can reserve on the largest node; lower cam.batch_size, leave {model} "
-            f"out of models.names, or add a node with more memory")
+            f"explain: an actor for {model} needs ~{need * slot_share:.1f} GB of host memory"
+            + (f" (its CAM actor {need:.1f} GB and its ROAD actor the rest)" if slot_share > 1 else "")
+            + f", more than the {max(memory.free):.1f} GB Ray can reserve on the largest node; lower "
+            f"cam.batch_size, leave {model} out of models.names, "
+            + ("turn faithfulness.enabled off, " if slot_share > 1 else "") + "or add a node with more memory")
     return min(wanted, fitting), int(need * schedule.GB)
 
 

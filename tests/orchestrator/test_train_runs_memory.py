@@ -140,7 +140,7 @@ def test_a_measured_host_peak_replaces_the_estimate(tmp_path):
 
 
 def test_the_ray_options_of_a_run_and_of_the_explain_actors_carry_memory(tmp_path, monkeypatch):
-    config, store, plans = study(tmp_path)
+    config, store, plans = study(tmp_path, **{"faithfulness.enabled": False})
     placement = cpu_placement(node_gb=17.5)
     starts = Starts(config, store, plans, placement)
     for plan, run_placement in starts.now(0):
@@ -160,13 +160,28 @@ def test_the_ray_options_of_a_run_and_of_the_explain_actors_carry_memory(tmp_pat
     monkeypatch.setattr(explain.extract, "extract_runs", lambda *args, **kwargs: called.update(kwargs))
     stages.stage_explain(config, store)
     largest = train_runs.explain_needs(config, store, plans, on_gpu=False)["vit_large"]
+    assert 5.0 < largest < 6.0
     assert called["memory_per_actor"] == int(largest * GB) and called["actors"] == 2
     monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=8.0))
     stages.stage_explain(config, store)
     assert called["actors"] == 1  # two ViT-L actors do not fit in 8 GB: one
     monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=4.0))
-    with pytest.raises(CamstudyError, match=r"^explain: an actor for vit_large needs ~5\.\d GB .* 4\.0 GB"):
+    with pytest.raises(CamstudyError, match=r"^explain: an actor for vit_large needs ~5\.\d GB of host memory, more .* 4\.0 GB"):
         stages.stage_explain(config, store)
+
+    # with ROAD, each slot also holds a ROAD actor of half the CAM actor's memory: 1.5 x 5.x GB a slot
+    road_on = dataclasses.replace(config, faithfulness=dataclasses.replace(config.faithfulness, enabled=True))
+    monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=18.0))
+    stages.stage_explain(road_on, store)
+    assert called["memory_per_actor"] == int(largest * GB) and called["actors"] == 2  # 2 x 8.x GB fit in 18
+    monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=17.5))
+    stages.stage_explain(road_on, store)
+    assert called["actors"] == 1  # two CAM actors fit in 17.5 GB, two slots do not
+    monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=8.0))
+    with pytest.raises(CamstudyError, match=r"^explain: an actor for vit_large needs ~8\.\d GB of host memory \(its CAM "
+                                            r"actor 5\.\d GB and its ROAD actor the rest\), .* 8\.0 GB .* turn "
+                                            r"faithfulness\.enabled off"):
+        stages.stage_explain(road_on, store)
 
 
 def test_a_memory_monitor_kill_is_one_console_line_naming_the_run(monkeypatch):
