@@ -168,6 +168,18 @@ class _Capture:
 
 
 @contextmanager
+def model_output(model: nn.Module) -> Iterator[dict]:
+    """{"output": the model's output (detached)} of its last forward inside the block: the logits
+    a CAM's own forward computed, for the caller that also needs the class (no second forward)."""
+    found: dict = {}
+    handle = model.register_forward_hook(lambda module, args, output: found.__setitem__("output", output.detach()))
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def _frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and requires_grad=False for the call; each module's mode and each flag restored."""
     modes = [(m, m.training) for m in model.modules()]

@@ -45,12 +45,13 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from explain import road, tuning
+from explain import faithfulness, road, tuning
 from explain.cam import GRADIENT_METHODS
 from explain.rows import TRAINED, Copy, map_table
 from explain.sink import MapSink, ParquetSink
@@ -154,7 +155,7 @@ class CamScorer:
         """Every method at every configured layer of the trained model (or of a label-permutation
         run) for every row; for the test rows also the cascade's steps and the twin at the
         paper's layer (the sanity copies need no threshold of their own: `tuning_fallback`)."""
-        from explain.cam import sweep
+        from explain.cam import model_output, sweep
 
         torch = self.torch
         images, masks = self._batch(rows)
@@ -172,24 +173,28 @@ class CamScorer:
                               ).append_column(road.ROW, pa.array(part["row"].to_numpy(), pa.int64()))
                     for layer, by_method in maps.items() for method, heat in by_method.items()]
 
-        trained = sweep(models["trained"], spec, images, 1, layers, self.config.cam.methods)
+        with model_output(models["trained"]) as output:  # its logits: the class robustness keeps
+            trained = sweep(models["trained"], spec, images, 1, layers, self.config.cam.methods)
         test = torch.from_numpy((rows["split"] == "test").to_numpy()).to(self.device)
         found = tables(rows, masks, trained, models["copies"]["trained"],
-                       robust=self._robustness(models["trained"], spec, rows, trained[spec.target_layer], test))
+                       robust=self._robustness(models["trained"], spec, rows, trained[spec.target_layer],
+                                               output.get("output"), test))
         if test.any() and (models["copies"]["full"] or models["copies"]["cascade"]):
             reference = {spec.target_layer: {m: heat[test] for m, heat in trained[spec.target_layer].items()}}
-            sanity = self._sanity(spec, images[test], models)
+            sanity, twin_logits = self._sanity(spec, images[test], models)
             tested = rows[test.cpu().numpy()]
             found += [table for copy, maps in sanity for table in
                       tables(tested, masks[test], maps, copy, reference,
-                             robust=self._robustness(models["twin"], spec, tested, maps[spec.target_layer])
+                             robust=self._robustness(models["twin"], spec, tested, maps[spec.target_layer],
+                                                     twin_logits)
                              if copy.randomization == "full" else None)]
         return found
 
-    def _robustness(self, model, spec, rows: pd.DataFrame, maps: dict, test=None) -> dict | None:
+    def _robustness(self, model, spec, rows: pd.DataFrame, maps: dict, logits, test=None) -> dict | None:
         """method -> the robustness columns (`road.robustness_scores`) of `rows` at the paper's layer,
         NaN for validation rows; None with `robustness.enabled` off. `maps`: method -> the maps of
-        every row; `test`: which rows are test rows (default: all)."""
+        every row; `logits`: the model's on every row, from the forward of those maps (None: one
+        more forward finds the class); `test`: which rows are test rows (default: all)."""
         if not self.config.robustness.enabled:
             return None
         from training.loop import prepare_input
@@ -200,11 +205,13 @@ class CamScorer:
         channels = self.config.preprocess.channels
         take = rows["row"].to_numpy()[test]
         grey = self.torch.from_numpy(np.asarray(self.images[take], np.float32))[:, None]
+        predicted = None if logits is None else \
+            faithfulness.positive_probability(logits).cpu().numpy()[test] >= self.config.training.threshold
         found = {}
         for method, heat in maps.items():
             scores = road.robustness_scores(model, spec, grey, heat[self.torch.from_numpy(test).to(heat.device)],
                                             method, self.config, rows["image_id"].to_numpy()[test],
-                                            lambda x: prepare_input(x, channels, channels_last=False))
+                                            lambda x: prepare_input(x, channels, channels_last=False), predicted)
             found[method] = {}
             for name, values in scores.items():
                 found[method][name] = np.full(len(rows), np.nan)
@@ -220,23 +227,29 @@ class CamScorer:
         images = prepare_input(images[:, None], self.config.preprocess.channels, channels_last=False)
         return images, self.torch.from_numpy(np.ascontiguousarray(self.masks[take])).to(self.device).bool()
 
-    def _sanity(self, spec, images, models: dict) -> list[tuple[Copy, dict]]:
-        """(copy, layer -> method -> maps) at the paper's layer: each cascade step, then the twin,
-        whose gradient-method maps are the cascade's last step (the same weights)."""
-        from explain.cam import sweep
+    def _sanity(self, spec, images, models: dict) -> tuple[list[tuple[Copy, dict]], Any]:
+        """([(copy, layer -> method -> maps) at the paper's layer], the twin's logits or None): each
+        cascade step, then the twin, whose gradient-method maps are the cascade's last step (the
+        same weights, so that step's forward gives the twin's logits)."""
+        from explain.cam import model_output, sweep
 
         target, methods, copies = spec.target_layer, self.config.cam.methods, models["copies"]
-        found, last = [], {}
+        found, last, logits = [], {}, None
         if copies["cascade"]:
             gradient = [m for m in methods if m in GRADIENT_METHODS]
             for step, unit, model in models["cascade"].steps():
-                last = sweep(model, spec, images, 1, [target], gradient)[target]
+                with model_output(model) as output:
+                    last = sweep(model, spec, images, 1, [target], gradient)[target]
+                logits = output.get("output")
                 found.append((Copy("cascade", step, unit), {target: last}))
         if copies["full"]:
             rest = [m for m in methods if m not in last]
-            twin = {**last, **(sweep(models["twin"], spec, images, 1, [target], rest)[target] if rest else {})}
-            found.append((Copy("full", len(cascade_units(spec, self.config)), "all"), {target: twin}))
-        return found
+            if rest:
+                with model_output(models["twin"]) as output:
+                    last = {**last, **sweep(models["twin"], spec, images, 1, [target], rest)[target]}
+                logits = output.get("output")
+            found.append((Copy("full", len(cascade_units(spec, self.config)), "all"), {target: last}))
+        return found, logits
 
 
 def copies_of(config, permuted: bool) -> dict:

@@ -407,14 +407,19 @@ def max_sensitivity(explain_fn: ExplainFn, model: nn.Module, images: Any, maps: 
                     probability: Probability = positive_probability, threshold: float = 0.5,
                     keys: Optional[Sequence[Any]] = None, relative_radius: float = SENSITIVITY_RADIUS,
                     prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    normalise: bool = False, stored_dtype: Optional[Any] = np.float16) -> dict[str, np.ndarray]:
+                    normalise: bool = False, stored_dtype: Optional[Any] = np.float16,
+                    predicted: Any = None, with_probability: bool = False) -> dict[str, np.ndarray]:
     """Max-sensitivity (Yeh et al. 2019) of each image's map (B,), and `ssim_perturbed`.
 
     explain_fn(model, x) -> maps (B', H, W) for images x (B', C, H, W): any CAM method plugs in
     (it gets the perturbed images as given here and prepares them itself). images: (B, C, H, W)
     in the preprocessed scale. maps: h(x) as stored; None computes it with `explain_fn`.
     radius: absolute (a float, or one per image); None -> `relative_radius` x each image's
-    intensity range (max - min). The predicted class is probability(model(prepare(x))) >= threshold.
+    intensity range (max - min). The predicted class is probability(model(prepare(x))) >= threshold;
+    `predicted` (B,) gives it when the caller has it from its own forward (the CAM of x).
+    with_probability: explain_fn returns (maps, probability (B',)) from the maps' own forward, so
+    the class of x + d costs no forward of its own (the maps of a perturbation whose class changed
+    are computed and dropped); the result is the same.
 
     For each of the image's n `perturbations` d, kept only when the class of x + d is the class of
     x: s = ||h(x+d) - h(x)||_2 / ||h(x)||_2 and the SSIM of h(x+d) to h(x)
@@ -434,13 +439,27 @@ def max_sensitivity(explain_fn: ExplainFn, model: nn.Module, images: Any, maps: 
         radii = (relative_radius * (flat.amax(1) - flat.amin(1))).double().numpy()
     else:
         radii = np.broadcast_to(np.asarray(radius, np.float64), (b,))
-    reference = _as_stored(explain_fn(model, x.to(device)) if maps is None else maps,
-                           normalise and maps is None, stored_dtype)
+
+    def explained(images: torch.Tensor) -> tuple[Any, Optional[np.ndarray]]:
+        """(maps, the images' class, or None when explain_fn does not give the probability)."""
+        found = explain_fn(model, images.to(device))
+        if not with_probability:
+            return found, None
+        heat, p = found
+        return heat, _numpy(p).astype(np.float64) >= threshold
+
+    own, computed = None, maps is None
+    if computed:
+        maps, own = explained(x)
+    reference = _as_stored(maps, normalise and computed, stored_dtype)
     if reference.shape != (b, *x.shape[2:]):
         raise ValueError(f"max_sensitivity: maps (B, H, W) of the images' size are needed; got {reference.shape}")
     reference_norm = np.sqrt((reference ** 2).sum(axis=(1, 2)))
     prepared = Prepared(reference, ("ssim",))
-    predicted = probabilities(model, x, probability, device=device, prepare=prepare) >= threshold
+    if predicted is None:
+        predicted = own if own is not None else \
+            probabilities(model, x, probability, device=device, prepare=prepare) >= threshold
+    predicted = np.asarray(_numpy(predicted), bool).reshape(b)
     noise = np.stack([perturbations(tuple(x.shape[1:]), n, float(r), seed, k) for r, k in zip(radii, keys)]) \
         if b else np.zeros((0, n, *x.shape[1:]), np.float32)
     worst = np.full(b, -np.inf)
@@ -448,11 +467,17 @@ def max_sensitivity(explain_fn: ExplainFn, model: nn.Module, images: Any, maps: 
     kept = np.zeros(b, np.int64)
     for j in range(n):
         moved = x + torch.from_numpy(noise[:, j])
-        same = (probabilities(model, moved, probability, device=device, prepare=prepare) >= threshold) == predicted
-        index = np.flatnonzero(same)
+        if with_probability:  # the maps of every x + d, and their classes from the same forward
+            h, moved_class = explained(moved)
+            index = np.flatnonzero(moved_class == predicted)
+            h = _as_stored(_numpy(h, np.float64)[index], normalise, stored_dtype)
+        else:  # the classes first, then the maps of the kept ones only
+            same = (probabilities(model, moved, probability, device=device, prepare=prepare) >= threshold) == predicted
+            index = np.flatnonzero(same)
+            h = _as_stored(explain_fn(model, moved[torch.from_numpy(index)].to(device)), normalise, stored_dtype) \
+                if len(index) else None
         if len(index) == 0:
             continue
-        h = _as_stored(explain_fn(model, moved[torch.from_numpy(index)].to(device)), normalise, stored_dtype)
         diff = np.sqrt(((h - reference[index]) ** 2).sum(axis=(1, 2)))
         worst[index] = np.maximum(worst[index], diff)
         ssim_sum[index] += compare(Prepared(h, ("ssim",)), prepared.take(index))[MEASURES["ssim"]]

@@ -104,20 +104,26 @@ def _scored(frame: pd.DataFrame, layers: dict[str, set]) -> np.ndarray:
 # --------------------------------------------------------------------------- robustness (in the CAM actors)
 
 
-def robustness_scores(model, spec, grey, reference, method: str, config, keys, prepare) -> dict[str, np.ndarray]:
+def robustness_scores(model, spec, grey, reference, method: str, config, keys, prepare,
+                      predicted=None) -> dict[str, np.ndarray]:
     """Max-sensitivity of `method`'s maps `reference` (B, S, S) at the paper's layer of the images
     `grey` (B, 1, S, S; perturbed in the grey preprocessed scale, as the model sees them), with
-    `model`'s own CAM as the explanation function (`faithfulness.max_sensitivity`)."""
-    from explain.cam import sweep
+    `model`'s own CAM as the explanation function (`faithfulness.max_sensitivity`). The class of a
+    perturbed image comes from its CAM's own forward; `predicted` (B,) is the class of each image,
+    read from the forward of the caller's CAM of it (`explain.cam.model_output`)."""
+    from explain.cam import model_output, sweep
 
     target = spec.target_layer
 
     def explain(model, x):
-        return sweep(model, spec, prepare(x), 1, [target], [method])[target][method]
+        with model_output(model) as output:
+            heat = sweep(model, spec, prepare(x), 1, [target], [method])[target][method]
+        return heat, faithfulness.positive_probability(output["output"])
 
     found = faithfulness.max_sensitivity(
         explain, model, grey, maps=reference, n=config.robustness.n, seed=SEED, keys=list(keys),
-        relative_radius=config.robustness.radius, threshold=config.training.threshold, prepare=prepare)
+        relative_radius=config.robustness.radius, threshold=config.training.threshold, prepare=prepare,
+        predicted=predicted, with_probability=True)
     return {name: np.asarray(found[name], np.float64) for name in maps.ROBUSTNESS}
 
 

@@ -236,12 +236,39 @@ def smooth_square(model, x):
     return F.min_max(g)
 
 
-def test_max_sensitivity_equals_a_naive_loop():
+class Counted(nn.Module):
+    """A model that counts the images it is called on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.model(x)
+
+
+def with_probability(model, x):
+    """smooth_square's maps and the model's probability from one forward (the CAM actors' way)."""
+    return smooth_square(model, x), torch.sigmoid(model(x))[:, 0]
+
+
+@pytest.mark.parametrize("way", ["separate forwards", "the maps' own forward", "the class of x given"])
+def test_max_sensitivity_equals_a_naive_loop(way):
     region, model, images = region_setup(b=6, size=16, seed=3)
     images[:, 0] += region * (0.5 - images[:, 0][:, region].mean(axis=1))[:, None, None]  # at the boundary
     images[:, 0, region] += np.linspace(-0.004, 0.004, 6)[:, None]
     n, radius, seed, keys = 6, 0.05, 11, [f"img{i}" for i in range(6)]
-    got = F.max_sensitivity(smooth_square, model, images, n=n, radius=radius, seed=seed, keys=keys)
+    counted = Counted(model)
+    if way == "separate forwards":
+        got = F.max_sensitivity(smooth_square, counted, images, n=n, radius=radius, seed=seed, keys=keys)
+        assert counted.images == 6 * (1 + n)  # the class of x, then of each x + d
+    else:
+        given = torch.sigmoid(model(torch.from_numpy(images)))[:, 0].numpy() >= 0.5 if "given" in way else None
+        got = F.max_sensitivity(with_probability, counted, images, n=n, radius=radius, seed=seed, keys=keys,
+                                with_probability=True, predicted=given,
+                                maps=smooth_square(None, torch.from_numpy(images)) if "given" in way else None)
+        assert counted.images == 6 * n + (0 if "given" in way else 6)  # no forward but the maps' own
     for b in range(6):
         x = torch.from_numpy(images[b:b + 1])
         h0 = smooth_square(model, x)[0].astype(np.float16).astype(np.float64)
