@@ -175,7 +175,7 @@ class CamScorer:
 
         with model_output(models["trained"]) as output:  # its logits: the class robustness keeps
             trained = sweep(models["trained"], spec, images, 1, layers, self.config.cam.methods)
-        test = torch.from_numpy((rows["split"] == "test").to_numpy()).to(self.device)
+        test = torch.from_numpy((rows["split"] == "test").to_numpy(copy=True)).to(self.device)
         found = tables(rows, masks, trained, models["copies"]["trained"],
                        robust=self._robustness(models["trained"], spec, rows, trained[spec.target_layer],
                                                output.get("output"), test))
@@ -323,16 +323,16 @@ def run_outputs(config, store, plans) -> list[Output]:
 
 
 def extract_runs(config, store, plans, actors: int, gpus_per_actor: float, cpus_per_actor: float = 1.0,
-                 memory_per_actor: float = 0, force: bool = False) -> None:
+                 memory_per_actor: float = 0, road_memory_per_actor: float = 0, force: bool = False) -> None:
     """Score every plan's run into `cams/<model>-seed<k>/` in one Ray Data pipeline; runs whose
-    output was made from the same inputs are skipped, the others (re)computed with the reason."""
+    output was made from the same inputs are skipped, the others (re)computed with the reason.
+    `actors` slots (`road.pools`); the memories are bytes Ray reserves per CAM and ROAD actor."""
+    slots = road.Slots(actors, gpus_per_actor, cpus_per_actor, memory_per_actor, road_memory_per_actor)
     run_stage("explain", run_outputs(config, store, plans), force=force, doing="computing its heatmaps",
-              build=lambda todo: _extract(config, store, todo, actors, gpus_per_actor, cpus_per_actor,
-                                          memory_per_actor))
+              build=lambda todo: _extract(config, store, todo, slots))
 
 
-def _extract(config, store, todo: list[Output], actors: int, gpus_per_actor: float, cpus_per_actor: float,
-             memory_per_actor: float) -> None:
+def _extract(config, store, todo: list[Output], slots: road.Slots) -> None:
     work = {output.name: run_work(config, store.cache_dir, output.item) for output in todo}
     for output in [output for output in todo if work[output.name].empty]:  # e.g. no true positive to explain
         print(f"[explain] {output.name}: no image to explain ({config.cam.images}); nothing written")
@@ -342,7 +342,7 @@ def _extract(config, store, todo: list[Output], actors: int, gpus_per_actor: flo
     if not todo:
         return
     try:
-        unfinished = _stream(config, store, work, todo, actors, gpus_per_actor, cpus_per_actor, memory_per_actor)
+        unfinished = _stream(config, store, work, todo, slots)
     except Exception as error:
         reraise_own(error)
         raise
@@ -350,8 +350,8 @@ def _extract(config, store, todo: list[Output], actors: int, gpus_per_actor: flo
         raise RuntimeError(f"[explain] incomplete CAM output for {sorted(unfinished)}; rerun `camstudy explain`")
 
 
-def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output], actors: int,
-            gpus_per_actor: float, cpus_per_actor: float, memory_per_actor: float = 0) -> dict[str, MapSink]:
+def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
+            slots: road.Slots) -> dict[str, MapSink]:
     """Run the pipeline; each run's rows go to its `MapSink` as they arrive (its test rows spill to
     disk), and the run is written as soon as all its rows are in. Returns the runs left unfinished."""
     import ray.data
@@ -362,15 +362,16 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
     plan_of = {plan.key: plan for plan in todo}
     rows = {key: block_rows(plan_of[key].spec, config, plan_of[key].permuted) for key in order}
     blocks = [work[key].iloc[i:i + rows[key]] for key in order for i in range(0, len(work[key]), rows[key])]
-    step, actors = config.cam.batch_size, min(actors, len(blocks))  # an idle actor would hold a CPU/GPU
-    cam_pool, road_pool, impute_cpus = road.pools(actors, gpus_per_actor, cpus_per_actor, memory_per_actor, road.road_on(config))
+    step = config.cam.batch_size
+    slots = slots._replace(actors=min(slots.actors, len(blocks)))  # an idle actor would hold a CPU/GPU
+    cam_pool, road_pool, impute_cpus = road.pools(slots, road.road_on(config))
     expected = {plan.key: expected_maps(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
     controls = {plan.key: expected_controls(plan.spec, config, plan.permuted, work[plan.key]) for plan in todo}
     maps = sum(expected.values()) + sum(controls.values())
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
           f"validation positives to tune on, per model copy), {maps} heatmaps to compute"
           + (f" ({sum(controls.values())} of them faithfulness controls)" if road_pool else "")
-          + f", {cam_pool.size} CAM actor(s)" + (f", {road_pool.size} ROAD actor(s)" if road_pool else ""))
+          + f", {cam_pool.size} CAM actor(s)" + (f", 1 to {road_pool.size} ROAD actor(s)" if road_pool else ""))
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), plan.permuted) for plan in todo}
     sinks = {key: RunSinks(store.root, key, config.metrics, expected[key], controls[key]) for key in work}
     nodes: dict[str, set] = {key: set() for key in work}

@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import pandas as pd
@@ -300,35 +300,35 @@ class Pool:
     gpus: float
     cpus: float
     memory: float
+    min_size: Optional[int] = None  # an autoscaling pool: from min_size up to size actors as Ray can place them
 
 
-# A ROAD actor holds one model and runs forwards without autograd: it reserves this share of a CAM
-# actor's host memory (which holds the trained model, its twin and a batch's gradients).
-ROAD_MEMORY_SHARE = 0.5
+class Slots(NamedTuple):
+    """The explain stage's actor slots as the orchestrator sized them: how many, and per slot the
+    GPUs (0 on a CPU cluster) and CPUs, and the host memory (bytes) of a CAM and of a ROAD actor."""
+
+    actors: int
+    gpus: float
+    cpus: float = 1.0
+    memory: float = 0
+    road_memory: float = 0
 
 
-def slot_memory_share(config) -> float:
-    """Host memory of one explain actor slot, in CAM actors' reservations: a CAM actor, and with ROAD
-    a ROAD actor beside it (`pools`). The orchestrator sizes the slots with it."""
-    return 1.0 + (ROAD_MEMORY_SHARE if road_on(config) else 0.0)
+def pools(slots: Slots, road: bool) -> tuple[Pool, Optional[Pool], float]:
+    """(CAM pool, ROAD pool or None, CPUs per imputation task) for the slots.
 
-
-def pools(actors: int, gpus: float, cpus: float, memory: float, road: bool) -> tuple[Pool, Optional[Pool], float]:
-    """(CAM pool, ROAD pool or None, CPUs per imputation task) for `actors` slots, each sized by the
-    orchestrator to hold `gpus` (0 on a CPU cluster), `cpus` and `memory` (bytes, the CAM actor's).
-
-    Without ROAD, one CAM actor per slot as before. With ROAD every slot holds one CAM actor and one
-    ROAD actor, which split its GPU, so that each stage has as many actors as slots (Ray Data spreads
-    an actor pool over the nodes by default: every node computes maps). The ROAD actor reserves
-    `ROAD_MEMORY_SHARE` of the CAM actor's memory (`slot_memory_share` counts it). Without GPUs the slot's CPUs are split
-    CAM 1/2, ROAD 1/4 and a quarter left to the imputation tasks, so that model actors holding every
+    Without ROAD, one CAM actor per slot, as before. With ROAD, one CAM actor per slot still (Ray Data
+    spreads a pool over the nodes: every node computes maps), and a ROAD actor beside it as memory
+    allows: the ROAD pool autoscales from one actor (the orchestrator set aside its memory) up to
+    one per slot. The two split a slot's GPU. Without GPUs the slot's CPUs are split CAM
+    1/2, ROAD 1/4 and a quarter left to the imputation tasks, so that model actors holding every
     CPU never starve the tasks (which would stall the pipeline), on nodes of one CPU too."""
+    actors, gpus, cpus, memory, road_memory = slots
     if not road:
         return Pool(actors, gpus, 0 if gpus else cpus, memory), None, 0.0
     if gpus:
-        return (Pool(actors, gpus / 2, 0, memory),
-                Pool(actors, gpus / 2, 0, memory * ROAD_MEMORY_SHARE), 1.0)
-    return (Pool(actors, 0, cpus / 2, memory), Pool(actors, 0, cpus / 4, memory * ROAD_MEMORY_SHARE),
+        return Pool(actors, gpus / 2, 0, memory), Pool(actors, gpus / 2, 0, road_memory, min_size=1), 1.0
+    return (Pool(actors, 0, cpus / 2, memory), Pool(actors, 0, cpus / 4, road_memory, min_size=1),
             min(1.0, cpus / 4))
 
 
@@ -336,7 +336,8 @@ def remote_args(pool: Pool) -> dict:
     """map_batches' resource arguments for an actor pool (`max_restarts` 0: see explain.extract)."""
     import ray.data
 
-    return {"compute": ray.data.ActorPoolStrategy(size=pool.size, max_tasks_in_flight_per_actor=1),
+    sizes = {"size": pool.size} if pool.min_size is None else {"min_size": pool.min_size, "max_size": pool.size}
+    return {"compute": ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=1),
             "num_gpus": pool.gpus, "num_cpus": pool.cpus, "max_restarts": 0,
             **({"memory": int(pool.memory)} if pool.memory else {})}
 

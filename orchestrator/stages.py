@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import ray
 
-from orchestrator import tracking, train_runs
+from orchestrator import schedule, tracking, train_runs
 from orchestrator.ray_setup import init_ray
 from study import objectstore
 from study.atomic import write_text_atomic
@@ -173,7 +173,6 @@ def stage_explain(config: StudyConfig, store: StudyStore, tracker: Optional[trac
     """The baselines (model-free maps), then every finished run's CAMs."""
     from explain.baselines import explain_baselines
     from explain.extract import extract_runs, run_folders
-    from explain.road import slot_memory_share
 
     sweep(store)
     init_ray(config)
@@ -184,8 +183,8 @@ def stage_explain(config: StudyConfig, store: StudyStore, tracker: Optional[trac
     # holds (refused in one line before any work when not even one fits)
     placement = train_runs.placement(config)
     wanted = placement.concurrency if placement.gpus else max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors, memory_per_actor = train_runs.explain_actors(config, store, finished, placement, wanted,
-                                                         slot_memory_share(config))
+    road_gb = train_runs.road_memory_gb(config, finished, placement.on_gpu)
+    actors, memory_per_actor = train_runs.explain_actors(config, store, finished, placement, wanted, road_gb)
     explain_baselines(config, store, force=force)
     for plan in plans:
         if plan not in finished:
@@ -193,7 +192,7 @@ def stage_explain(config: StudyConfig, store: StudyStore, tracker: Optional[trac
     if force:  # --force leaves no maps of a run it cannot explain now either
         objectstore.remove(folder for plan in plans if plan not in finished for folder in run_folders(store, plan))
     extract_runs(config, store, finished, actors=actors, gpus_per_actor=placement.gpus or 0,
-                 memory_per_actor=memory_per_actor, force=force)
+                 memory_per_actor=memory_per_actor, road_memory_per_actor=int(road_gb * schedule.GB), force=force)
 
 
 # --------------------------------------------------------------------------- analyze

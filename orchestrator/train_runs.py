@@ -243,13 +243,22 @@ def explain_needs(config, store: StudyStore, plans: list[RunPlan], on_gpu: bool)
     return needs
 
 
+def road_memory_gb(config, plans: list[RunPlan], on_gpu: bool) -> float:
+    """Host memory (GB) a ROAD actor reserves: what the largest model of `plans` takes
+    (`schedule.estimated_road_memory_gb`); 0 without faithfulness (no ROAD actor)."""
+    if not config.faithfulness.enabled or not plans:
+        return 0.0
+    return max(schedule.estimated_road_memory_gb(_model_size(spec, config)[0], on_gpu)
+               for spec in {plan.spec for plan in plans})
+
+
 def explain_actors(config, store: StudyStore, plans: list[RunPlan], placement: Placement,
-                   wanted: int, slot_share: float = 1.0) -> tuple[int, int]:
-    """(actor slots, host memory per CAM actor in bytes) for the explain stage. Any actor may be
-    given any run, so each reserves what the neediest model takes; at most `wanted` slots and no
-    more than the nodes' memory holds at once (an actor Ray cannot place would stall the pipeline),
-    a slot holding `slot_share` CAM actors' memory (`explain.road.slot_memory_share`: with ROAD, a
-    ROAD actor beside each CAM actor); refused in one line when not even one fits on the largest node."""
+                   wanted: int, reserve_gb: float = 0.0) -> tuple[int, int]:
+    """(CAM actors, host memory per CAM actor in bytes) for the explain stage. Any actor may be
+    given any run, so each reserves what the neediest model takes; at most `wanted` actors and no
+    more than the nodes' memory holds at once (an actor Ray cannot place would stall the pipeline)
+    once `reserve_gb` is set aside on the largest node (one ROAD actor: `road_memory_gb`); refused
+    in one line when not even one fits on the largest node."""
     needs = explain_needs(config, store, plans, placement.on_gpu)
     if not needs:
         return wanted, 0
@@ -259,15 +268,17 @@ def explain_actors(config, store: StudyStore, plans: list[RunPlan], placement: P
     nodes = [node for node in placement.nodes if _offers(node, asks)]
     if not nodes:  # no node to place on yet (an autoscaler adds them): Ray holds the actors until one joins
         return wanted, int(need * schedule.GB)
-    memory = schedule.NodeMemory([node.get("memory", 0) / schedule.GB for node in nodes])
-    fitting = memory.fitting(need * slot_share)
+    free = sorted((node.get("memory", 0) / schedule.GB for node in nodes), reverse=True)
+    free[0] -= reserve_gb
+    memory = schedule.NodeMemory(free)
+    fitting = memory.fitting(need)
     if fitting == 0:
+        road = f" beside a ROAD actor's {reserve_gb:.1f} GB" if reserve_gb else ""
         raise errors.CamstudyError(
-            f"explain: an actor for {model} needs ~{need * slot_share:.1f} GB of host memory"
-            + (f" (its CAM actor {need:.1f} GB and its ROAD actor the rest)" if slot_share > 1 else "")
-            + f", more than the {max(memory.free):.1f} GB Ray can reserve on the largest node; lower "
-            f"cam.batch_size, leave {model} out of models.names, "
-            + ("turn faithfulness.enabled off, " if slot_share > 1 else "") + "or add a node with more memory")
+            f"explain: an actor for {model} needs ~{need:.1f} GB of host memory{road}, more than the "
+            f"{free[0] + reserve_gb:.1f} GB Ray can reserve on the largest node; lower cam.batch_size, leave {model} "
+            f"out of models.names, " + ("turn faithfulness.enabled off, " if reserve_gb else "")
+            + "or add a node with more memory")
     return min(wanted, fitting), int(need * schedule.GB)
 
 

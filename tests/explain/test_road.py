@@ -49,21 +49,22 @@ def test_the_default_steps_and_settings_have_one_home():
     assert (config.robustness.n, config.robustness.radius) == (F.SENSITIVITY_N, F.SENSITIVITY_RADIUS)
 
 
-def test_every_slot_holds_a_cam_and_a_road_actor_and_leaves_cpus_for_the_imputation():
-    cam, none, _ = road.pools(2, 0, 1.0, 1e9, road=False)
-    assert none is None and (cam.size, cam.cpus, cam.memory) == (2, 1.0, 1e9)
+def test_every_slot_holds_a_cam_actor_and_the_road_pool_grows_as_memory_allows():
+    cam, none, _ = road.pools(road.Slots(2, 0, 1.0, 1e9), road=False)
+    assert none is None and (cam.size, cam.cpus, cam.memory, cam.min_size) == (2, 1.0, 1e9, None)
     # two one-CPU nodes (tests/e2e/test_multinode.py): a CAM actor per node, and on each node the two
     # actors and an imputation task fit in its one CPU
-    cam, roads, impute = road.pools(2, 0, 1.0, 1e9, road=True)
-    assert (cam.size, roads.size) == (2, 2) and cam.cpus + roads.cpus + impute <= 1.0 and impute > 0
-    assert cam.memory == 1e9 and roads.memory == road.ROAD_MEMORY_SHARE * 1e9
-    cam, roads, impute = road.pools(1, 1.0, 1.0, 8e9, road=True)  # one GPU: the two actors share it
+    cam, roads, impute = road.pools(road.Slots(2, 0, 1.0, 1e9, 4e8), road=True)
+    assert (cam.size, cam.min_size, roads.min_size, roads.size) == (2, None, 1, 2)
+    assert cam.cpus + roads.cpus + impute <= 1.0 and impute > 0
+    assert (cam.memory, roads.memory) == (1e9, 4e8)
+    cam, roads, impute = road.pools(road.Slots(1, 1.0, 1.0, 8e9, 3e9), road=True)  # one GPU: the actors share it
     assert (cam.size, roads.size) == (1, 1) and cam.gpus + roads.gpus == 1.0 and cam.cpus == roads.cpus == 0
     assert impute == 1.0
-    cam, roads, _ = road.pools(5, 1.0, 1.0, 8e9, road=True)
+    cam, roads, _ = road.pools(road.Slots(5, 1.0, 1.0, 8e9, 3e9), road=True)
     assert cam.size == roads.size == 5 and cam.gpus + roads.gpus == 1.0
-    assert road.slot_memory_share(_config("x")) == 1 + road.ROAD_MEMORY_SHARE
-    assert road.slot_memory_share(_off(_config("x"))) == 1.0
+    args = road.remote_args(roads)
+    assert (args["compute"].min_size, args["compute"].max_size, args["memory"]) == (1, 5, int(3e9))
 
 
 def test_an_imputation_batch_holds_at_most_block_bytes_of_perturbed_images():

@@ -169,18 +169,21 @@ def test_the_ray_options_of_a_run_and_of_the_explain_actors_carry_memory(tmp_pat
     with pytest.raises(CamstudyError, match=r"^explain: an actor for vit_large needs ~5\.\d GB of host memory, more .* 4\.0 GB"):
         stages.stage_explain(config, store)
 
-    # with ROAD, each slot also holds a ROAD actor of half the CAM actor's memory: 1.5 x 5.x GB a slot
+    # with ROAD, one ROAD actor's memory (ViT-L's weights while loading) is set aside first
     road_on = dataclasses.replace(config, faithfulness=dataclasses.replace(config.faithfulness, enabled=True))
-    monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=18.0))
-    stages.stage_explain(road_on, store)
-    assert called["memory_per_actor"] == int(largest * GB) and called["actors"] == 2  # 2 x 8.x GB fit in 18
+    road_gb = train_runs.road_memory_gb(road_on, plans, on_gpu=False)
+    assert road_gb == pytest.approx(schedule.HOST_PROCESS_GB + 304.3e6 * 4 * 2 / GB, abs=0.01)  # 3.7 GB
+    assert train_runs.road_memory_gb(config, plans, on_gpu=False) == 0.0  # off: no ROAD actor
     monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=17.5))
+    stages.stage_explain(road_on, store)  # 17.5 - 3.7 holds two CAM actors of 5.9
+    assert (called["actors"], called["memory_per_actor"], called["road_memory_per_actor"]) == \
+        (2, int(largest * GB), int(road_gb * GB))
+    monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=12.0))
     stages.stage_explain(road_on, store)
-    assert called["actors"] == 1  # two CAM actors fit in 17.5 GB, two slots do not
+    assert called["actors"] == 1  # two CAM actors fit in 12 GB, not beside the ROAD actor
     monkeypatch.setattr(train_runs, "placement", lambda config: cpu_placement(node_gb=8.0))
-    with pytest.raises(CamstudyError, match=r"^explain: an actor for vit_large needs ~8\.\d GB of host memory \(its CAM "
-                                            r"actor 5\.\d GB and its ROAD actor the rest\), .* 8\.0 GB .* turn "
-                                            r"faithfulness\.enabled off"):
+    with pytest.raises(CamstudyError, match=r"^explain: an actor for vit_large needs ~5\.\d GB of host memory beside "
+                                            r"a ROAD actor's 3\.\d GB, .* 8\.0 GB .* turn faithfulness\.enabled off"):
         stages.stage_explain(road_on, store)
 
 
