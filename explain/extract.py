@@ -45,7 +45,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -107,10 +107,12 @@ class CamScorer:
     (`explain.randomization`), then maps every batch of images with all of them. `runs` maps a
     run key to (model name, seed, run folder, permuted)."""
 
-    def __init__(self, config, runs: dict[str, tuple[str, int, str, bool]], cache_dir: str):
+    def __init__(self, config, runs: dict[str, tuple[str, int, str, bool]], cache_dir: str,
+                 robust: Optional[dict[str, Optional[frozenset]]] = None):
         import torch
 
-        self.torch, self.config, self.runs = torch, config, runs
+        # robust: run key -> the test images robustness scores (`road.subsets`; None or absent: all)
+        self.torch, self.config, self.runs, self.robust = torch, config, runs, robust or {}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # an actor may run on another node, whose store is its own: for a study in object
         # storage, that node's mirror (the driver's store object would name the driver's folder)
@@ -200,6 +202,9 @@ class CamScorer:
         from training.loop import prepare_input
 
         test = np.ones(len(rows), bool) if test is None else test.cpu().numpy()
+        chosen = self.robust.get(rows["run"].iloc[0]) if len(rows) else None
+        if chosen is not None:
+            test = test & rows["image_id"].isin(chosen).to_numpy()
         if not test.any():
             return None
         channels = self.config.preprocess.channels
@@ -371,7 +376,8 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
     print(f"[explain] {len(todo)} run(s), {sum(map(len, work.values()))} image rows (test images to score and "
           f"validation positives to tune on, per model copy), {maps} heatmaps to compute"
           + (f" ({sum(controls.values())} of them faithfulness controls)" if road_pool else "")
-          + f", {cam_pool.size} CAM actor(s)" + (f", 1 to {road_pool.size} ROAD actor(s)" if road_pool else ""))
+          + f", {cam_pool.size} CAM actor(s)" + (f", {road_pool.min_size}{'' if road_pool.size == road_pool.min_size else f' to {road_pool.size}'} ROAD "
+             "actor(s)" if road_pool else ""))
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), plan.permuted) for plan in todo}
     sinks = {key: RunSinks(store.root, key, config.metrics, expected[key], controls[key]) for key in work}
     nodes: dict[str, set] = {key: set() for key in work}
@@ -380,7 +386,8 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
         with without_budget_backpressure(context), MapProgress(maps) as progress:  # a Dataset copies its context
             dataset = ray.data.from_pandas(blocks).map_batches(
                 CamScorer, batch_format="pandas", batch_size=step,
-                fn_constructor_kwargs={"config": config, "runs": runs, "cache_dir": str(store.cache_dir)},
+                fn_constructor_kwargs={"config": config, "runs": runs, "cache_dir": str(store.cache_dir),
+                                       "robust": road.subsets(config, work, "robustness")},
                 # one block at a time per actor (`road.remote_args`): the next goes to whichever actor
                 # frees first (the default queues several per actor up front, which left one actor idle
                 # at the end); no actor restarts: a lost actor fails the stage with one line, and the
@@ -391,7 +398,8 @@ def _stream(config, store, work: dict[str, pd.DataFrame], outputs: list[Output],
                 # together are not started together.
                 **road.remote_args(cam_pool))
             if road_pool is not None:
-                dataset = road.add_stages(dataset, config, runs, plan_of, str(store.cache_dir), road_pool,
+                dataset = road.add_stages(dataset, config, runs, plan_of, str(store.cache_dir),
+                                          road.subsets(config, work, "faithfulness"), road_pool,
                                           impute_cpus, road.impute_rows(config, BLOCK_BYTES, BLOCK_ROWS))
             for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for key, part in _by_run(table):

@@ -92,13 +92,36 @@ def is_control(table: pa.Table) -> pa.ChunkedArray:
     return pc.match_substring(table["model"], maps.CONTROL_SEPARATOR)
 
 
-def _scored(frame: pd.DataFrame, layers: dict[str, set]) -> np.ndarray:
-    """Rows whose map ROAD scores: test rows of a trained map at a scored layer, of the twin, of a control."""
+def _scored(frame: pd.DataFrame, layers: dict[str, set], chosen: dict[str, Optional[frozenset]]) -> np.ndarray:
+    """Rows whose map ROAD scores: test rows (of the run's `chosen` images) of a trained map at a
+    scored layer, of the twin, of a control."""
     trained = frame["randomization"].isin(["none", "labels"]).to_numpy() & np.array(
         [layer in layers[run] for run, layer in zip(frame[RUN], frame["cam_layer"])], bool)
     control = frame["model"].str.contains(maps.CONTROL_SEPARATOR, regex=False).to_numpy()
     twin = (frame["randomization"] == "full").to_numpy()
-    return (frame["split"] == "test").to_numpy() & (control | trained | twin)
+    picked = np.array([chosen.get(run) is None or image in chosen[run]
+                       for run, image in zip(frame[RUN], frame["image_id"])], bool)
+    return (frame["split"] == "test").to_numpy() & picked & (control | trained | twin)
+
+
+# --------------------------------------------------------------------------- which test images
+
+
+def subset(image_ids, n) -> Optional[frozenset]:
+    """The test images a dimension scores when its `images` is a number n: the n of `image_ids`
+    with the lowest rank drawn from (SEED, image id), so that every run that maps an image ranks it
+    the same (runs with the same test images score the same ones, and pairs over images hold);
+    None (all) for 'all' or when there are no more than n."""
+    ids = list(dict.fromkeys(image_ids))
+    if n == "all" or len(ids) <= n:
+        return None
+    return frozenset(sorted(ids, key=lambda image: (faithfulness.key_int(f"{SEED}/{image}"), str(image)))[:n])
+
+
+def subsets(config, work: dict[str, pd.DataFrame], section: str) -> dict[str, Optional[frozenset]]:
+    """Run key -> the test images `section` ('faithfulness' or 'robustness') scores (`subset`)."""
+    n = getattr(config, section).images
+    return {key: subset(rows.loc[rows["split"] == "test", "image_id"], n) for key, rows in work.items()}
 
 
 # --------------------------------------------------------------------------- robustness (in the CAM actors)
@@ -153,17 +176,18 @@ def _cache(study_dir: str, cache_dir: str) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def impute_batch(table: pa.Table, config, cache_dir: str, layers: dict[str, list[str]],
-                 seeds: dict[str, int]) -> pa.Table:
+                 seeds: dict[str, int], chosen: dict[str, Optional[frozenset]]) -> pa.Table:
     """Ray Data task (CPU, no model): the batch's rows with their controls' rows added, and, for
     every map ROAD scores, its perturbed images (steps x 2, grey) in the PERTURBED column (null for
-    the others). `layers`: run key -> its scored layers; `seeds`: run key -> the run's seed."""
+    the others). `layers`: run key -> its scored layers; `seeds`: run key -> the run's seed;
+    `chosen`: run key -> the test images scored (`subsets`; None: all)."""
     images, masks, prior = _cache(config.study_dir, cache_dir)
     layers = {run: set(names) for run, names in layers.items()}
     controls = control_tables(table, config, images, masks, prior, layers, seeds)
     if controls:
         table = pa.concat_tables([table, *(part.select(table.column_names).cast(table.schema) for part in controls)])
     frame = table.select(["model", "randomization", "cam_layer", "split", "image_id", RUN, ROW]).to_pandas()
-    scored = np.flatnonzero(_scored(frame, layers))
+    scored = np.flatnonzero(_scored(frame, layers, chosen))
     steps, size = len(config.faithfulness.steps), config.preprocess.image_size
     perturbed = np.zeros((0, steps, 2, 1, size, size), np.float32)
     if len(scored):
@@ -336,21 +360,26 @@ def remote_args(pool: Pool) -> dict:
     """map_batches' resource arguments for an actor pool (`max_restarts` 0: see explain.extract)."""
     import ray.data
 
-    sizes = {"size": pool.size} if pool.min_size is None else {"min_size": pool.min_size, "max_size": pool.size}
-    return {"compute": ray.data.ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=1),
+    # a fixed pool: one batch at a time per actor (the next goes to whichever actor frees first); an
+    # autoscaling pool queues two, since Ray Data adds an actor only when its actors' queues pass
+    # 175% of their capacity (DataContext.autoscaling_config), which one batch in flight never reaches
+    sizes = {"size": pool.size, "max_tasks_in_flight_per_actor": 1} if pool.min_size is None else \
+        {"min_size": pool.min_size, "max_size": pool.size, "max_tasks_in_flight_per_actor": 2}
+    return {"compute": ray.data.ActorPoolStrategy(**sizes),
             "num_gpus": pool.gpus, "num_cpus": pool.cpus, "max_restarts": 0,
             **({"memory": int(pool.memory)} if pool.memory else {})}
 
 
-def add_stages(dataset, config, runs: dict, plans: dict, cache_dir: str, pool: Pool, impute_cpus: float,
-               batch: int):
+def add_stages(dataset, config, runs: dict, plans: dict, cache_dir: str, chosen: dict[str, Optional[frozenset]],
+               pool: Pool, impute_cpus: float, batch: int):
     """The imputation tasks and the ROAD actors after the CAM actors, `batch` map rows at a time
-    (`impute_rows`). The tasks' remote arguments differ from the actors' (`max_restarts`), so Ray
-    Data never fuses the imputation into the ROAD actors."""
+    (`impute_rows`), ROAD scoring each run's `chosen` test images (`subsets`). The tasks' remote
+    arguments differ from the actors' (`max_restarts`), so Ray Data never fuses the imputation into
+    the ROAD actors."""
     layers = {key: scored_layers(plan.spec, config) for key, plan in plans.items()}
     seeds = {key: plan.seed for key, plan in plans.items()}
-    dataset = dataset.map_batches(impute_batch, batch_format="pyarrow", batch_size=batch,
-                                  num_cpus=impute_cpus, fn_kwargs={"config": config, "cache_dir": cache_dir, "layers": layers,
-                                             "seeds": seeds})
+    dataset = dataset.map_batches(impute_batch, batch_format="pyarrow", batch_size=batch, num_cpus=impute_cpus,
+                                  fn_kwargs={"config": config, "cache_dir": cache_dir, "layers": layers,
+                                             "seeds": seeds, "chosen": chosen})
     return dataset.map_batches(RoadScorer, batch_format="pyarrow", batch_size=batch,
                                fn_constructor_kwargs={"config": config, "runs": runs}, **remote_args(pool))

@@ -290,6 +290,11 @@ IMPUTATIONS = ("road", "blur", "zero")  # ROAD's noisy linear imputation; deleti
 SENSITIVITY_N, SENSITIVITY_RADIUS = 10, 0.02  # perturbations; radius x the image's intensity range
 
 
+def _check_images(key: str, value) -> None:
+    if isinstance(value, int):
+        _check(1 <= value <= MAX_COUNT, key, value, f"an integer in [1, {MAX_COUNT}] (test images per run) or 'all'")
+
+
 @dataclass(frozen=True)
 class FaithfulnessConfig:
     """ROAD (Rong et al. 2022) of every scored map and of the controls (docs/STUDY.md §11)."""
@@ -300,8 +305,12 @@ class FaithfulnessConfig:
     layers: tuple[Literal[LAYER_ARMS], ...] = ("final",)  # type: ignore[valid-type]
     steps: tuple[float, ...] = ROAD_STEPS  # k: the top (MoRF) or bottom (LeRF) k% of a map's pixels removed
     imputation: Literal[IMPUTATIONS] = "road"  # type: ignore[valid-type]  # blur, zero: deletion/insertion
+    # the test images of each run scored: all, or the N with the lowest seeded rank (explain.road.subset;
+    # the same images in every run that maps them), to bound the cost (ROAD's forwards) of a small study
+    images: Union[int, Literal["all"]] = "all"
 
     def __post_init__(self):
+        _check_images("faithfulness.images", self.images)
         _check("final" in self.layers and len(set(self.layers)) == len(self.layers), "faithfulness.layers",
                self.layers, "a list without duplicates that includes 'final' (the paper's layer, where the "
                "controls are scored)")
@@ -319,8 +328,10 @@ class RobustnessConfig:
     n: int = SENSITIVITY_N  # seeded perturbations per image
     # L-infinity radius of the uniform noise, as a fraction of each image's intensity range (preprocessed scale)
     radius: float = SENSITIVITY_RADIUS
+    images: Union[int, Literal["all"]] = "all"  # as faithfulness.images
 
     def __post_init__(self):
+        _check_images("robustness.images", self.images)
         _check(1 <= self.n <= 1000, "robustness.n", self.n, "an integer in [1, 1000] (perturbations per image)")
         _check(0 < self.radius <= 1, "robustness.radius", self.radius,
                "a fraction of the image's intensity range in (0, 1]")

@@ -19,6 +19,7 @@ from explain.extract import DONE, CamScorer, extract_runs, run_work
 from explain.rows import score_columns, with_scores
 from study import maps
 from study.config import StudyConfig, load_config
+from study.errors import ConfigError
 from study.runs import plan_runs
 from study.store import StudyStore
 from tests.conftest import ROOT, TINY_SIZE, make_tiny_cache
@@ -67,6 +68,18 @@ def test_every_slot_holds_a_cam_actor_and_the_road_pool_grows_as_memory_allows()
     assert (args["compute"].min_size, args["compute"].max_size, args["memory"]) == (1, 5, int(3e9))
 
 
+def test_a_subset_of_test_images_is_seeded_by_image_and_the_same_in_every_run():
+    ids = [f"1.2.{i}" for i in range(40)]
+    chosen = road.subset(ids, 10)
+    assert len(chosen) == 10 and chosen == road.subset(list(reversed(ids)) + ids[:5], 10)  # order, repeats
+    assert road.subset(ids, "all") is None and road.subset(ids, 40) is None and road.subset(ids[:3], 10) is None
+    # the rank is the image's own: an image chosen among many is chosen among any fewer that hold it
+    assert road.subset([i for i in ids if i in chosen or i < "1.2.2"], 10) == chosen
+    assert road.subset(ids, 10) != road.subset([f"1.3.{i}" for i in range(40)], 10)
+    with pytest.raises(ConfigError, match=r"faithfulness\.images: 0 is not valid; use an integer in \[1, "):
+        _config("x", **{"faithfulness.images": 0})
+
+
 def test_an_imputation_batch_holds_at_most_block_bytes_of_perturbed_images():
     from explain.extract import BLOCK_BYTES, BLOCK_ROWS
 
@@ -103,7 +116,7 @@ def test_the_stages_in_process_score_what_section_11_names(tiny_cache, tmp_path)
     runs = {plan.key: (plan.spec.name, plan.seed, str(plan.run_dir), False)}
     table = CamScorer(config, runs, str(tiny_cache))(work)
     layers = {plan.key: road.scored_layers(plan.spec, config)}
-    imputed = road.impute_batch(table, config, str(tiny_cache), layers, {plan.key: 0})
+    imputed = road.impute_batch(table, config, str(tiny_cache), layers, {plan.key: 0}, {plan.key: None})
     scored = road.RoadScorer(config, runs)(imputed)
     assert road.PERTURBED not in scored.column_names
     frame = scored.drop_columns(["heatmap"]).to_pandas()
@@ -115,12 +128,22 @@ def test_the_stages_in_process_score_what_section_11_names(tiny_cache, tmp_path)
     assert np.isfinite(frame.loc[expect, "road_gap"]).all() and frame.loc[~expect, "road_gap"].isna().all()
     robust = test & ~control & frame["final_layer"]
     assert frame.loc[robust, "sensitivity_kept"].notna().all() and frame.loc[~robust, "sensitivity_kept"].isna().all()
+    # faithfulness.images / robustness.images as numbers: only the chosen test images are scored
+    test_ids = work.loc[work["split"] == "test", "image_id"]
+    two, one = road.subset(test_ids, 2), road.subset(test_ids, 1)
+    assert len(two) == 2 and len(one) == 1
+    table = CamScorer(config, runs, str(tiny_cache), robust={plan.key: one})(work)
+    frame = road.RoadScorer(config, runs)(road.impute_batch(table, config, str(tiny_cache), layers, {plan.key: 0},
+                                                            {plan.key: two})).drop_columns(["heatmap"]).to_pandas()
+    assert set(frame.loc[np.isfinite(frame["road_gap"]), "image_id"]) == two
+    assert len(frame.loc[np.isfinite(frame["road_gap"])]) == 2 * 6  # map, twin, 4 controls
+    assert set(frame.loc[frame["sensitivity_kept"].notna(), "image_id"]) == one
     # a label-permutation run (here the same weights, run as one): its maps scored with its own model, no controls
     key = f"{plan.key}-permuted"
     runs = {key: (plan.spec.name, plan.seed, str(plan.run_dir), True)}
     table = CamScorer(config, runs, str(tiny_cache))(work.assign(run=key))
     scored = road.RoadScorer(config, runs)(road.impute_batch(table, config, str(tiny_cache), {key: layers[plan.key]},
-                                                              {key: 0}))
+                                                              {key: 0}, {key: None}))
     frame = scored.drop_columns(["heatmap"]).to_pandas()
     assert len(frame) == len(table) and set(frame["randomization"]) == {"labels"}
     final = frame["final_layer"] & (frame["split"] == "test")
