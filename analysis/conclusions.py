@@ -247,9 +247,14 @@ def _what_ran(inputs: StudyInputs, outputs: AnalysisOutputs) -> str:
     scored = outputs.tables.get("table2")
     images = int(scored["n"].max()) if scored is not None and not scored.empty else 0
     method = outputs.statistics.get("cam_method") or "no CAM method"
+    section_11 = [f"{what} on up to {int(table['n'].max())} of them" for what, table in
+                  (("faithfulness (ROAD)", outputs.tables.get("faithfulness")),
+                   ("robustness", outputs.tables.get("robustness")))
+                  if table is not None and not table.empty and table["n"].max() > 0]
     return (f"What ran: {len(inputs.model_order)} model(s) × {len(seeds)} seed(s), {int(runs['finished'].sum())} of "
-            f"{len(runs)} runs finished; {method} heatmaps scored on up to {images} positive test images per run "
-            f"({config.data.source} data, {config.preprocess.image_size} px).")
+            f"{len(runs)} runs finished; {method} heatmaps scored on up to {images} positive test images per run"
+            + (f" ({', '.join(section_11)})" if section_11 else "")
+            + f" ({config.data.source} data, {config.preprocess.image_size} px).")
 
 
 def _classifiers_summary(outputs: AnalysisOutputs) -> str:

@@ -5,6 +5,7 @@ and a study scored before the columns existed still reports, saying they were no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from types import SimpleNamespace
@@ -188,6 +189,15 @@ def test_the_summary_opens_with_one_answer_per_dimension(measured):
     assert faithful.startswith(f"{P.QUESTION} Faithfulness: yes in ResNet")
     assert "1 of 3 valid map sets answer 'beats its blurred copy?' yes (ResNet50)" in faithful
     assert "not measured" in answers[P.DIMENSIONS.index("stability")]
+    # what ran says on how many images each dimension was scored, from its table, and flips with it
+    what_ran = items[len(P.DIMENSIONS)]
+    faithful_n = int(measured.outputs.tables["faithfulness"]["n"].max())
+    robust_n = int(measured.outputs.tables["robustness"]["n"].max())
+    assert f"(faithfulness (ROAD) on up to {faithful_n} of them, robustness on up to {robust_n} of them)" in what_ran
+    tables = dict(measured.outputs.tables, faithfulness=measured.outputs.tables["faithfulness"].assign(n=3),
+                  robustness=measured.outputs.tables["robustness"].iloc[:0])
+    what_ran = summary_items(measured.inputs, dataclasses.replace(measured.outputs, tables=tables))[len(P.DIMENSIONS)]
+    assert "(faithfulness (ROAD) on up to 3 of them)" in what_ran and "robustness on" not in what_ran
 
 
 def test_the_ladder_gains_the_road_rungs(measured):
