@@ -18,7 +18,6 @@ and the profile (`analysis.profile`) says the dimension was not measured.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Optional
 
 import numpy as np
