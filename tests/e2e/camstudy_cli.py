@@ -12,14 +12,22 @@ from mlflow.tracking import MlflowClient
 from orchestrator import tracking
 from tests.conftest import ROOT
 
+# Faithfulness and robustness (docs/STUDY.md §11) are off in the scenarios that test something else:
+# their stages cost each explain a second actor pool and tasks, and their pipeline is tested whole in
+# tests/explain/test_road.py, under kills in test_run_resume.py and across nodes in test_multinode.py.
+SECTION_11_OFF = {"faithfulness.enabled": "false", "robustness.enabled": "false"}
 SHRINK = {"models.names": "[resnet18]", "data.synthetic.n": 60, "data.synthetic.size": 64, "split.n_val": 16,
           "split.n_test": 16, "preprocess.image_size": 32, "recipes.resnet.epochs": 2, "training.batch_size": 16,
-          "resources.prepare_actors": 0, "cam.sanity_randomized": "false"}
+          "resources.prepare_actors": 0, "cam.sanity_randomized": "false", **SECTION_11_OFF}
+
+
+def as_sets(overrides: dict) -> list[str]:
+    """The CLI's --set arguments for config overrides."""
+    return [item for key, value in overrides.items() for item in ("--set", f"{key}={value}")]
 
 
 def command(stage: str, storage: Path, *extra: str, **overrides) -> list[str]:
-    sets = [item for key, value in {**SHRINK, "storage": storage, **overrides}.items()
-            for item in ("--set", f"{key}={value}")]
+    sets = as_sets({**SHRINK, "storage": storage, **overrides})
     return [sys.executable, "-m", "orchestrator", stage, "configs/demo.yaml", *sets, *extra]
 
 

@@ -18,13 +18,15 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import ROOT
+from tests.e2e.camstudy_cli import SECTION_11_OFF, as_sets
 
 BUCKET = "camstudy-test"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SHRINK = ["--set", "models.names=[resnet18]", "--set", "data.synthetic.n=60", "--set", "split.n_val=12",
           "--set", "split.n_test=16", "--set", "preprocess.image_size=32", "--set", "recipes.resnet.epochs=2",
-          "--set", "cam.layers=[final]", "--set", "training.batch_size=16"]
+          "--set", "cam.layers=[final]", "--set", "training.batch_size=16",
+          *as_sets(SECTION_11_OFF)]
 EPOCHS = ["--set", "recipes.resnet.epochs=4"]  # the killed study: time to be killed after its first
 
 

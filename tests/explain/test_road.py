@@ -33,7 +33,10 @@ NEW = (*maps.FAITHFULNESS, *maps.ROBUSTNESS)
 def _config(storage, **overrides):
     return load_config(ROOT / "configs" / "demo.yaml", {
         "storage": str(storage), "models.names": ["resnet18"], "preprocess.image_size": TINY_SIZE,
-        "recipes.resnet.epochs": 1, "training.seeds": [0], "training.batch_size": 16, **overrides})
+        "recipes.resnet.epochs": 1, "training.seeds": [0], "training.batch_size": 16,
+        # every test image scored (the demo scores a subset; test_the_stages_in_process_score_what_section_11_names
+        # checks one)
+        "faithfulness.images": "all", "robustness.images": "all", **overrides})
 
 
 def _off(config):

@@ -191,5 +191,10 @@ def test_the_shipped_configs_state_faithfulness_and_robustness_and_the_demo_cuts
     demo, paper, default = load_config(DEMO), load_config(PAPER), StudyConfig()
     assert paper.faithfulness == default.faithfulness and paper.robustness == default.robustness
     assert demo.faithfulness.enabled and demo.robustness.enabled
-    assert demo.faithfulness.steps == (20.0, 50.0, 80.0) and demo.robustness.n == 3
+    # fewer steps, perturbations and images than the paper's, nothing else changed (the values are
+    # configs/demo.yaml's to state)
+    assert set(demo.faithfulness.steps) < set(paper.faithfulness.steps) and demo.robustness.n < paper.robustness.n
+    assert paper.faithfulness.images == paper.robustness.images == "all"
+    assert isinstance(demo.faithfulness.images, int) and isinstance(demo.robustness.images, int)
+    assert demo.faithfulness.layers == paper.faithfulness.layers
     assert (demo.faithfulness.imputation, demo.robustness.radius) == ("road", default.robustness.radius)
