@@ -37,6 +37,7 @@ differ only by the map and the model.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -356,16 +357,16 @@ def pools(slots: Slots, road: bool) -> tuple[Pool, Optional[Pool], float]:
             min(1.0, cpus / 4))
 
 
-def remote_args(pool: Pool) -> dict:
-    """map_batches' resource arguments for an actor pool (`max_restarts` 0: see explain.extract).
-    `max_restarts` has no named parameter in Ray 2.60's map_batches, so it goes through
-    **ray_remote_args, which Ray marks deprecated with a console warning at every call; that
-    warning (only it) is silenced, as it says nothing a user can act on."""
-    import warnings
+# `max_restarts` (`remote_args`) has no named parameter in Ray 2.60's map_batches, so it goes through
+# **ray_remote_args, which Ray marks deprecated with a console warning at every call from this
+# package; that warning (only it, only for explain's calls) says nothing a user can act on.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="explain")
 
+
+def remote_args(pool: Pool) -> dict:
+    """map_batches' resource arguments for an actor pool (`max_restarts` 0: see explain.extract)."""
     import ray.data
 
-    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module="explain")
 
     # a fixed pool: one batch at a time per actor (the next goes to whichever actor frees first); an
     # autoscaling pool queues two, since Ray Data adds an actor only when its actors' queues pass
