@@ -253,7 +253,7 @@ def iter_heatmaps(store: StudyStore, model: str, seed: int, method: str = PRIMAR
                   layer: str = FINAL, image_ids: Optional[Iterable[str]] = None,
                   batch_rows: int = MAP_BATCH_ROWS, dtype=np.float32) -> Iterator[tuple[list[str], np.ndarray]]:
     """One run's trained maps (`map_filter`) as (image ids, maps (B, S, S) as `dtype`) batches of at
-    most `batch_rows`, read a row group at a time (no read-ahead), so memory stays one batch
+    most `batch_rows`, read a row group at a time (no read-ahead, no pre-buffering), so memory stays one batch
     whatever the run's size; each batch is a copy, keeping no Arrow buffer alive."""
     import pyarrow.dataset as pads
 
@@ -261,8 +261,11 @@ def iter_heatmaps(store: StudyStore, model: str, seed: int, method: str = PRIMAR
     if not _has_parquet(directory):
         return
     dataset = pads.dataset(directory, format="parquet")
+    # pre_buffer (pyarrow's default) reads ahead every row group the scan will touch: one run's
+    # 4,800 maps of 160 px held 242 MB in the Arrow pool with it, 31 MB without (measured)
     scanner = dataset.scanner(columns=["image_id", "heatmap"], filter=map_filter(method, layer, image_ids),
-                              batch_size=batch_rows, batch_readahead=0, fragment_readahead=0)
+                              batch_size=batch_rows, batch_readahead=0, fragment_readahead=0,
+                              fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
     for batch in scanner.to_batches():
         if batch.num_rows:
             maps = batch.column("heatmap").to_numpy_ndarray().astype(dtype, copy=True)
