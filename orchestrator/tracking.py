@@ -207,21 +207,41 @@ class StudyTracker:
         """The child of this attempt of `run_key`: the recorded one when the run resumes from its
         checkpoint (`fresh` False) with the same fingerprint, or starts again before its recorded
         child logged any epoch (killed before its first checkpoint); else a new child that
-        supersedes every earlier one. Marked RUNNING."""
+        supersedes every earlier one. Marked RUNNING. A child whose command died between creating it
+        and recording it in the run's attempt.json (it never saw an epoch) is taken up, not doubled."""
         attempt = read_record(run_dir / StudyStore.ATTEMPT) or {}
         run_id = attempt.get("run_id")
         recorded = self._own_run(run_id) if run_id and attempt.get("fingerprint") == fingerprint else None
+        if recorded is None:
+            recorded = self._unrecorded_child(run_key, fingerprint)
         # from epoch 0 (`fresh`) only while its history is empty: two attempts' epochs never share a child
         if recorded is not None and (not fresh or not recorded.data.metrics):
+            run_id = recorded.info.run_id
             self.client.update_run(run_id, status="RUNNING")
             if "camstudy.error" in recorded.data.tags:  # the failure it resumes past
                 self.client.delete_tag(run_id, "camstudy.error")
+            if attempt.get("run_id") != run_id:
+                self._record_attempt(run_dir, run_id, fingerprint)
             return run_id
         run_id = self._new_child(run_key, params, fingerprint)
         self._supersede(run_key, keep=run_id)
+        self._record_attempt(run_dir, run_id, fingerprint)
+        return run_id
+
+    @staticmethod
+    def _record_attempt(run_dir: Path, run_id: str, fingerprint: str) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / StudyStore.ATTEMPT, json.dumps({"run_id": run_id, "fingerprint": fingerprint}))
-        return run_id
+
+    def _unrecorded_child(self, run_key: str, fingerprint: str):
+        """The current child of `run_key` with these settings that no attempt.json names and that
+        has no metrics: made by a command killed before it recorded the child (and so before the
+        run's first epoch); None if there is none."""
+        for run in self._search(f"tags.`{RUN_KEY_TAG}` = '{run_key}' and tags.`{SUPERSEDED_TAG}` = 'false' "
+                                f"and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'"):
+            if not run.data.metrics:
+                return run
+        return None
 
     def finished_child(self, run_key: str, run_dir: Path, params: dict[str, Any], fingerprint: str) -> str:
         """The child of a run finished earlier: its attempt's, or a new one if the tracking

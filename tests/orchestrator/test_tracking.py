@@ -84,6 +84,23 @@ def test_a_run_killed_before_its_first_epoch_keeps_its_child_and_one_with_histor
 
 
 @pytest.mark.slow  # MLflow SQLite stores (their schema migrations take seconds)
+def test_a_child_made_by_a_command_killed_before_recording_it_is_taken_up_not_doubled(tmp_path):
+    tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_dir = tmp_path / "demo" / "train" / "resnet18-seed0"
+    first = tracker.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True)
+    (run_dir / StudyStore.ATTEMPT).unlink()  # the kill came between create_run and the attempt record
+    again = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")  # the next command
+    assert again.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-4}, "fp", fresh=True) == first
+    assert json.loads((run_dir / StudyStore.ATTEMPT).read_text()) == {"run_id": first, "fingerprint": "fp"}
+    children = again.client.search_runs([again.experiment_id], filter_string=f"tags.`{tracking.ROLE_TAG}` = 'child'")
+    assert [run.info.run_id for run in children] == [first]
+    # other settings are another attempt: a new child, the unrecorded one superseded
+    (run_dir / StudyStore.ATTEMPT).unlink()
+    other = again.attempt_child("resnet18-seed0", run_dir, {"lr": 1e-3}, "fp2", fresh=True)
+    assert other != first and again.current_children() == {"resnet18-seed0": other}
+
+
+@pytest.mark.slow  # MLflow SQLite stores (their schema migrations take seconds)
 def test_mlflow_layout_classic_view_prefixed_metrics_and_source_tags(tmp_path):
     tracker = _tracker(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     child = tracker.attempt_child("resnet18-seed0", tmp_path / "demo" / "train" / "resnet18-seed0", {"lr": 1}, "fp",
