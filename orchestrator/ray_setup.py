@@ -70,12 +70,60 @@ def init_ray(config: StudyConfig | None = None) -> None:
         print(f"[ray] joining the running cluster at {address}", flush=True)
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        start_local_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                        logging_level=logging.WARNING)
     if threading.current_thread() is threading.main_thread() and on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
     route_memory_reports()
     local_data_context(progress=sys.stderr.isatty())
+
+
+# Ray's words when its raylet died before registering (ray._private.node): on a busy machine, the
+# raylet gives its dashboard agent a fixed ~15 s to report its ports and aborts when the agent's
+# imports take longer (ray-project/ray#65983); a second start usually finds the imports cached
+NODE_START_TIMEOUT = "timed out during startup"
+LOCAL_START_ATTEMPTS = 2
+
+
+def start_local_ray(**options) -> None:
+    """`ray.init(**options)` for a Ray started by this process, tried again once when its raylet
+    dies during start-up; the processes the failed attempt started are stopped first (they are
+    this process' children: nothing else is touched)."""
+    import psutil
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(**options)
+            return
+        except Exception as error:  # noqa: BLE001 (Ray raises a bare Exception here)
+            if NODE_START_TIMEOUT not in str(error):
+                raise
+            _stop_new_children(before)
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise RuntimeError(
+                    f"the local Ray node did not start ({error}) in {LOCAL_START_ATTEMPTS} attempts; its raylet's "
+                    "reason is in raylet.err of the newest session under Ray's temp folder (/tmp/ray/session_latest/"
+                    "logs by default). On a busy machine it is usually the dashboard agent starting too slowly: "
+                    "run again when the machine is less loaded, or start Ray yourself (`ray start --head`) and "
+                    "the study joins it") from error
+            print(f"[ray] the local Ray node did not start (attempt {attempt} of {LOCAL_START_ATTEMPTS}: its raylet "
+                  "stopped waiting for Ray's dashboard agent, which is slow to start on a busy machine); "
+                  "starting it again", flush=True)
+
+
+def _stop_new_children(before: set[int]) -> None:
+    """Kill the child processes that appeared since `before` (a failed Ray start's GCS, agents and
+    raylet, were any left) and wait for them."""
+    import psutil
+
+    started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    for child in started:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(started, timeout=10)
 
 
 def local_data_context(progress: bool = True) -> None:
