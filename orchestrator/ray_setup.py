@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import ray
@@ -124,6 +125,32 @@ def _stop_new_children(before: set[int]) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(started, timeout=10)
+
+
+# How long a stage that places actors waits for the previous stage's resources to come back
+RELEASE_WAIT_S = 60.0
+
+
+def await_released_resources(stage: str, timeout_s: float = RELEASE_WAIT_S, poll_s: float = 0.5) -> None:
+    """On a cluster of several nodes, wait (at most `timeout_s`) until no CPU or GPU is held, so a
+    stage's actors are placed over every node. Ray spreads new actors over the nodes that have room
+    *now*: a node whose Ray Train workers were still shutting down after the train stage was passed
+    over, and both explain actors of tests/e2e/test_multinode.py landed on the other node. A single
+    node (a laptop, the demo) places nothing elsewhere and does not wait."""
+    if sum(1 for node in ray.nodes() if node.get("Alive")) < 2:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        held = {name: round(total[name] - free.get(name, 0.0), 3) for name in ("CPU", "GPU")
+                if total.get(name, 0.0) - free.get(name, 0.0) > 1e-6}
+        if not held:
+            return
+        if time.monotonic() >= deadline:
+            print(f"[{stage}] {', '.join(f'{n:g} {name}' for name, n in held.items())} of the cluster still held by "
+                  f"other work after {timeout_s:.0f} s; its actors start now and may share nodes", flush=True)
+            return
+        time.sleep(poll_s)
 
 
 def local_data_context(progress: bool = True) -> None:

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import ray
 
 from orchestrator import schedule, tracking, train_runs
-from orchestrator.ray_setup import init_ray
+from orchestrator.ray_setup import await_released_resources, init_ray
 from study import objectstore
 from study.atomic import write_text_atomic
 from study.config import StudyConfig, dump_config
@@ -191,6 +191,7 @@ def stage_explain(config: StudyConfig, store: StudyStore, tracker: Optional[trac
             print(f"[explain] {plan.key}: no finished training run, skipped (see the train stage)")
     if force:  # --force leaves no maps of a run it cannot explain now either
         objectstore.remove(folder for plan in plans if plan not in finished for folder in run_folders(store, plan))
+    await_released_resources("explain")
     extract_runs(config, store, finished, actors=actors, gpus_per_actor=placement.gpus or 0,
                  memory_per_actor=memory_per_actor, road_memory_per_actor=int(road_gb * schedule.GB), force=force)
 

@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 STUDY = ["--set", "models.names=[resnet18,resnet34]", "--set", "data.synthetic.n=60", "--set", "split.n_val=12",
          "--set", "split.n_test=16", "--set", "preprocess.image_size=32", "--set", "recipes.resnet.epochs=1",
-         "--set", "sanity.cascade=false", "--set", "cam.layers=[final]"]
+         "--set", "sanity.cascade=false", "--set", "cam.layers=[final]",
+         # batches of 2 rows: many more batches than actors, so work reaches both once both are up
+         # (with one or two batches per run, the actor that freed first could take them all)
+         "--set", "cam.batch_size=2"]
 
 CLUSTER = textwrap.dedent("""
     import json, os, subprocess, sys

@@ -1,4 +1,4 @@
-"""A local Ray whose raylet dies during start-up (its dashboard agent too slow to report its
+"""Starting Ray and its actors. A local Ray whose raylet dies during start-up (its dashboard agent too slow to report its
 ports: ray-project/ray#65983, seen under load in this suite) is started again, with the real
 raylet, the real agent and its real timeout: the agent is made slow once by a sitecustomize."""
 
@@ -59,3 +59,39 @@ def _stop_slowed_agent(marker) -> None:
                 process.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+
+
+class _Cluster:
+    """ray.nodes / cluster_resources / available_resources of a fake cluster whose CPUs come back
+    after `busy_polls` polls."""
+
+    def __init__(self, nodes: int, busy_polls: int):
+        self.nodes, self.busy_polls, self.polls = nodes, busy_polls, 0
+
+    def install(self, monkeypatch):
+        import ray
+
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * self.nodes + [{"Alive": False}])
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
+        monkeypatch.setattr(ray, "available_resources", self._available)
+
+    def _available(self):
+        self.polls += 1
+        return {"CPU": 1.0 if self.polls <= self.busy_polls else 2.0, "memory": 5e8}
+
+
+def test_a_stage_waits_for_held_cpus_on_a_cluster_of_several_nodes_only(monkeypatch, capsys):
+    from orchestrator.ray_setup import await_released_resources
+
+    cluster = _Cluster(nodes=2, busy_polls=3)
+    cluster.install(monkeypatch)
+    await_released_resources("explain", timeout_s=10, poll_s=0.01)
+    assert cluster.polls == 4 and capsys.readouterr().out == ""  # waited until the CPU came back, silently
+    single = _Cluster(nodes=1, busy_polls=10**6)
+    single.install(monkeypatch)
+    await_released_resources("explain", timeout_s=10, poll_s=0.01)
+    assert single.polls == 0  # one node: nothing to spread over, no wait
+    stuck = _Cluster(nodes=3, busy_polls=10**6)
+    stuck.install(monkeypatch)
+    await_released_resources("explain", timeout_s=0.05, poll_s=0.01)
+    assert "[explain] 1 CPU of the cluster still held by other work after 0 s" in capsys.readouterr().out
