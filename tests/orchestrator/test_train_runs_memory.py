@@ -153,6 +153,7 @@ def test_the_ray_options_of_a_run_and_of_the_explain_actors_carry_memory(tmp_pat
 
     called = {}
     monkeypatch.setattr(stages, "init_ray", lambda config: None)
+    monkeypatch.setattr(stages, "await_released_resources", lambda stage: None)  # no Ray here
     monkeypatch.setattr(train_runs, "placement", lambda config: placement)
     monkeypatch.setattr(stages, "is_finished", lambda plan: True)
     monkeypatch.setattr(stages.ray, "cluster_resources", lambda: {"CPU": 2.0})
