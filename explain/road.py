@@ -367,7 +367,6 @@ def remote_args(pool: Pool) -> dict:
     """map_batches' resource arguments for an actor pool (`max_restarts` 0: see explain.extract)."""
     import ray.data
 
-
     # a fixed pool: one batch at a time per actor (the next goes to whichever actor frees first); an
     # autoscaling pool queues two, since Ray Data adds an actor only when its actors' queues pass
     # 175% of their capacity (DataContext.autoscaling_config), which one batch in flight never reaches
